@@ -1,0 +1,130 @@
+"""The library API: thin verbs over readers, writers and the neutral tree.
+
+``read``/``write``/``convert``/``verify``/``manifest`` never import torch; ``load``/``save`` do,
+because they hand out or take torch objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from . import compare, manifests
+from .errors import ConverterError, DestinationError, PathLike, UnknownFormatError
+from .plugins import SNIFF_BYTES, Format, registry
+from .tree import Checkpoint, parse_select, select
+
+# Importing the package registers the built-in formats.
+from . import formats  # noqa: F401  isort: skip
+
+
+def read(path: PathLike, format: str | None = None, *, select_path: str | None = None) -> Checkpoint:
+    """The checkpoint stored at ``path`` as a neutral tree (tensors are not loaded).
+
+    >>> ckpt = read("checkpoint.safetensors")  # doctest: +SKIP
+    >>> [path for path, _ in ckpt.tensors()][:1]  # doctest: +SKIP
+    [('model_state_dict', 'conv1.weight')]
+    """
+    source = Path(path)
+    if not source.exists():
+        raise ConverterError("no such file", file=source)
+    fmt = registry.resolve(source, format)
+    if format is None:
+        _check_contents_match_name(source, fmt)
+    checkpoint = fmt.read(source)
+    if select_path:
+        checkpoint = Checkpoint(select(checkpoint.tree, parse_select(select_path), file=source), source)
+    return checkpoint
+
+
+def _check_contents_match_name(source: Path, fmt: Format) -> None:
+    """A file whose suffix names one format but whose bytes are another's gets a helpful error."""
+    if source.is_dir():
+        return
+    with open(source, "rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    if fmt.sniff(head):
+        return
+    actual = next((other for other in registry if other is not fmt and other.sniff(head)), None)
+    if actual is not None:
+        raise UnknownFormatError(
+            f"the name says {fmt.name} but the contents are {actual.name}; "
+            f"pass --from {actual.name} (format={actual.name!r}) or rename the file",
+            file=source,
+        )
+
+
+def write(checkpoint: Checkpoint, path: PathLike, format: str | None = None, **options: Any) -> None:
+    """Write a neutral tree to ``path`` (atomically) in ``format`` or the one its suffix names."""
+    destination = Path(path)
+    registry.resolve(destination, format, for_write=True).write(checkpoint, destination, **options)
+
+
+def load(path: PathLike, format: str | None = None) -> Any:
+    """What ``torch.load`` would return for the checkpoint at ``path``, from any format.
+
+    >>> sd = load("net.safetensors")  # doctest: +SKIP
+    >>> Net().load_state_dict(sd)  # doctest: +SKIP
+    """
+    from .torch_bridge import to_torch
+
+    return to_torch(read(path, format))
+
+
+def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) -> None:
+    """Save what ``torch.save`` takes (state_dicts, checkpoint dicts) in any format.
+
+    >>> save({"model_state_dict": net.state_dict(), "epoch": 3}, "ckpt.safetensors")  # doctest: +SKIP
+    """
+    from .torch_bridge import from_torch
+
+    write(from_torch(obj), path, format, **options)
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    src_format: str | None = None,
+    dst_format: str | None = None,
+    select: str | None = None,
+    **options: Any,
+) -> Path:
+    """Convert ``src`` to ``dst`` bit for bit; ``select`` keeps one sub-tree (``model_state_dict``).
+
+    The destination is replaced atomically if it exists; it may never be the source itself.
+
+    >>> convert("checkpoint.pt", "checkpoint.safetensors")  # doctest: +SKIP
+    PosixPath('checkpoint.safetensors')
+    """
+    source, destination = Path(src), Path(dst)
+    if destination.exists() and source.exists() and os.path.samefile(source, destination):
+        raise DestinationError("the destination is the source file; refusing to write over it", file=destination)
+    writer = registry.resolve(destination, dst_format, for_write=True)  # fail before reading
+    checkpoint = read(source, src_format, select_path=select)
+    writer.write(checkpoint, destination, **options)
+    return destination
+
+
+def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint) -> list[str]:
+    """Differences between two checkpoints, in any formats; an empty list means bit-identical.
+
+    >>> verify("checkpoint.pt", "checkpoint.safetensors")  # doctest: +SKIP
+    []
+    """
+    first = a if isinstance(a, Checkpoint) else read(a)
+    second = b if isinstance(b, Checkpoint) else read(b)
+    return compare.differences(first.tree, second.tree)
+
+
+def manifest(path: PathLike, format: str | None = None, *, digests: bool = True) -> dict[str, Any]:
+    """The manifest (JSON "schema" of keys, dtypes, shapes, digests) of the checkpoint at ``path``.
+
+    It validates against ``schemas/manifest.schema.json``.
+    """
+    source = Path(path)
+    fmt = registry.resolve(source, format)
+    result = manifests.build(read(source, fmt.name), digests=digests)
+    result["file"] = {"name": source.name, "format": fmt.name, "bytes": source.stat().st_size}
+    return result

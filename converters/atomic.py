@@ -1,0 +1,58 @@
+"""Atomic file output: write beside the destination, fsync, rename into place.
+
+A reader of the destination sees either the old file, no file, or the complete new one; a writer
+that fails removes its temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextmanager
+def atomic_output(destination: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``destination`` only when the block completes.
+
+    >>> with atomic_output(Path("out.bin")) as handle:  # doctest: +SKIP
+    ...     handle.write(b"complete or nothing")
+    """
+    destination = Path(destination)
+    folder = destination.parent if str(destination.parent) else Path(".")
+    fd, temp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=folder)
+    temp_path = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        os.replace(temp_path, destination)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is durable only once the folder entry is on disk; not every platform allows it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,12 @@
+"""The built-in formats, registered in ``converters.registry.registry`` on import."""
+
+from __future__ import annotations
+
+from ..plugins import Format, registry
+from .pt import PtFormat
+from .safetensors_ import SafetensorsFormat
+
+BUILTIN_FORMATS: tuple[Format, ...] = (PtFormat(), SafetensorsFormat())
+
+for _fmt in BUILTIN_FORMATS:
+    registry.register(_fmt, replace=True)

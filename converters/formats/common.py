@@ -1,0 +1,50 @@
+"""Small helpers every format module shares."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConverterError, CorruptFileError, UnsupportedValueError
+from ..tree import Checkpoint
+
+
+def reject_options(format_name: str, options: dict[str, Any], accepted: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        takes = f"takes only {', '.join(accepted)}" if accepted else "takes no options"
+        raise ConverterError(f"the {format_name} writer {takes}; got {', '.join(unknown)}")
+
+
+def require_dtypes(checkpoint: Checkpoint, format_name: str, supported: frozenset[str]) -> None:
+    """Refuse, naming the tensor, any dtype the format cannot hold (never convert it silently)."""
+    for path, ref in checkpoint.tensors():
+        if ref.dtype not in supported:
+            raise UnsupportedValueError(
+                f"{format_name} cannot hold dtype {ref.dtype}; formats that can: see `sdconvert formats`",
+                path=path,
+            )
+
+
+def loads_json_strict(text: bytes | str, file: Path, what: str) -> Any:
+    """Parse JSON, refusing duplicate keys (a reader must not silently keep the last one)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise CorruptFileError(f"{what} has the key {key!r} twice", file=file)
+            result[key] = value
+        return result
+
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})", file=file) from None
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{what} is not valid JSON: {exc.msg} at char {exc.pos}", file=file) from None
+    except RecursionError:
+        raise CorruptFileError(f"{what} is nested too deeply", file=file) from None

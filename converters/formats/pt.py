@@ -1,0 +1,170 @@
+"""``pt``: PyTorch's zip checkpoints, as written by ``torch.save`` and read by ``torch.load``.
+
+Read without torch and without running pickled code (see ``pt_pickle``); written so that
+``torch.load(f)`` with its default ``weights_only=True`` accepts the file. Layout written::
+
+    archive/data.pkl            the tree, protocol-2 pickle, tensors as persistent storage ids
+    archive/byteorder           "little"
+    archive/data/<n>            one record per tensor, its C-order bytes, 64-byte aligned
+    archive/.format_version     "1"
+    archive/.storage_alignment  "64"
+    archive/version             "3\\n"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..atomic import atomic_output
+from ..errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..sources import BufferSource, FileRange
+from ..tree import Checkpoint, TensorRef, validate
+from .common import reject_options
+from .pt_pickle import PickleWriter, SafeUnpickler, Storage, contiguous_strides, prescan, unpickle
+from .zipio import StoredEntry, ZipWriter, stored_entries
+
+ARCHIVE = "archive"
+# A strided view is gathered into memory; refuse views that would expand far beyond the file.
+GATHER_LIMIT_FACTOR = 4
+
+
+class PtFormat:
+    name = "pt"
+    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin")
+    description = "PyTorch zip checkpoint (torch.save / torch.load)"
+    dtypes = frozenset(dtypes.DTYPES)
+
+    def sniff(self, head: bytes) -> bool:
+        return head.startswith(b"PK\x03\x04")
+
+    def read(self, path: Path) -> Checkpoint:
+        path = Path(path)
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head[:1] == b"\x80":
+            raise UnsafeFileError(
+                "this is a legacy (pre-1.6, non-zip) torch file; it is read only by unpickling "
+                "arbitrary code, so it is refused. Re-save it with a current torch.save",
+                file=path,
+            )
+        entries = stored_entries(path, size)
+        prefix = _archive_prefix(entries, path)
+        if prefix + "constants.pkl" in entries:
+            raise UnsupportedValueError(
+                "this is a TorchScript archive (torch.jit.save), not a checkpoint; "
+                "save its state_dict() with torch.save instead",
+                file=path,
+            )
+        byteorder = entries.get(prefix + "byteorder")
+        if byteorder is not None and _read(path, byteorder) != b"little":
+            raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
+        data = _read(path, entries[prefix + "data.pkl"])
+        prescan(data, path)
+
+        def storage_for_key(key: str) -> tuple[int, int]:
+            entry = entries.get(f"{prefix}data/{key}")
+            if entry is None:
+                raise CorruptFileError(
+                    f"data.pkl refers to storage {key!r}, but there is no record data/{key}", file=path
+                )
+            return entry.data_offset, entry.size
+
+        def gather(
+            storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+        ) -> TensorRef:
+            return _tensor_from_storage(path, size, storage, row, offset, shape, stride)
+
+        tree = unpickle(SafeUnpickler(data, path, storage_for_key, gather), path)
+        validate(tree, file=path)
+        return Checkpoint(tree, path)
+
+    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
+        reject_options(self.name, options)
+        tensors = list(checkpoint.tensors())
+        keys = {tensor_path: str(index) for index, (tensor_path, _) in enumerate(tensors)}
+        pickled = PickleWriter(lambda tensor_path, _ref: keys[tensor_path]).dumps(checkpoint.tree)
+        with atomic_output(Path(path)) as out:
+            archive = ZipWriter(out)
+            archive.add(f"{ARCHIVE}/data.pkl", [pickled], len(pickled))
+            archive.add(f"{ARCHIVE}/byteorder", [b"little"], 6)
+            for tensor_path, ref in tensors:
+                archive.add(f"{ARCHIVE}/data/{keys[tensor_path]}", ref.source.chunks(), ref.nbytes)
+            archive.add(f"{ARCHIVE}/.format_version", [b"1"], 1)
+            archive.add(f"{ARCHIVE}/.storage_alignment", [b"64"], 2)
+            archive.add(f"{ARCHIVE}/version", [b"3\n"], 2)
+            archive.close()
+
+
+def _archive_prefix(entries: dict[str, StoredEntry], path: Path) -> str:
+    pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+        raise CorruptFileError(f"expected one <archive>/data.pkl record in the zip, found {len(pickles)}", file=path)
+    prefix = pickles[0][: -len("data.pkl")]
+    stray = [name for name in entries if not name.startswith(prefix)]
+    if stray:
+        raise CorruptFileError(f"zip record {stray[0]!r} lies outside the archive folder {prefix!r}", file=path)
+    return prefix
+
+
+def _require_stored(entry: StoredEntry, path: Path) -> None:
+    if entry.compressed:
+        raise CorruptFileError(f"zip record {entry.name!r} is compressed; torch stores records uncompressed", file=path)
+
+
+def _read(path: Path, entry: StoredEntry) -> bytes:
+    _require_stored(entry, path)
+    with open(path, "rb") as handle:
+        handle.seek(entry.data_offset)
+        data = handle.read(entry.size)
+    if len(data) != entry.size:
+        raise CorruptFileError(f"record {entry.name!r} is truncated", file=path)
+    return data
+
+
+def _tensor_from_storage(
+    path: Path,
+    file_size: int,
+    storage: Storage,
+    row: dtypes.DType,
+    offset: int,
+    shape: tuple[int, ...],
+    stride: tuple[int, ...],
+) -> TensorRef:
+    count = dtypes.numel(shape)
+    if count == 0:
+        return TensorRef(row.name, shape, BufferSource.of(b""))
+    last = offset + sum((dim - 1) * step for dim, step in zip(shape, stride, strict=True))
+    needed = (last + 1) * row.itemsize
+    if needed > storage.nbytes:
+        raise CorruptFileError(
+            f"a {row.name}{list(shape)} tensor needs {needed} bytes of storage {storage.key!r}, "
+            f"which holds {storage.nbytes}",
+            file=path,
+        )
+    if _is_contiguous(shape, stride):
+        return TensorRef(row.name, shape, FileRange(path, storage.offset + offset * row.itemsize, count * row.itemsize))
+    # A strided view (a transposed or sliced tensor saved as is): copy its elements into C order.
+    if count * row.itemsize > GATHER_LIMIT_FACTOR * file_size + (1 << 20):
+        raise CorruptFileError(
+            f"a strided {row.name}{list(shape)} tensor would expand to {count * row.itemsize} bytes "
+            f"from a {file_size}-byte file",
+            file=path,
+        )
+    span = FileRange(path, storage.offset + offset * row.itemsize, (last - offset + 1) * row.itemsize)
+    buffer = bytearray(span.nbytes)
+    span.readinto(memoryview(buffer))
+    elements = np.frombuffer(buffer, dtype=np.dtype(f"V{row.itemsize}"))
+    view = np.lib.stride_tricks.as_strided(
+        elements, shape=shape, strides=tuple(step * row.itemsize for step in stride), writeable=False
+    )
+    return TensorRef(row.name, shape, BufferSource.of(np.ascontiguousarray(view).tobytes()))
+
+
+def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    expected = contiguous_strides(shape)
+    return all(dim == 1 or step == want for dim, step, want in zip(shape, stride, expected, strict=True))

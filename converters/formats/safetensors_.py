@@ -1,0 +1,189 @@
+"""``safetensors``: an 8-byte header length, a JSON header, then the tensors' bytes back to back.
+
+Read and written by this module itself (the ``safetensors`` package is only used by the tests, as
+the reference reader). Spec of what we add: ``schemas/safetensors.md``. In short:
+
+- a bare ``state_dict`` is stored under its own keys, so ``safetensors.torch.load_file`` followed by
+  ``Net().load_state_dict(...)`` works without this project;
+- other trees store tensors under their path keys (``optimizer_state_dict/state/0/momentum_buffer``);
+- ``__metadata__`` holds ``"format": "pt"`` and ``"sdconvert.tree"``, the manifest tree node (types,
+  key order, non-tensor values), so one file round-trips alone.
+
+Reading follows the rules of the reference implementation: header at most 100 MB and inside the
+file, no duplicate keys, byte ranges contiguous from 0 without gaps or overlaps, each exactly
+shape × itemsize, and nothing after the last tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from .. import dtypes, manifests
+from ..atomic import atomic_output
+from ..errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..sources import FileRange
+from ..tree import Checkpoint, TensorRef, validate
+from .common import loads_json_strict, reject_options, require_dtypes
+
+MAX_HEADER_BYTES = 100_000_000
+TREE_KEY = "sdconvert.tree"
+VERSION_KEY = "sdconvert.version"
+HEADER_ALIGN = 8
+
+
+class SafetensorsFormat:
+    name = "safetensors"
+    suffixes: tuple[str, ...] = (".safetensors",)
+    description = "safetensors (Hugging Face): Python, Rust, JS, transformers, candle, MLX"
+    dtypes = frozenset(name for name, row in dtypes.DTYPES.items() if row.safetensors)
+
+    def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
+        self.max_header_bytes = max_header_bytes
+
+    def sniff(self, head: bytes) -> bool:
+        if len(head) < 10:
+            return False
+        (length,) = struct.unpack("<Q", head[:8])
+        return 2 <= length <= self.max_header_bytes and head[8:9] == b"{"
+
+    def read(self, path: Path) -> Checkpoint:
+        path = Path(path)
+        header, data_start = self._read_header(path)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and (type(metadata) is not dict or any(type(v) is not str for v in metadata.values())):
+            raise CorruptFileError("__metadata__ must map strings to strings", file=path)
+        refs = _tensor_refs(path, header, data_start)
+        # Without our tree (a file from another tool) the tensors form a flat dict in header order.
+        tree = _tree_from_metadata(path, metadata, refs) if metadata and TREE_KEY in metadata else dict(refs)
+        validate(tree, file=path)
+        return Checkpoint(tree, path)
+
+    def _read_header(self, path: Path) -> tuple[dict[str, Any], int]:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CorruptFileError(
+                    f"file is {size} bytes; a safetensors file starts with an 8-byte header length",
+                    file=path,
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > self.max_header_bytes:
+                raise CorruptFileError(
+                    f"header length {length} exceeds the {self.max_header_bytes}-byte limit", file=path
+                )
+            if 8 + length > size:
+                raise CorruptFileError(f"header length {length} runs past the end of the {size}-byte file", file=path)
+            raw = handle.read(length)
+        if not raw.startswith(b"{"):
+            raise CorruptFileError("header does not start with '{'", file=path)
+        header = loads_json_strict(raw.rstrip(b" "), path, "the safetensors header")
+        if type(header) is not dict:
+            raise CorruptFileError("header is not a JSON object", file=path)
+        return header, 8 + length
+
+    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
+        reject_options(self.name, options)
+        require_dtypes(checkpoint, self.name, self.dtypes)
+        keys = manifests.storage_keys(checkpoint.tree)
+        tensors = list(checkpoint.tensors())
+        # Widest elements first keeps every tensor aligned to its element size (the header is
+        # padded to 8), as the reference writer does; ties keep tree order.
+        order = sorted(tensors, key=lambda item: -dtypes.DTYPES[item[1].dtype].itemsize)
+        header: dict[str, Any] = {
+            "__metadata__": {
+                "format": "pt",
+                VERSION_KEY: str(manifests.MANIFEST_VERSION),
+                TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
+            }
+        }
+        offset = 0
+        for tensor_path, ref in order:
+            header[keys[tensor_path]] = {
+                "dtype": dtypes.DTYPES[ref.dtype].safetensors,
+                "shape": list(ref.shape),
+                "data_offsets": [offset, offset + ref.nbytes],
+            }
+            offset += ref.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % HEADER_ALIGN)
+        with atomic_output(Path(path)) as out:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            for _, ref in order:
+                for chunk in ref.source.chunks():
+                    out.write(chunk)
+
+
+def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[str, TensorRef]:
+    size = path.stat().st_size
+    spans = []
+    for key, info in header.items():
+        if type(info) is not dict or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise CorruptFileError(
+                f"tensor {key!r}: header entry must have exactly dtype, shape, data_offsets", file=path
+            )
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        row = dtypes.BY_SAFETENSORS.get(code) if type(code) is str else None
+        if row is None:
+            raise UnsupportedValueError(f"tensor {key!r}: unknown safetensors dtype {code!r}", file=path)
+        if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
+            raise CorruptFileError(
+                f"tensor {key!r}: shape must be a list of non-negative ints, found {shape!r:.60}", file=path
+            )
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or any(type(o) is not int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CorruptFileError(
+                f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r:.60}",
+                file=path,
+            )
+        expected = dtypes.numel(tuple(shape)) * row.itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise CorruptFileError(
+                f"tensor {key!r}: {code}{shape} needs {expected} bytes, data_offsets span {offsets[1] - offsets[0]}",
+                file=path,
+            )
+        spans.append((offsets[0], offsets[1], key, row, tuple(shape)))
+    position = 0
+    for begin, end, key, _, _ in sorted(spans, key=lambda s: (s[0], s[1])):
+        if begin != position:
+            kind = "a gap" if begin > position else "an overlap"
+            raise CorruptFileError(
+                f"tensor {key!r}: {kind} in the data (starts at {begin}, expected {position})", file=path
+            )
+        position = end
+    if data_start + position != size:
+        problem = "trailing bytes after" if data_start + position < size else "the file ends before"
+        raise CorruptFileError(
+            f"{problem} the tensor data (header says {data_start + position} bytes, file has {size})", file=path
+        )
+    return {
+        key: TensorRef(row.name, shape, FileRange(path, data_start + begin, end - begin))
+        for begin, end, key, row, shape in spans
+    }
+
+
+def _tree_from_metadata(path: Path, metadata: dict[str, str], refs: dict[str, TensorRef]) -> Any:
+    node = loads_json_strict(metadata[TREE_KEY], path, f"__metadata__[{TREE_KEY!r}]")
+    used: set[str] = set()
+
+    def tensor(key: str, tree_path: TreePath) -> TensorRef:
+        if key not in refs:
+            raise CorruptFileError(
+                f"the tree refers to tensor {key!r}, which the header lacks", file=path, path=tree_path
+            )
+        used.add(key)
+        return refs[key]
+
+    tree = manifests.decode_tree(node, tensor, file=path)
+    unused = set(refs) - used
+    if unused:
+        raise CorruptFileError(f"header tensor {sorted(unused)[0]!r} is not part of the stored tree", file=path)
+    return tree

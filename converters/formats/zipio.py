@@ -1,0 +1,204 @@
+"""Just enough ZIP for torch checkpoints: stored (uncompressed) entries, read in place, written streaming.
+
+torch's archives store every record uncompressed with its data aligned to 64 bytes, so a tensor is a
+plain byte range of the file. Writing: local header (sizes known up front, CRC patched after the
+data), data, then the central directory, with ZIP64 records when sizes or offsets need them.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import CorruptFileError
+
+LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
+EOCD = struct.Struct("<4sHHHHIIH")
+ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")
+ZIP64_LOCATOR = struct.Struct("<4sIQI")
+PADDING_EXTRA_ID = 0x4246  # "FB": the id torch's writer uses for alignment padding
+ZIP64_EXTRA_ID = 0x0001
+U32_MAX = 0xFFFFFFFF
+UTF8_FLAG = 0x0800
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    name: str
+    data_offset: int
+    size: int  # bytes as stored (compressed size for a compressed entry)
+    compressed: bool
+
+
+def stored_entries(path: Path, file_size: int) -> dict[str, StoredEntry]:
+    """Every entry of the archive with where its bytes are; refuses entries that lie about their place."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CorruptFileError(f"not a readable zip archive: {exc}", file=path) from None
+    entries: dict[str, StoredEntry] = {}
+    with archive, open(path, "rb") as handle:
+        for info in archive.infolist():
+            if info.filename in entries:
+                raise CorruptFileError(f"zip entry {info.filename!r} appears twice", file=path)
+            if info.header_offset + LOCAL_HEADER.size > file_size:
+                raise CorruptFileError(
+                    f"zip entry {info.filename!r} starts at {info.header_offset}, past the end ({file_size})",
+                    file=path,
+                )
+            handle.seek(info.header_offset)
+            fields = LOCAL_HEADER.unpack(handle.read(LOCAL_HEADER.size))
+            if fields[0] != b"PK\x03\x04":
+                raise CorruptFileError(f"zip entry {info.filename!r} has no local header", file=path)
+            data_offset = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
+            compressed = info.compress_type != zipfile.ZIP_STORED
+            if (
+                not compressed and info.compress_size != info.file_size
+            ) or data_offset + info.compress_size > file_size:
+                raise CorruptFileError(
+                    f"zip entry {info.filename!r} declares {info.compress_size} bytes at offset "
+                    f"{data_offset}, beyond the file's {file_size} bytes",
+                    file=path,
+                )
+            entries[info.filename] = StoredEntry(info.filename, data_offset, info.compress_size, compressed)
+    return entries
+
+
+class ZipWriter:
+    """Writes stored entries to a seekable binary file. Call ``add`` per entry, then ``close``."""
+
+    def __init__(self, out: BinaryIO, *, align: int = 64) -> None:
+        self._out = out
+        self._align = align
+        self._central: list[bytes] = []
+        self._count = 0
+        self._dos_time, self._dos_date = _dos_datetime()
+
+    def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
+        out = self._out
+        encoded = name.encode("utf-8")
+        offset = out.tell()
+        zip64 = size >= U32_MAX
+        zip64_extra = struct.pack("<HHQQ", ZIP64_EXTRA_ID, 16, size, size) if zip64 else b""
+        start = offset + LOCAL_HEADER.size + len(encoded) + len(zip64_extra)
+        padding = (-start) % self._align
+        if padding and padding < 4:  # an extra field needs 4 bytes of its own header
+            padding += self._align
+        pad_extra = struct.pack("<HH", PADDING_EXTRA_ID, padding - 4) + bytes(padding - 4) if padding else b""
+        extra = zip64_extra + pad_extra
+        version = 45 if zip64 else 20
+        small_size = U32_MAX if zip64 else size
+        out.write(
+            LOCAL_HEADER.pack(
+                b"PK\x03\x04",
+                version,
+                UTF8_FLAG,
+                0,
+                self._dos_time,
+                self._dos_date,
+                0,
+                small_size,
+                small_size,
+                len(encoded),
+                len(extra),
+            )
+        )
+        out.write(encoded + extra)
+        crc = 0
+        written = 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
+            written += len(chunk)
+            out.write(chunk)
+        if written != size:
+            raise CorruptFileError(f"zip entry {name!r}: expected {size} bytes from the source, got {written}")
+        end = out.tell()
+        out.seek(offset + 14)  # the CRC field of the local header
+        out.write(struct.pack("<I", crc))
+        out.seek(end)
+        self._add_central(encoded, crc, size, offset, version)
+
+    def _add_central(self, encoded: bytes, crc: int, size: int, offset: int, version: int) -> None:
+        extra_values = []
+        if size >= U32_MAX:
+            extra_values += [size, size]
+        if offset >= U32_MAX:
+            extra_values.append(offset)
+        extra = (
+            struct.pack(f"<HH{len(extra_values)}Q", ZIP64_EXTRA_ID, 8 * len(extra_values), *extra_values)
+            if extra_values
+            else b""
+        )
+        if extra_values:
+            version = 45
+        self._central.append(
+            CENTRAL_HEADER.pack(
+                b"PK\x01\x02",
+                version,
+                version,
+                UTF8_FLAG,
+                0,
+                self._dos_time,
+                self._dos_date,
+                crc,
+                min(size, U32_MAX),
+                min(size, U32_MAX),
+                len(encoded),
+                len(extra),
+                0,
+                0,
+                0,
+                0,
+                min(offset, U32_MAX),
+            )
+            + encoded
+            + extra
+        )
+        self._count += 1
+
+    def close(self) -> None:
+        out = self._out
+        central_offset = out.tell()
+        for record in self._central:
+            out.write(record)
+        central_size = out.tell() - central_offset
+        if self._count >= 0xFFFF or central_offset >= U32_MAX or central_size >= U32_MAX:
+            zip64_offset = out.tell()
+            out.write(
+                ZIP64_EOCD.pack(
+                    b"PK\x06\x06",
+                    ZIP64_EOCD.size - 12,
+                    45,
+                    45,
+                    0,
+                    0,
+                    self._count,
+                    self._count,
+                    central_size,
+                    central_offset,
+                )
+            )
+            out.write(ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, zip64_offset, 1))
+        out.write(
+            EOCD.pack(
+                b"PK\x05\x06",
+                0,
+                0,
+                min(self._count, 0xFFFF),
+                min(self._count, 0xFFFF),
+                min(central_size, U32_MAX),
+                min(central_offset, U32_MAX),
+                0,
+            )
+        )
+
+
+def _dos_datetime() -> tuple[int, int]:
+    # A fixed timestamp keeps our output byte-for-byte reproducible (1980-01-01 00:00).
+    return 0, (0 << 9) | (1 << 5) | 1

@@ -1,0 +1,201 @@
+"""The manifest: the JSON description of a checkpoint (its "schema" of keys, dtypes and shapes).
+
+It is the one place where the exact shape of the tree is written down in a language-neutral way,
+so formats that cannot say "tuple" or "int key" embed it (safetensors ``__metadata__``), and other
+tools can read it without knowing Python. ``schemas/manifest.schema.json`` is its JSON Schema and
+``schemas/manifest.md`` explains every field.
+
+Tree nodes are one-key objects naming their type, so no type is ever guessed from JSON syntax::
+
+    {"odict": [["conv1.weight", {"tensor": "conv1.weight"}]], "metadata": {...}}
+    {"dict": [[0, {...}], ["lr", {"float": 0.001}]]}     keys are JSON strings or integers
+    {"list": [...]}  {"tuple": [...]}  {"none": null}  {"bool": true}  {"int": 3}  {"str": "x"}
+    {"float": 0.9}   {"float": "0x7ff8000000000001"}     non-finite floats as IEEE-754 bits
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from .errors import CorruptFileError, TreePath
+from .tree import Checkpoint, TensorRef, walk
+
+MANIFEST_VERSION = 1
+GENERATOR = "statedict-convert"
+
+JsonNode = dict[str, Any]
+
+
+def storage_keys(tree: Any) -> dict[tuple[str | int, ...], str]:
+    """The key each tensor is stored under, by tree path.
+
+    A bare ``state_dict`` (a mapping of str keys to tensors) keeps its own keys, so other tools
+    find ``conv1.weight`` where they expect it. Anything else uses the tree path, segments joined
+    by ``/`` with ``~`` and ``/`` escaped as ``~0`` and ``~1`` (RFC 6901), e.g.
+    ``optimizer_state_dict/state/0/momentum_buffer``.
+    """
+    paths = [path for path, leaf in walk(tree) if isinstance(leaf, TensorRef)]
+    flat = isinstance(tree, dict) and all(
+        type(key) is str and isinstance(value, TensorRef) for key, value in tree.items()
+    )
+    keys: dict[tuple[str | int, ...], str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        key = str(path[0]) if flat else "/".join(_escape(segment) for segment in path)
+        candidate, n = key, 1
+        while candidate in taken:  # only an int key and a str key spelling the same digits clash
+            n += 1
+            candidate = f"{key}#{n}"
+        taken.add(candidate)
+        keys[path] = candidate
+    return keys
+
+
+def _escape(segment: str | int) -> str:
+    return str(segment).replace("~", "~0").replace("/", "~1")
+
+
+def encode_tree(tree: Any, keys: dict[tuple[str | int, ...], str]) -> JsonNode:
+    """The JSON node for ``tree``; tensors become ``{"tensor": key}`` using ``keys`` by path."""
+    return _encode(tree, (), keys)
+
+
+def _encode(node: Any, path: tuple[str | int, ...], keys: dict[tuple[str | int, ...], str]) -> JsonNode:
+    kind = type(node)
+    if kind is dict or kind is OrderedDict:
+        items = [[key, _encode(value, (*path, key), keys)] for key, value in node.items()]
+        if kind is dict:
+            return {"dict": items}
+        encoded: JsonNode = {"odict": items}
+        if hasattr(node, "_metadata"):
+            encoded["metadata"] = _encode(node._metadata, (*path, "_metadata"), {})
+        return encoded
+    if kind is list or kind is tuple:
+        return {kind.__name__: [_encode(v, (*path, i), keys) for i, v in enumerate(node)]}
+    if node is None:
+        return {"none": None}
+    if kind is bool:
+        return {"bool": node}
+    if kind is int:
+        return {"int": node}
+    if kind is float:
+        return {"float": node if math.isfinite(node) else float_bits(node)}
+    if kind is str:
+        return {"str": node}
+    if kind is TensorRef:
+        return {"tensor": keys[path]}
+    raise TypeError(f"unvalidated tree: {kind!r} at {path}")  # validate() runs first
+
+
+def float_bits(value: float) -> str:
+    """IEEE-754 binary64 bits as ``0x`` + 16 hex digits (keeps NaN payloads)."""
+    return "0x" + struct.pack(">d", value).hex()
+
+
+def decode_tree(node: Any, tensor: Callable[[str, TreePath], TensorRef], *, file: Any = None) -> Any:
+    """Rebuild the Python tree from its JSON node; ``tensor(key, path)`` supplies each tensor."""
+    return _decode(node, (), tensor, file, 0)
+
+
+def _decode(node: Any, path: tuple[str | int, ...], tensor: Any, file: Any, depth: int) -> Any:
+    if depth > 64:
+        raise CorruptFileError("manifest tree nested deeper than 64 levels", file=file, path=path)
+    if type(node) is not dict or len(node) != 1 + ("metadata" in node and "odict" in node):
+        raise CorruptFileError(
+            f"manifest tree node must be a one-key object, found {_short(node)}", file=file, path=path
+        )
+    tag = next(iter(node))
+    value = node[tag]
+    if tag in ("dict", "odict"):
+        out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
+        for item in _expect(value, list, path, file, tag):
+            if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
+                raise CorruptFileError(
+                    f"dict item must be [str|int key, node], found {_short(item)}", file=file, path=path
+                )
+            key = item[0]
+            if key in out:
+                raise CorruptFileError(f"duplicate key {key!r}", file=file, path=path)
+            out[key] = _decode(item[1], (*path, key), tensor, file, depth + 1)
+        if "metadata" in node:
+            out._metadata = _decode(node["metadata"], (*path, "_metadata"), tensor, file, depth + 1)  # type: ignore[attr-defined]
+        return out
+    if tag in ("list", "tuple"):
+        items = [
+            _decode(v, (*path, i), tensor, file, depth + 1) for i, v in enumerate(_expect(value, list, path, file, tag))
+        ]
+        return items if tag == "list" else tuple(items)
+    if tag == "none":
+        if value is not None:
+            raise CorruptFileError(f"'none' node must hold null, found {_short(value)}", file=file, path=path)
+        return None
+    if tag == "bool":
+        return _expect(value, bool, path, file, tag)
+    if tag == "int":
+        return _expect(value, int, path, file, tag)
+    if tag == "str":
+        return _expect(value, str, path, file, tag)
+    if tag == "float":
+        return _decode_float(value, path, file)
+    if tag == "tensor":
+        return tensor(_expect(value, str, path, file, tag), path)
+    raise CorruptFileError(f"unknown manifest node type {tag!r}", file=file, path=path)
+
+
+def _expect(value: Any, kind: type, path: TreePath, file: Any, tag: str) -> Any:
+    if type(value) is not kind:
+        raise CorruptFileError(f"{tag!r} node must hold a {kind.__name__}, found {_short(value)}", file=file, path=path)
+    return value
+
+
+def _decode_float(value: Any, path: TreePath, file: Any) -> float:
+    if type(value) is float:
+        return value
+    if type(value) is str and len(value) == 18 and value.startswith("0x"):
+        try:
+            return float(struct.unpack(">d", bytes.fromhex(value[2:]))[0])
+        except ValueError:
+            pass
+    raise CorruptFileError(
+        f"'float' node must hold a JSON float or '0x' + 16 hex digits, found {_short(value)}",
+        file=file,
+        path=path,
+    )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def tensor_entry(key: str, path: tuple[str | int, ...], ref: TensorRef) -> dict[str, Any]:
+    return {"key": key, "path": list(path), "dtype": ref.dtype, "shape": list(ref.shape), "nbytes": ref.nbytes}
+
+
+def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
+    """The manifest of a checkpoint. With ``digests``, every tensor's bytes are read and hashed."""
+    keys = storage_keys(checkpoint.tree)
+    tensors = []
+    for path, ref in checkpoint.tensors():
+        entry = tensor_entry(keys[path], path, ref)
+        if digests:
+            entry["sha256"] = sha256_of(ref)
+        tensors.append(entry)
+    return {
+        "sdconvert_manifest": MANIFEST_VERSION,
+        "generator": GENERATOR,
+        "tree": encode_tree(checkpoint.tree, keys),
+        "tensors": tensors,
+    }
+
+
+def sha256_of(ref: TensorRef) -> str:
+    digest = hashlib.sha256()
+    for chunk in ref.source.chunks():
+        digest.update(chunk)
+    return digest.hexdigest()

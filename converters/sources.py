@@ -1,0 +1,111 @@
+"""Where a tensor's bytes live while they are in flight: a range of a file, or a buffer.
+
+Both hand out little-endian, C-order bytes and never interpret them. Writers pull bytes in bounded
+chunks (``chunks``) so that memory does not grow with the size of a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+CHUNK_SIZE = 8 * 1024 * 1024
+
+
+class ByteSource(Protocol):
+    """A fixed number of bytes that can be read whole or streamed."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def readinto(self, buffer: memoryview) -> None:
+        """Fill ``buffer`` (exactly ``nbytes`` long) with the bytes."""
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        """Yield the bytes in order, each chunk at most ``chunk_size`` long.
+
+        A chunk may share memory with the next one: use it before asking for the next.
+        """
+
+
+def read_all(source: ByteSource) -> bytearray:
+    """All bytes of ``source`` in a fresh, writable buffer."""
+    buffer = bytearray(source.nbytes)
+    source.readinto(memoryview(buffer))
+    return buffer
+
+
+@dataclass(frozen=True)
+class BufferSource:
+    """Bytes already in memory (a torch tensor's storage viewed as uint8, a bytes object, ...)."""
+
+    buffer: memoryview
+    # The object that owns the memory behind ``buffer``, kept alive as long as this source is.
+    owner: object = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview, owner: object = None) -> BufferSource:
+        view = memoryview(data).cast("B")
+        return cls(view, owner)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    def readinto(self, buffer: memoryview) -> None:
+        buffer[:] = self.buffer
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        for start in range(0, self.nbytes, chunk_size):
+            yield self.buffer[start : start + chunk_size]
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of the file at ``path`` starting at ``offset``.
+
+    Readers create these only after checking the range lies inside the file. Reading re-checks the
+    count actually returned, so a file truncated after it was opened gives an error, not short data.
+    """
+
+    path: Path
+    offset: int
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length
+
+    def readinto(self, buffer: memoryview) -> None:
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.offset)
+            filled = 0
+            while filled < self.length:
+                count = handle.readinto(buffer[filled:])
+                if not count:
+                    break
+                filled += count
+        self._check_complete(filled)
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        buffer = memoryview(bytearray(min(chunk_size, max(self.length, 1))))
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.offset)
+            remaining = self.length
+            while remaining:
+                count = handle.readinto(buffer[: min(remaining, len(buffer))])
+                if not count:
+                    self._check_complete(self.length - remaining)
+                remaining -= count
+                yield buffer[:count]
+
+    def _check_complete(self, filled: int) -> None:
+        if filled != self.length:
+            from .errors import CorruptFileError
+
+            raise CorruptFileError(
+                f"expected {self.length} bytes at offset {self.offset}, the file ended after {filled}",
+                file=self.path,
+            )

@@ -1,0 +1,167 @@
+"""The neutral checkpoint tree: Python containers whose tensor leaves are :class:`TensorRef`.
+
+A tree is what ``torch.save`` users put in a checkpoint, with torch tensors replaced by
+``TensorRef`` (dtype name, shape, byte source). Exact Python types carry meaning and are kept:
+``dict`` vs ``OrderedDict`` (and its ``_metadata`` attribute), ``list`` vs ``tuple``, ``int`` vs
+``str`` keys, ``bool`` vs ``int`` vs ``float``. Anything else is refused with its tree path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import dtypes
+from .errors import ConverterError, TreePath, UnsupportedValueError
+from .sources import ByteSource
+
+SCALAR_TYPES = (type(None), bool, int, float, str)
+CONTAINER_TYPES = (dict, OrderedDict, list, tuple)
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor in flight: dtype (torch spelling), shape, and where its C-order bytes are."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    source: ByteSource = field(compare=False)
+
+    def __post_init__(self) -> None:
+        row = dtypes.lookup(self.dtype)
+        expected = dtypes.numel(self.shape) * row.itemsize
+        if self.source.nbytes != expected:
+            raise ConverterError(
+                f"tensor {self.dtype}{list(self.shape)} needs {expected} bytes, its source holds {self.source.nbytes}"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.nbytes
+
+
+@dataclass
+class Checkpoint:
+    """A tree plus where it came from (for messages). Built by readers, consumed by writers."""
+
+    tree: Any
+    origin: Path | None = None
+
+    def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
+        """Every tensor with its tree path, in tree order."""
+        for path, leaf in walk(self.tree):
+            if isinstance(leaf, TensorRef):
+                yield path, leaf
+
+
+def walk(tree: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """Yield ``(path, leaf)`` for every leaf in order; the ``_metadata`` of OrderedDicts is skipped."""
+    kind = type(tree)
+    if kind is dict or kind is OrderedDict:
+        for key, value in tree.items():
+            yield from walk(value, (*path, key))
+    elif kind is list or kind is tuple:
+        for index, value in enumerate(tree):
+            yield from walk(value, (*path, index))
+    else:
+        yield path, tree
+
+
+def validate(tree: Any, *, file: Path | str | None = None) -> None:
+    """Refuse, naming the path, anything the neutral tree cannot represent exactly.
+
+    >>> validate({"w": 1.5, "steps": (1, 2)})
+    >>> validate({"w": {1, 2}})
+    Traceback (most recent call last):
+    ...
+    converters.errors.UnsupportedValueError: at w: cannot represent a value of type set ...
+    """
+    _validate(tree, (), file, 0)
+
+
+def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise UnsupportedValueError(f"nesting deeper than {MAX_DEPTH} levels", file=file, path=path)
+    kind = type(node)
+    if kind is dict or kind is OrderedDict:
+        for key in node:
+            if type(key) is not str and type(key) is not int:
+                raise UnsupportedValueError(
+                    f"dict keys must be str or int, found {type(key).__name__} key {key!r}",
+                    file=file,
+                    path=path,
+                )
+            _validate(node[key], (*path, key), file, depth + 1)
+        extra = set(vars(node)) - {"_metadata"} if kind is OrderedDict else set()
+        if extra:
+            raise UnsupportedValueError(
+                f"OrderedDict attributes other than _metadata are not kept, found {sorted(extra)}",
+                file=file,
+                path=path,
+            )
+        if kind is OrderedDict and hasattr(node, "_metadata"):
+            _validate(node._metadata, (*path, "_metadata"), file, depth + 1)
+    elif kind is list or kind is tuple:
+        for index, value in enumerate(node):
+            _validate(value, (*path, index), file, depth + 1)
+    elif kind in SCALAR_TYPES or kind is TensorRef:
+        return
+    else:
+        raise UnsupportedValueError(
+            f"cannot represent a value of type {kind.__module__}.{kind.__qualname__} "
+            "(supported: dict, OrderedDict, list, tuple, tensor, None, bool, int, float, str)",
+            file=file,
+            path=path,
+        )
+
+
+def map_leaves(tree: Any, fn: Any, path: tuple[str | int, ...] = ()) -> Any:
+    """A copy of ``tree`` with every leaf replaced by ``fn(path, leaf)``; container types kept."""
+    kind = type(tree)
+    if kind is dict or kind is OrderedDict:
+        out = kind((key, map_leaves(value, fn, (*path, key))) for key, value in tree.items())
+        if kind is OrderedDict and hasattr(tree, "_metadata"):
+            out._metadata = map_leaves(tree._metadata, fn, (*path, "_metadata"))  # type: ignore[attr-defined]
+        return out
+    if kind is list or kind is tuple:
+        return kind(map_leaves(value, fn, (*path, index)) for index, value in enumerate(tree))
+    return fn(path, tree)
+
+
+def parse_select(text: str) -> tuple[str, ...]:
+    """Split a ``--select`` path (``optimizer_state_dict/state``) into its segments."""
+    return tuple(segment for segment in text.split("/") if segment)
+
+
+def select(tree: Any, segments: TreePath, *, file: Path | str | None = None) -> Any:
+    """The sub-tree at ``segments``; a segment matches a str key, or an int key/index it spells."""
+    node = tree
+    walked: list[str | int] = []
+    for segment in segments:
+        node, key = _child(node, segment, walked, file)
+        walked.append(key)
+    return node
+
+
+def _child(node: Any, segment: str | int, walked: list[str | int], file: Any) -> tuple[Any, str | int]:
+    if isinstance(node, dict):
+        if segment in node:
+            return node[segment], segment
+        if isinstance(segment, str) and _is_int(segment) and int(segment) in node:
+            return node[int(segment)], int(segment)
+        keys = ", ".join(repr(k) for k in list(node)[:10])
+        raise ConverterError(f"no key {segment!r} (keys: {keys})", file=file, path=walked)
+    if isinstance(node, (list, tuple)) and _is_int(str(segment)):
+        index = int(segment)
+        if 0 <= index < len(node):
+            return node[index], index
+        raise ConverterError(f"index {index} out of range (length {len(node)})", file=file, path=walked)
+    raise ConverterError(f"cannot select {segment!r} inside a {type(node).__name__}", file=file, path=walked)
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()

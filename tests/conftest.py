@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from converters import recipe  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained() -> tuple[recipe.Net, torch.optim.SGD, dict[str, Any]]:
+    """The recipe Net + SGD after 3 steps and their general checkpoint dict (do not mutate)."""
+    return recipe.trained_checkpoint(steps=3)
+
+
+@pytest.fixture
+def recipe_pt(tmp_path: Path, trained: tuple[Any, Any, dict[str, Any]]) -> Path:
+    """The trained general checkpoint, written by plain torch.save."""
+    path = tmp_path / "recipe.pt"
+    torch.save(trained[2], path)
+    return path

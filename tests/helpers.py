@@ -1,0 +1,66 @@
+"""Test helpers that judge bit-identity with torch itself, independently of converters.compare."""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def assert_bit_identical(a: Any, b: Any, path: str = "<root>") -> None:
+    """Exact Python types, key order and key types, float bits, tensor dtype/shape/bytes."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: tensor bytes differ"
+    elif isinstance(a, dict):
+        assert [(type(k), k) for k in a] == [(type(k), k) for k in b], f"{path}: keys {list(a)} vs {list(b)}"
+        for key in a:
+            assert_bit_identical(a[key], b[key], f"{path}/{key}")
+        if isinstance(a, OrderedDict):
+            assert hasattr(a, "_metadata") == hasattr(b, "_metadata"), f"{path}: _metadata presence"
+            if hasattr(a, "_metadata"):
+                assert_bit_identical(a._metadata, b._metadata, f"{path}/_metadata")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} vs {len(b)}"
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bit_identical(x, y, f"{path}/{index}")
+    elif isinstance(a, float):
+        assert struct.pack(">d", a) == struct.pack(">d", b), f"{path}: float {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+def float32_from_bits(*bits: int) -> torch.Tensor:
+    return torch.tensor(list(bits), dtype=torch.int64).to(torch.uint32).view(torch.float32)
+
+
+def exotic_tree() -> dict[Any, Any]:
+    """Every kind of leaf and container the tree must keep exactly."""
+    metadata_dict: OrderedDict[str, Any] = OrderedDict(w=torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    metadata_dict._metadata = OrderedDict([("", {"version": 1}), ("sub", {"version": 2})])  # type: ignore[attr-defined]
+    nan_payload = struct.unpack(">d", bytes.fromhex("7ff8000000000123"))[0]
+    return {
+        "state": metadata_dict,
+        0: "int key zero",
+        "0": "str key zero",
+        -5: None,
+        "floats": [0.001, -0.0, float("inf"), float("-inf"), nan_payload, 5e-324, 1e308],
+        "ints": (0, -1, 2**31, -(2**63), 2**64 + 7, 10**40),
+        "flags": (True, False),
+        "text": "ünïcödé ✓ \x00 tab\t",
+        "empty": {"dict": {}, "list": [], "tuple": ()},
+        "nested": [[1, [2, (3, {"x": 4.0})]]],
+        "special_floats": float32_from_bits(0x7FC00001, 0xFFC00000, 0x00000001, 0x80000000, 0x7F800000),
+        "scalar": torch.tensor(3, dtype=torch.int64),
+        "zero_size": torch.empty(0, 3, dtype=torch.float16),
+        "bf16": torch.tensor([1.5, -2.25], dtype=torch.bfloat16),
+    }

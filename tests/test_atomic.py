@@ -1,0 +1,56 @@
+"""Writers are atomic: a failure leaves the old destination (or none) and no temporary file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import converters
+from converters.tree import Checkpoint, TensorRef
+
+
+class FailingSource:
+    """A byte source that breaks after its first chunk, like a disk error mid-conversion."""
+
+    nbytes = 16
+
+    def readinto(self, buffer: memoryview) -> None:
+        raise OSError("simulated read error")
+
+    def chunks(self, chunk_size: int = 0) -> Iterator[memoryview]:
+        yield memoryview(b"\x00" * 8)
+        raise OSError("simulated read error")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_failed_write_keeps_the_old_destination_and_leaves_no_temp_file(tmp_path: Path, suffix: str) -> None:
+    destination = tmp_path / f"out{suffix}"
+    converters.save({"old": torch.ones(1)}, destination)
+    before = destination.read_bytes()
+    broken = Checkpoint({"w": TensorRef("float32", (4,), FailingSource())})
+    with pytest.raises(OSError, match="simulated read error"):
+        converters.write(broken, destination)
+    assert destination.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [destination.name]
+
+
+def test_convert_never_writes_over_its_source(tmp_path: Path) -> None:
+    source = tmp_path / "same.pt"
+    converters.save({"w": torch.ones(1)}, source)
+    before = source.read_bytes()
+    with pytest.raises(converters.DestinationError, match="the destination is the source file"):
+        converters.convert(source, source)
+    link = tmp_path / "link.pt"
+    link.symlink_to(source)
+    with pytest.raises(converters.DestinationError):
+        converters.convert(source, link)
+    assert source.read_bytes() == before
+
+
+def test_output_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    destination = tmp_path / "perm.safetensors"
+    converters.save({"w": torch.ones(1)}, destination)
+    assert destination.stat().st_mode & 0o777 != 0o600

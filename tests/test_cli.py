@@ -1,0 +1,161 @@
+"""The sdconvert command: exit codes, one-line errors, --force, --select, inspect/schema/verify/formats/demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+from helpers import assert_bit_identical
+
+import converters
+
+CLI = Path(__file__).resolve().parent.parent / "cli.py"
+
+
+def sdconvert(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SDCONVERT_DEBUG"}
+    return subprocess.run(
+        [sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_convert_then_verify(tmp_path: Path, recipe_pt: Path, trained: Any) -> None:
+    out = tmp_path / "c.safetensors"
+    result = sdconvert("convert", recipe_pt, out)
+    assert result.returncode == 0 and result.stdout == f"wrote {out}\n"
+    assert_bit_identical(trained[2], converters.load(out))
+    verified = sdconvert("verify", recipe_pt, out)
+    assert verified.returncode == 0 and verified.stdout.startswith("bit-identical")
+
+
+def test_convert_refuses_to_overwrite_without_force(tmp_path: Path, recipe_pt: Path) -> None:
+    out = tmp_path / "c.safetensors"
+    out.write_bytes(b"precious")
+    assert_one_line_error(sdconvert("convert", recipe_pt, out), "exists; pass --force to replace it")
+    assert out.read_bytes() == b"precious"
+    assert sdconvert("convert", recipe_pt, out, "--force").returncode == 0
+    assert out.read_bytes() != b"precious"
+
+
+def test_convert_never_writes_over_the_source(recipe_pt: Path) -> None:
+    before = recipe_pt.read_bytes()
+    assert_one_line_error(sdconvert("convert", recipe_pt, recipe_pt, "--force"), "the destination is the source file")
+    assert recipe_pt.read_bytes() == before
+
+
+def test_select_writes_the_bare_model_weights(tmp_path: Path, recipe_pt: Path, trained: Any) -> None:
+    out = tmp_path / "model.safetensors"
+    assert sdconvert("convert", recipe_pt, out, "--select", "model_state_dict").returncode == 0
+    state = safetensors.torch.load_file(out)
+    assert_bit_identical(dict(sorted(trained[0].state_dict().items())), dict(sorted(state.items())))
+
+
+def test_select_an_int_keyed_subtree(tmp_path: Path, recipe_pt: Path, trained: Any) -> None:
+    out = tmp_path / "state0.pt"
+    assert sdconvert("convert", recipe_pt, out, "--select", "optimizer_state_dict/state/0").returncode == 0
+    assert_bit_identical(trained[1].state_dict()["state"][0], torch.load(out))
+
+
+def test_select_a_missing_key_is_a_clear_error(tmp_path: Path, recipe_pt: Path) -> None:
+    result = sdconvert("convert", recipe_pt, tmp_path / "x.pt", "--select", "model_state_dict/nope")
+    assert_one_line_error(result, "at model_state_dict: no key 'nope' (keys: 'conv1.weight'")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_explicit_formats(tmp_path: Path, recipe_pt: Path) -> None:
+    odd = tmp_path / "weights.data"
+    assert sdconvert("convert", recipe_pt, odd, "--to", "safetensors").returncode == 0
+    back = tmp_path / "back.bin"
+    assert sdconvert("convert", odd, back, "--from", "safetensors", "--to", "pt").returncode == 0
+    assert sdconvert("verify", recipe_pt, back).returncode == 0
+
+
+def test_inspect_lists_keys_dtypes_shapes_then_optimizer(recipe_pt: Path) -> None:
+    result = sdconvert("inspect", recipe_pt)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{recipe_pt}: pt, ") and lines[0].endswith("20 tensors (484.4 KiB)")
+    assert "  conv1.weight  float32   [6, 3, 5, 5]" in lines
+    assert "  fc3.bias      float32   [10]" in lines
+    assert "      momentum_buffer  float32   [6, 3, 5, 5]" in lines
+    assert "      lr: 0.001" in lines and "      momentum: 0.9" in lines
+    assert lines.index("optimizer_state_dict:") > lines.index("  fc3.bias      float32   [10]")
+
+
+def test_inspect_json_and_schema_give_the_manifest(tmp_path: Path, recipe_pt: Path) -> None:
+    shown = json.loads(sdconvert("inspect", recipe_pt, "--json").stdout)
+    out = tmp_path / "schema.json"
+    result = sdconvert("schema", recipe_pt, "-o", out)
+    assert result.returncode == 0
+    assert json.loads(out.read_text()) == shown == converters.manifest(recipe_pt)
+    assert json.loads(sdconvert("schema", recipe_pt).stdout) == shown
+
+
+def test_verify_reports_differences_with_exit_1(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pt", tmp_path / "b.safetensors"
+    converters.save({"w": torch.zeros(3), "lr": 0.1, "steps": (1, 2)}, a)
+    converters.save({"w": torch.tensor([0.0, -0.0, 0.0]), "lr": 0.1, "steps": [1, 2]}, b)
+    result = sdconvert("verify", a, b)
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"2 difference(s) between {a} and {b}:",
+        "  w: tensor bytes differ, first at byte 7",
+        "  steps: tuple vs list",
+    ]
+
+
+def test_formats_lists_formats_and_dtype_matrix() -> None:
+    result = sdconvert("formats")
+    assert result.returncode == 0
+    assert "pt           .pt .pth .bin" in result.stdout
+    assert "safetensors  .safetensors" in result.stdout
+    complex128 = next(line for line in result.stdout.splitlines() if line.startswith("complex128"))
+    assert complex128.split() == ["complex128", "yes", "-"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("inspect", "missing.pt"), "missing.pt: no such file"),
+        (("convert", "missing.pt", "out.pt"), "missing.pt: no such file"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (("convert", "only-one-arg"), "the following arguments are required: dst"),
+        (("inspect", "junk.pt"), "junk.pt: not a readable zip archive"),
+        (("convert", "junk.pt", "out.xyz"), "out.xyz: cannot write the format from the name"),
+    ],
+)
+def test_bad_usage_and_bad_input_exit_2_with_one_line(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"junk" * 10)
+    assert_one_line_error(sdconvert(*args, cwd=tmp_path), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+def test_demo_runs_the_main_job(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = sdconvert("demo", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "every format round-tripped bit-identically" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pt",
+        "checkpoint.safetensors",
+        "checkpoint.schema.json",
+        "model.safetensors",
+        "source.pt",
+    ]
+    for line in result.stdout.splitlines():
+        if line.startswith(("pt ", "safetensors ")):
+            assert "ok: rebuilt Net + SGD bit-identical" in line
