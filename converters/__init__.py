@@ -1,9 +1,11 @@
 """statedict-convert: convert PyTorch checkpoints between pt, safetensors and more, bit for bit.
 
->>> import converters
->>> converters.convert("checkpoint.pt", "checkpoint.safetensors")  # doctest: +SKIP
->>> converters.verify("checkpoint.pt", "checkpoint.safetensors")  # doctest: +SKIP
-[]
+Example::
+
+    import converters
+    converters.convert("checkpoint.pt", "checkpoint.safetensors")
+    converters.verify("checkpoint.pt", "checkpoint.safetensors")
+    # []
 """
 
 from __future__ import annotations

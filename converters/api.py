@@ -22,9 +22,11 @@ from . import formats  # noqa: F401  isort: skip
 def read(path: PathLike, format: str | None = None, *, select_path: str | None = None) -> Checkpoint:
     """The checkpoint stored at ``path`` as a neutral tree (tensors are not loaded).
 
-    >>> ckpt = read("checkpoint.safetensors")  # doctest: +SKIP
-    >>> [path for path, _ in ckpt.tensors()][:1]  # doctest: +SKIP
-    [('model_state_dict', 'conv1.weight')]
+    Example::
+
+        ckpt = read("checkpoint.safetensors")
+        [path for path, _ in ckpt.tensors()][:1]
+        # [('model_state_dict', 'conv1.weight')]
     """
     source = Path(path)
     if not source.exists():
@@ -64,8 +66,10 @@ def write(checkpoint: Checkpoint, path: PathLike, format: str | None = None, **o
 def load(path: PathLike, format: str | None = None) -> Any:
     """What ``torch.load`` would return for the checkpoint at ``path``, from any format.
 
-    >>> sd = load("net.safetensors")  # doctest: +SKIP
-    >>> Net().load_state_dict(sd)  # doctest: +SKIP
+    Example::
+
+        sd = load("net.safetensors")
+        Net().load_state_dict(sd)
     """
     from .torch_bridge import to_torch
 
@@ -75,7 +79,9 @@ def load(path: PathLike, format: str | None = None) -> Any:
 def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) -> None:
     """Save what ``torch.save`` takes (state_dicts, checkpoint dicts) in any format.
 
-    >>> save({"model_state_dict": net.state_dict(), "epoch": 3}, "ckpt.safetensors")  # doctest: +SKIP
+    Example::
+
+        save({"model_state_dict": net.state_dict(), "epoch": 3}, "ckpt.safetensors")
     """
     from .torch_bridge import from_torch
 
@@ -95,8 +101,10 @@ def convert(
 
     The destination is replaced atomically if it exists; it may never be the source itself.
 
-    >>> convert("checkpoint.pt", "checkpoint.safetensors")  # doctest: +SKIP
-    PosixPath('checkpoint.safetensors')
+    Example::
+
+        convert("checkpoint.pt", "checkpoint.safetensors")
+        # PosixPath('checkpoint.safetensors')
     """
     source, destination = Path(src), Path(dst)
     if destination.exists() and source.exists() and os.path.samefile(source, destination):
@@ -110,8 +118,10 @@ def convert(
 def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint) -> list[str]:
     """Differences between two checkpoints, in any formats; an empty list means bit-identical.
 
-    >>> verify("checkpoint.pt", "checkpoint.safetensors")  # doctest: +SKIP
-    []
+    Example::
+
+        verify("checkpoint.pt", "checkpoint.safetensors")
+        # []
     """
     first = a if isinstance(a, Checkpoint) else read(a)
     second = b if isinstance(b, Checkpoint) else read(b)

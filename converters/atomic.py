@@ -18,8 +18,10 @@ from typing import BinaryIO
 def atomic_output(destination: Path) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``destination`` only when the block completes.
 
-    >>> with atomic_output(Path("out.bin")) as handle:  # doctest: +SKIP
-    ...     handle.write(b"complete or nothing")
+    Example::
+
+        with atomic_output(Path("out.bin")) as handle:
+            handle.write(b"complete or nothing")
     """
     destination = Path(destination)
     folder = destination.parent if str(destination.parent) else Path(".")

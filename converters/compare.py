@@ -29,7 +29,9 @@ def _diff(a: Any, b: Any, path: tuple[str | int, ...], found: list[str]) -> None
     where = format_tree_path(path)
     if type(a) is not type(b):
         found.append(f"{where}: {_type_name(a)} vs {_type_name(b)}")
-        return
+        # dict vs OrderedDict, list vs tuple: the contents can still be compared.
+        if not (_kind(a) == _kind(b) != "other"):
+            return
     if type(a) is dict or type(a) is OrderedDict:
         _diff_mapping(a, b, path, found)
     elif type(a) is list or type(a) is tuple:
@@ -59,7 +61,7 @@ def _diff_mapping(a: Any, b: Any, path: tuple[str | int, ...], found: list[str])
     for key in a:
         if key in b:
             _diff(a[key], b[key], (*path, key), found)
-    if type(a) is OrderedDict:
+    if type(a) is OrderedDict and type(b) is OrderedDict:
         has_a, has_b = hasattr(a, "_metadata"), hasattr(b, "_metadata")
         if has_a != has_b:
             found.append(f"{where}: _metadata present in {'the first' if has_a else 'the second'} only")
@@ -90,6 +92,14 @@ def _blocks(source: ByteSource) -> Iterator[bytes]:
             del pending[:BLOCK]
     if pending:
         yield bytes(pending)
+
+
+def _kind(value: Any) -> str:
+    if type(value) is dict or type(value) is OrderedDict:
+        return "mapping"
+    if type(value) is list or type(value) is tuple:
+        return "sequence"
+    return "other"
 
 
 def _keys(keys: list[Any]) -> str:

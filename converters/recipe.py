@@ -1,7 +1,9 @@
 """The reference model of the PyTorch recipe "What is a state_dict", and rebuilding it from any file.
 
->>> net, optimizer = rebuild("checkpoint.safetensors")  # doctest: +SKIP
->>> train_steps(net, optimizer, steps=3)  # doctest: +SKIP
+Example::
+
+    net, optimizer = rebuild("checkpoint.safetensors")
+    train_steps(net, optimizer, steps=3)
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def _save(tmp_path: Path, obj: Any) -> Path:
 
 
 def _random_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     count = 1
     for dim in shape:
         count *= dim
