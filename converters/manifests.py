@@ -97,7 +97,7 @@ def float_bits(value: float) -> str:
     return "0x" + struct.pack(">d", value).hex()
 
 
-def decode_tree(node: Any, tensor: Callable[[str, TreePath], TensorRef], *, file: Any = None) -> Any:
+def decode_tree(node: Any, tensor: Callable[[str, TreePath], Any], *, file: Any = None) -> Any:
     """Rebuild the Python tree from its JSON node; ``tensor(key, path)`` supplies each tensor."""
     return _decode(node, (), tensor, file, 0)
 

@@ -109,3 +109,24 @@ class FileRange:
                 f"expected {self.length} bytes at offset {self.offset}, the file ended after {filled}",
                 file=self.path,
             )
+
+
+@dataclass(frozen=True)
+class ConcatSource:
+    """Several sources read one after another (the chunks of a chunked msgpack array)."""
+
+    parts: tuple[ByteSource, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def readinto(self, buffer: memoryview) -> None:
+        position = 0
+        for part in self.parts:
+            part.readinto(buffer[position : position + part.nbytes])
+            position += part.nbytes
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        for part in self.parts:
+            yield from part.chunks(chunk_size)

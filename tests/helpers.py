@@ -64,3 +64,16 @@ def exotic_tree() -> dict[Any, Any]:
         "zero_size": torch.empty(0, 3, dtype=torch.float16),
         "bf16": torch.tensor([1.5, -2.25], dtype=torch.bfloat16),
     }
+
+
+def builtin_suffixes() -> list[str]:
+    """The main suffix of every built-in format: tests over "every format" follow the registry."""
+    from converters.formats import BUILTIN_FORMATS
+
+    return [fmt.suffixes[0] for fmt in BUILTIN_FORMATS]
+
+
+def builtin_formats() -> dict[str, str]:
+    from converters.formats import BUILTIN_FORMATS
+
+    return {fmt.name: fmt.suffixes[0] for fmt in BUILTIN_FORMATS}

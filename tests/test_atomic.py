@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import builtin_suffixes
 
 import converters
 from converters.tree import Checkpoint, TensorRef
@@ -25,7 +26,7 @@ class FailingSource:
         raise OSError("simulated read error")
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("suffix", builtin_suffixes())
 def test_failed_write_keeps_the_old_destination_and_leaves_no_temp_file(tmp_path: Path, suffix: str) -> None:
     destination = tmp_path / f"out{suffix}"
     converters.save({"old": torch.ones(1)}, destination)

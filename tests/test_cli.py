@@ -124,7 +124,7 @@ def test_formats_lists_formats_and_dtype_matrix() -> None:
     assert "pt           .pt .pth .bin" in result.stdout
     assert "safetensors  .safetensors" in result.stdout
     complex128 = next(line for line in result.stdout.splitlines() if line.startswith("complex128"))
-    assert complex128.split() == ["complex128", "yes", "-"]
+    assert complex128.split() == ["complex128", "yes", "-", "yes"]
 
 
 @pytest.mark.parametrize(
@@ -150,6 +150,7 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "every format round-tripped bit-identically" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.msgpack",
         "checkpoint.pt",
         "checkpoint.safetensors",
         "checkpoint.schema.json",
@@ -157,5 +158,5 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
         "source.pt",
     ]
     for line in result.stdout.splitlines():
-        if line.startswith(("pt ", "safetensors ")):
+        if line.startswith(("pt ", "safetensors ", "msgpack ")):
             assert "ok: rebuilt Net + SGD bit-identical" in line

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from helpers import assert_bit_identical
+from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
 from converters.recipe import Net
@@ -95,7 +95,7 @@ def test_ordered_dict_state_dict_keeps_metadata_versions(tmp_path: Path) -> None
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     state = model.state_dict()
     assert isinstance(state, OrderedDict) and hasattr(state, "_metadata")
-    for suffix in (".pt", ".safetensors"):
+    for suffix in builtin_suffixes():
         path = tmp_path / f"bn{suffix}"
         converters.save(state, path)
         loaded = converters.load(path)

@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from helpers import exotic_tree, tensor_bytes
+from helpers import builtin_suffixes, exotic_tree, tensor_bytes
 
 import converters
 from converters import manifests
@@ -25,7 +25,7 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("suffix", builtin_suffixes())
 def test_recipe_manifest_validates_and_matches_the_tensors(
     tmp_path: Path, recipe_pt: Path, trained: Any, suffix: str
 ) -> None:
@@ -48,11 +48,11 @@ def test_recipe_manifest_validates_and_matches_the_tensors(
 
 def test_manifest_is_the_same_for_every_format(tmp_path: Path, recipe_pt: Path) -> None:
     documents = []
-    for suffix in (".pt", ".safetensors"):
+    for suffix in builtin_suffixes():
         document = converters.manifest(converters.convert(recipe_pt, tmp_path / f"c{suffix}"))
         document.pop("file")
         documents.append(document)
-    assert documents[0] == documents[1]
+    assert all(document == documents[0] for document in documents)
 
 
 def test_exotic_tree_manifest_validates_and_decodes_exactly() -> None:

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_bit_identical
+from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
 from converters import recipe
 
-SUFFIXES = [".pt", ".safetensors"]
+SUFFIXES = builtin_suffixes()
 
 
 @pytest.mark.parametrize("suffix", SUFFIXES)

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from helpers import assert_bit_identical, exotic_tree
+from helpers import assert_bit_identical, builtin_formats, exotic_tree
 
 import converters
 from converters.recipe import Net
 
-FORMATS = {"pt": ".pt", "safetensors": ".safetensors"}
+FORMATS = builtin_formats()
 
 
 @pytest.mark.parametrize(("first", "second"), list(itertools.product(FORMATS, FORMATS)))
@@ -50,14 +50,22 @@ def test_our_pt_is_read_by_torch_load_weights_only(tmp_path: Path) -> None:
     assert_bit_identical(tree, torch.load(path, weights_only=True))
 
 
-@pytest.mark.parametrize("dtype", [d for d in converters.dtypes.DTYPES])
+@pytest.mark.parametrize("dtype", list(converters.dtypes.DTYPES))
 @pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3, 1)])
-def test_every_dtype_and_shape_through_pt(tmp_path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_dtype_and_shape_in_every_format_that_holds_it(
+    tmp_path: Path, fmt: str, dtype: str, shape: tuple[int, ...]
+) -> None:
+    if dtype not in converters.registry.get(fmt).dtypes:
+        with pytest.raises(converters.UnsupportedValueError, match=f"at t: {fmt} cannot hold dtype {dtype}"):
+            converters.save({"t": _random_tensor(getattr(torch, dtype), shape)}, tmp_path / f"t{FORMATS[fmt]}")
+        return
     tensor = _random_tensor(getattr(torch, dtype), shape)
-    path = tmp_path / "t.pt"
+    path = tmp_path / f"t{FORMATS[fmt]}"
     converters.save({"t": tensor}, path)
     assert_bit_identical({"t": tensor}, converters.load(path))
-    assert_bit_identical({"t": tensor}, torch.load(path, weights_only=True))
+    if fmt == "pt":
+        assert_bit_identical({"t": tensor}, torch.load(path, weights_only=True))
 
 
 @pytest.mark.parametrize("dtype", sorted(converters.registry.get("safetensors").dtypes))
