@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", dest="dst_format", metavar="FMT", help="format of DST")
     convert.add_argument("--select", metavar="PATH", help="write only this sub-tree, e.g. model_state_dict")
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    onnx = convert.add_argument_group("onnx output")
+    onnx.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="add the model's forward graph: 'recipe' or 'package.module:Class' (no-arg ctor)",
+    )
+    onnx.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape traced by the export")
+    onnx.add_argument("--external-data", action="store_true", help="store tensors in DST.data (automatic past 2 GB)")
 
     inspect = commands.add_parser("inspect", help="list keys, dtypes and shapes, then the other values")
     inspect.add_argument("file", type=Path)
@@ -65,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         if args.dst.exists() and not args.force:
             raise converters.DestinationError("exists; pass --force to replace it", file=args.dst)
+        options = _writer_options(args)
         converters.convert(
-            args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, select=args.select
+            args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, select=args.select, **options
         )
         print(f"wrote {args.dst}")
     elif args.command == "inspect":
@@ -99,6 +108,23 @@ def run(args: argparse.Namespace) -> int:
 
         return EXIT_OK if demo.run(args.out, steps=args.steps) else EXIT_DIFFERENT
     return EXIT_OK
+
+
+def _writer_options(args: argparse.Namespace) -> dict[str, object]:
+    """The onnx writer's options from --model/--input-shape/--external-data (other writers take none)."""
+    options: dict[str, object] = {}
+    if args.model:
+        from converters.formats.onnx_graph import example_input, resolve_model
+
+        if args.input_shape is None and args.model != "recipe":
+            raise UsageError("sdconvert convert: --model needs --input-shape (e.g. 1,3,32,32)")
+        options["model"] = resolve_model(args.model)
+        options["example_input"] = example_input(args.input_shape or "1,3,32,32")
+    elif args.input_shape:
+        raise UsageError("sdconvert convert: --input-shape goes with --model")
+    if args.external_data:
+        options["external_data"] = True
+    return options
 
 
 def _inspect(path: Path, format: str | None) -> None:

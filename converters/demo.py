@@ -58,6 +58,9 @@ def run(out_dir: Path, *, steps: int = 3, echo: Callable[[str], None] = print) -
         detail = "rebuilt Net + SGD bit-identical" if not problems else problems[0]
         rows.append(DemoRow(fmt.name, destination, seconds, not problems, detail))
 
+    graph_path = out_dir / "checkpoint.graph.onnx"
+    graph_note = _onnx_graph(source, graph_path, net)
+
     schema_path = out_dir / "checkpoint.schema.json"
     schema_path.write_text(json.dumps(api.manifest(source), indent=2) + "\n")
     weights = out_dir / "model.safetensors"
@@ -68,12 +71,30 @@ def run(out_dir: Path, *, steps: int = 3, echo: Callable[[str], None] = print) -
         size = human_bytes(row.file.stat().st_size)
         mark = "ok" if row.identical else "MISMATCH"
         echo(f"{row.format:<12} {row.file.name:<26} {size:>10} {row.seconds * 1000:>6.1f}ms  {mark}: {row.detail}")
+    echo(f"{'onnx graph':<12} {graph_path.name:<26} {human_bytes(graph_path.stat().st_size):>10}  {graph_note}")
     echo(f"{'manifest':<12} {schema_path.name:<26} {human_bytes(schema_path.stat().st_size):>10}")
     echo(
         f"{'weights':<12} {weights.name:<26} {human_bytes(weights.stat().st_size):>10}  "
         "model_state_dict only, for safetensors.torch.load_file"
     )
-    ok = all(row.identical for row in rows)
+    ok = all(row.identical for row in rows) and not graph_note.startswith("MISMATCH")
     echo("")
     echo("every format round-tripped bit-identically" if ok else "SOME FORMATS DID NOT ROUND-TRIP")
     return ok
+
+
+def _onnx_graph(source: Path, destination: Path, net: recipe.Net) -> str:
+    """The checkpoint with the Net's forward graph; run it in onnxruntime when that is installed."""
+    api.convert(source, destination, model=recipe.Net(), example_input=torch.zeros(1, *recipe.INPUT_SHAPE))
+    try:
+        import onnxruntime
+    except ImportError:
+        return "the Net's graph over the checkpoint (pip install onnxruntime to run it here)"
+    images = torch.randn((4, *recipe.INPUT_SHAPE), generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(destination), providers=["CPUExecutionProvider"])
+    (outputs,) = session.run(None, {"input": images.numpy()})
+    with torch.no_grad():
+        expected = net(images)
+    gap = float((torch.from_numpy(outputs) - expected).abs().max())
+    verdict = "matches" if gap <= 1e-5 else "MISMATCH:"
+    return f"{verdict} torch in onnxruntime (max |diff| {gap:.1e} over 4 images)"

@@ -310,7 +310,7 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         lambda: b"nothing we know",
         UnknownFormatError,
         r"cannot recognise the format from the name or contents; pass a format explicitly "
-        r"\(known: pt \(.pt .pth .bin\), safetensors \(.safetensors\), msgpack \(.msgpack\)\)",
+        r"\(known: pt \(.pt .pth .bin\), safetensors \(.safetensors\), msgpack \(.msgpack\), onnx \(.onnx\)\)",
     ),
 ]
 
@@ -336,7 +336,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unknown_format_name(tmp_path: Path) -> None:
-    with pytest.raises(UnknownFormatError, match="unknown format 'xyz'; known formats: pt, safetensors, msgpack"):
+    with pytest.raises(UnknownFormatError, match="unknown format 'xyz'; known formats: pt, safetensors, msgpack, onnx"):
         converters.save({"a": torch.ones(1)}, tmp_path / "a.bin", format="xyz")
 
 

@@ -124,7 +124,7 @@ def test_formats_lists_formats_and_dtype_matrix() -> None:
     assert "pt           .pt .pth .bin" in result.stdout
     assert "safetensors  .safetensors" in result.stdout
     complex128 = next(line for line in result.stdout.splitlines() if line.startswith("complex128"))
-    assert complex128.split() == ["complex128", "yes", "-", "yes"]
+    assert complex128.split() == ["complex128", "yes", "-", "yes", "yes"]
 
 
 @pytest.mark.parametrize(
@@ -150,13 +150,17 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "every format round-tripped bit-identically" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.graph.onnx",
         "checkpoint.msgpack",
+        "checkpoint.onnx",
         "checkpoint.pt",
         "checkpoint.safetensors",
         "checkpoint.schema.json",
         "model.safetensors",
         "source.pt",
     ]
+    assert "matches torch in onnxruntime" in result.stdout
     for line in result.stdout.splitlines():
-        if line.startswith(("pt ", "safetensors ", "msgpack ")):
+        words = line.split()
+        if len(words) > 1 and words[0] in ("pt", "safetensors", "msgpack", "onnx") and words[1] != "graph":
             assert "ok: rebuilt Net + SGD bit-identical" in line
