@@ -134,9 +134,13 @@ def _inspect(path: Path, format: str | None) -> None:
 
     fmt = registry.resolve(path, format)
     checkpoint = converters.read(path, fmt.name)
-    tensors = list(checkpoint.tensors())
+    tensors = checkpoint.unique_tensors()
+    tied = len(list(checkpoint.tensors())) - len(tensors)
     total = sum(ref.nbytes for _, ref in tensors)
-    print(f"{path}: {fmt.name}, {human_bytes(path.stat().st_size)}, {len(tensors)} tensors ({human_bytes(total)})")
+    also = f", {tied} more paths tied to them" if tied else ""
+    print(
+        f"{path}: {fmt.name}, {human_bytes(path.stat().st_size)}, {len(tensors)} tensors ({human_bytes(total)}){also}"
+    )
     for line in describe(checkpoint.tree):
         print(line)
 

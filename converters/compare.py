@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import format_tree_path
 from .sources import ByteSource
-from .tree import TensorRef
+from .tree import MAPPING_TYPES, TensorRef, walk
 
 BLOCK = 4 * 1024 * 1024
 
@@ -22,7 +22,30 @@ def differences(a: Any, b: Any) -> list[str]:
     """
     found: list[str] = []
     _diff(a, b, (), found)
+    found.extend(_tie_differences(a, b))
     return found
+
+
+def _tie_differences(a: Any, b: Any) -> list[str]:
+    """Paths tied together (one tensor at both) in one tree but not in the other."""
+    groups = []
+    for tree in (a, b):
+        first_path: dict[int, tuple[str | int, ...]] = {}
+        tied_to = {}
+        for path, leaf in walk(tree):
+            if type(leaf) is TensorRef:
+                tied_to[path] = first_path.setdefault(id(leaf), path)
+        groups.append(tied_to)
+    found = []
+    for path in groups[0].keys() & groups[1].keys():
+        first, second = groups[0][path], groups[1][path]
+        if first != second:
+            where = format_tree_path(path)
+            found.append(
+                f"{where}: tied to {format_tree_path(first) if first != path else 'nothing earlier'} in the first, "
+                f"to {format_tree_path(second) if second != path else 'nothing earlier'} in the second"
+            )
+    return sorted(found)
 
 
 def _diff(a: Any, b: Any, path: tuple[str | int, ...], found: list[str]) -> None:
@@ -32,7 +55,7 @@ def _diff(a: Any, b: Any, path: tuple[str | int, ...], found: list[str]) -> None
         # dict vs OrderedDict, list vs tuple: the contents can still be compared.
         if not (_kind(a) == _kind(b) != "other"):
             return
-    if type(a) is dict or type(a) is OrderedDict:
+    if type(a) in MAPPING_TYPES:
         _diff_mapping(a, b, path, found)
     elif type(a) is list or type(a) is tuple:
         if len(a) != len(b):
@@ -95,7 +118,7 @@ def _blocks(source: ByteSource) -> Iterator[bytes]:
 
 
 def _kind(value: Any) -> str:
-    if type(value) is dict or type(value) is OrderedDict:
+    if type(value) in MAPPING_TYPES:
         return "mapping"
     if type(value) is list or type(value) is tuple:
         return "sequence"

@@ -9,6 +9,7 @@ Tree nodes are one-key objects naming their type, so no type is ever guessed fro
 
     {"odict": [["conv1.weight", {"tensor": "conv1.weight"}]], "metadata": {...}}
     {"dict": [[0, {...}], ["lr", {"float": 0.001}]]}     keys are JSON strings or integers
+    {"counter": [[4, {"int": 2}]]}                       collections.Counter (MultiStepLR milestones)
     {"list": [...]}  {"tuple": [...]}  {"none": null}  {"bool": true}  {"int": 3}  {"str": "x"}
     {"float": 0.9}   {"float": "0x7ff8000000000001"}     non-finite floats as IEEE-754 bits
 """
@@ -18,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from .errors import CorruptFileError, TreePath
-from .tree import Checkpoint, TensorRef, walk
+from .tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
 
 MANIFEST_VERSION = 1
 GENERATOR = "statedict-convert"
@@ -38,21 +39,27 @@ def storage_keys(tree: Any) -> dict[tuple[str | int, ...], str]:
     find ``conv1.weight`` where they expect it. Anything else uses the tree path, segments joined
     by ``/`` with ``~`` and ``/`` escaped as ``~0`` and ``~1`` (RFC 6901), e.g.
     ``optimizer_state_dict/state/0/momentum_buffer``.
+
+    A tied tensor (one ``TensorRef`` at several paths) has one key: its first path's.
     """
-    paths = [path for path, leaf in walk(tree) if isinstance(leaf, TensorRef)]
+    tensors = [(path, leaf) for path, leaf in walk(tree) if isinstance(leaf, TensorRef)]
     flat = isinstance(tree, dict) and all(
         type(key) is str and isinstance(value, TensorRef) for key, value in tree.items()
     )
     keys: dict[tuple[str | int, ...], str] = {}
+    by_identity: dict[int, str] = {}
     taken: set[str] = set()
-    for path in paths:
+    for path, ref in tensors:
+        if id(ref) in by_identity:
+            keys[path] = by_identity[id(ref)]
+            continue
         key = str(path[0]) if flat else "/".join(_escape(segment) for segment in path)
         candidate, n = key, 1
         while candidate in taken:  # only an int key and a str key spelling the same digits clash
             n += 1
             candidate = f"{key}#{n}"
         taken.add(candidate)
-        keys[path] = candidate
+        keys[path] = by_identity[id(ref)] = candidate
     return keys
 
 
@@ -67,10 +74,12 @@ def encode_tree(tree: Any, keys: dict[tuple[str | int, ...], str]) -> JsonNode:
 
 def _encode(node: Any, path: tuple[str | int, ...], keys: dict[tuple[str | int, ...], str]) -> JsonNode:
     kind = type(node)
-    if kind is dict or kind is OrderedDict:
+    if kind in MAPPING_TYPES:
         items = [[key, _encode(value, (*path, key), keys)] for key, value in node.items()]
         if kind is dict:
             return {"dict": items}
+        if kind is Counter:
+            return {"counter": items}
         encoded: JsonNode = {"odict": items}
         if hasattr(node, "_metadata"):
             encoded["metadata"] = _encode(node._metadata, (*path, "_metadata"), {})
@@ -109,10 +118,10 @@ def _decode(node: Any, path: tuple[str | int, ...], tensor: Any, file: Any, dept
         raise CorruptFileError(
             f"manifest tree node must be a one-key object, found {_short(node)}", file=file, path=path
         )
-    tag = next(iter(node))
+    tag = next(key for key in node if key != "metadata") if len(node) > 1 else next(iter(node))
     value = node[tag]
-    if tag in ("dict", "odict"):
-        out: dict[Any, Any] = {} if tag == "dict" else OrderedDict()
+    if tag in ("dict", "odict", "counter"):
+        out: dict[Any, Any] = {"dict": dict, "odict": OrderedDict, "counter": Counter}[tag]()
         for item in _expect(value, list, path, file, tag):
             if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
                 raise CorruptFileError(
@@ -181,8 +190,12 @@ def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
     """The manifest of a checkpoint. With ``digests``, every tensor's bytes are read and hashed."""
     keys = storage_keys(checkpoint.tree)
     tensors = []
+    entries: dict[int, dict[str, Any]] = {}
     for path, ref in checkpoint.tensors():
-        entry = tensor_entry(keys[path], path, ref)
+        if id(ref) in entries:  # a tied tensor: listed once, its other paths as aliases
+            entries[id(ref)].setdefault("aliases", []).append(list(path))
+            continue
+        entry = entries[id(ref)] = tensor_entry(keys[path], path, ref)
         if digests:
             entry["sha256"] = sha256_of(ref)
         tensors.append(entry)

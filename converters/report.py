@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
-from .tree import TensorRef, walk
+from .tree import MAPPING_TYPES, TensorRef, walk
 
 INDENT = "  "
 INLINE_LIMIT = 100
@@ -58,11 +58,13 @@ def _inline(value: Any) -> str:
         return tensor_text(value)
     if type(value) is OrderedDict:
         return repr(dict(value))
+    if type(value) is Counter:
+        return f"Counter({dict(value)!r})"
     return repr(value)
 
 
 def _is_mapping(node: Any) -> bool:
-    return type(node) is dict or type(node) is OrderedDict
+    return type(node) in MAPPING_TYPES
 
 
 def _has_tensor(node: Any) -> bool:

@@ -27,14 +27,31 @@ def from_torch(obj: Any) -> Checkpoint:
     if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
         raise UnsupportedValueError("tensor bytes are little-endian; this host is big-endian")
 
+    views: dict[tuple[Any, ...], TensorRef] = {}
+
     def convert(path: tuple[str | int, ...], leaf: Any) -> Any:
-        if isinstance(leaf, torch.Tensor):
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        view = _view_key(torch, leaf)
+        if view is None:
             return tensor_ref(torch, leaf, path)
-        return leaf
+        if view not in views:  # the same view of the same storage again: a tied tensor
+            views[view] = tensor_ref(torch, leaf, path)
+        return views[view]
 
     tree = map_leaves(obj, convert)
     validate(tree)
     return Checkpoint(tree)
+
+
+def _view_key(torch: Any, tensor: Any) -> tuple[Any, ...] | None:
+    """What makes two tensors the same data: storage, offset, shape, strides, dtype (None: no storage)."""
+    if tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized:
+        return None
+    if tensor.numel() == 0:  # no bytes, so no address to compare: only the same object is the same tensor
+        return ("empty", id(tensor))
+    address = tensor.untyped_storage().data_ptr()
+    return (tensor.device, address, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
 
 
 def tensor_ref(torch: Any, tensor: Any, path: tuple[str | int, ...]) -> TensorRef:
@@ -59,10 +76,14 @@ def to_torch(checkpoint: Checkpoint) -> Any:
     """The torch object a checkpoint stands for: containers kept, tensors as fresh CPU tensors."""
     torch = import_torch()
 
+    made: dict[int, Any] = {}
+
     def convert(path: tuple[str | int, ...], leaf: Any) -> Any:
-        if isinstance(leaf, TensorRef):
-            return make_tensor(torch, leaf)
-        return leaf
+        if not isinstance(leaf, TensorRef):
+            return leaf
+        if id(leaf) not in made:  # a tied tensor comes back as one tensor at all its paths
+            made[id(leaf)] = make_tensor(torch, leaf)
+        return made[id(leaf)]
 
     return map_leaves(checkpoint.tree, convert)
 

@@ -2,13 +2,17 @@
 
 A tree is what ``torch.save`` users put in a checkpoint, with torch tensors replaced by
 ``TensorRef`` (dtype name, shape, byte source). Exact Python types carry meaning and are kept:
-``dict`` vs ``OrderedDict`` (and its ``_metadata`` attribute), ``list`` vs ``tuple``, ``int`` vs
-``str`` keys, ``bool`` vs ``int`` vs ``float``. Anything else is refused with its tree path.
+``dict`` vs ``OrderedDict`` (and its ``_metadata`` attribute) vs ``Counter``, ``list`` vs ``tuple``,
+``int`` vs ``str`` keys, ``bool`` vs ``int`` vs ``float``. Anything else is refused with its tree path.
+
+Tied tensors (two paths holding the same tensor: an embedding tied to an output layer) are one
+``TensorRef`` object at both paths: readers produce that, writers store it once, and torch gets
+one tensor back for both.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,8 @@ from .errors import ConverterError, TreePath, UnsupportedValueError
 from .sources import ByteSource
 
 SCALAR_TYPES = (type(None), bool, int, float, str)
-CONTAINER_TYPES = (dict, OrderedDict, list, tuple)
+MAPPING_TYPES = (dict, OrderedDict, Counter)
+CONTAINER_TYPES = (*MAPPING_TYPES, list, tuple)
 MAX_DEPTH = 64
 
 
@@ -52,16 +57,26 @@ class Checkpoint:
     origin: Path | None = None
 
     def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
-        """Every tensor with its tree path, in tree order."""
+        """Every tensor with its tree path, in tree order (a tied tensor once per path)."""
         for path, leaf in walk(self.tree):
             if isinstance(leaf, TensorRef):
                 yield path, leaf
+
+    def unique_tensors(self) -> list[tuple[tuple[str | int, ...], TensorRef]]:
+        """Each distinct tensor once, with the first path that holds it: what writers store."""
+        seen: set[int] = set()
+        unique = []
+        for path, ref in self.tensors():
+            if id(ref) not in seen:
+                seen.add(id(ref))
+                unique.append((path, ref))
+        return unique
 
 
 def walk(tree: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
     """Yield ``(path, leaf)`` for every leaf in order; the ``_metadata`` of OrderedDicts is skipped."""
     kind = type(tree)
-    if kind is dict or kind is OrderedDict:
+    if kind in MAPPING_TYPES:
         for key, value in tree.items():
             yield from walk(value, (*path, key))
     elif kind is list or kind is tuple:
@@ -87,7 +102,7 @@ def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, d
     if depth > MAX_DEPTH:
         raise UnsupportedValueError(f"nesting deeper than {MAX_DEPTH} levels", file=file, path=path)
     kind = type(node)
-    if kind is dict or kind is OrderedDict:
+    if kind in MAPPING_TYPES:
         for key in node:
             if type(key) is not str and type(key) is not int:
                 raise UnsupportedValueError(
@@ -113,7 +128,7 @@ def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, d
     else:
         raise UnsupportedValueError(
             f"cannot represent a value of type {kind.__module__}.{kind.__qualname__} "
-            "(supported: dict, OrderedDict, list, tuple, tensor, None, bool, int, float, str)",
+            "(supported: dict, OrderedDict, Counter, list, tuple, tensor, None, bool, int, float, str)",
             file=file,
             path=path,
         )
@@ -122,10 +137,10 @@ def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, d
 def map_leaves(tree: Any, fn: Any, path: tuple[str | int, ...] = ()) -> Any:
     """A copy of ``tree`` with every leaf replaced by ``fn(path, leaf)``; container types kept."""
     kind = type(tree)
-    if kind is dict or kind is OrderedDict:
-        out = kind((key, map_leaves(value, fn, (*path, key))) for key, value in tree.items())
+    if kind in MAPPING_TYPES:
+        out = kind({key: map_leaves(value, fn, (*path, key)) for key, value in tree.items()})
         if kind is OrderedDict and hasattr(tree, "_metadata"):
-            out._metadata = map_leaves(tree._metadata, fn, (*path, "_metadata"))  # type: ignore[attr-defined]
+            out._metadata = map_leaves(tree._metadata, fn, (*path, "_metadata"))  # type: ignore[union-attr]
         return out
     if kind is list or kind is tuple:
         return kind(map_leaves(value, fn, (*path, index)) for index, value in enumerate(tree))

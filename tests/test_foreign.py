@@ -12,6 +12,7 @@ import torch
 from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
+from converters import recipe
 from converters.recipe import Net
 
 
@@ -101,3 +102,34 @@ def test_ordered_dict_state_dict_keeps_metadata_versions(tmp_path: Path) -> None
         loaded = converters.load(path)
         assert_bit_identical(state, loaded)
         assert loaded["1.num_batches_tracked"].dtype == torch.int64 and loaded["1.num_batches_tracked"].dim() == 0
+
+
+@pytest.mark.parametrize("suffix", builtin_suffixes())
+def test_lightning_style_state_dict_wrapper(tmp_path: Path, trained: Any, suffix: str) -> None:
+    """Trainers wrap the weights: {"state_dict": ..., "optimizer_states": [...], "lr_schedulers": [...]}."""
+    net, optimizer, _ = trained
+    checkpoint = {
+        "epoch": 2,
+        "global_step": 40,
+        "pytorch-lightning_version": "2.5.0",
+        "state_dict": net.state_dict(),
+        "optimizer_states": [optimizer.state_dict()],
+        "lr_schedulers": [{"step_size": 2, "gamma": 0.5, "base_lrs": [0.001], "last_epoch": 2}],
+        "hyper_parameters": {"lr": 0.001, "momentum": 0.9},
+    }
+    source = tmp_path / "lightning.ckpt.pt"
+    torch.save(checkpoint, source)
+    converted = converters.convert(source, tmp_path / f"converted{suffix}")
+    assert_bit_identical(checkpoint, converters.load(converted))
+    rebuilt, _ = recipe.rebuild(converted)
+    assert_bit_identical(net.state_dict(), rebuilt.state_dict())
+
+
+def test_safetensors_like_transformers_save_pretrained(tmp_path: Path) -> None:
+    """save_pretrained drops tied duplicates and writes {"format": "pt"}; the file reads as the rest."""
+    state = {"embed.weight": torch.randn(5, 3), "layer.weight": torch.randn(3, 3), "layer.bias": torch.zeros(3)}
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(state, path, metadata={"format": "pt"})
+    loaded = converters.load(path)
+    assert_bit_identical(dict(sorted(state.items())), dict(sorted(loaded.items())))
+    assert converters.manifest(path)["file"]["format"] == "safetensors"

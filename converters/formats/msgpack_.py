@@ -11,7 +11,8 @@ Spec: ``schemas/msgpack.md``. In short, the file is one msgpack map:
   "tree": <manifest tree node>}``, which says what native msgpack cannot (tuple vs list,
   OrderedDict and ``_metadata``, int keys). Plain decoders see one opaque ext value there.
 
-Ints beyond 64 bits are ext type 81 (decimal ASCII). Reading checks the native tree against the
+Ints beyond 64 bits are ext type 81 (decimal ASCII); a tied tensor is stored at its first path and is
+ext type 82 (that path's storage key) at the others. Reading checks the native tree against the
 metadata tree and refuses a file where they disagree.
 """
 
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,7 +29,7 @@ from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..sources import ByteSource, ConcatSource, FileRange
-from ..tree import Checkpoint, TensorRef, validate
+from ..tree import MAPPING_TYPES, Checkpoint, TensorRef, validate, walk
 from . import msgpack_codec as codec
 from .common import reject_options
 
@@ -36,6 +37,7 @@ EXT_NDARRAY = 1  # flax: _MsgpackExtType.ndarray
 EXT_NPSCALAR = 3  # flax: a numpy scalar, stored like a 0-d array
 EXT_METADATA = 80
 EXT_BIGINT = 81
+EXT_TIED = 82  # a tied tensor's second and later places: the storage key of its first place
 META_KEY = "__sdconvert__"
 WRAPPED_ROOT_KEY = "__sdconvert_root__"
 CHUNKED_KEY = "__msgpack_chunked_array__"
@@ -76,54 +78,12 @@ class MsgpackFormat:
         with atomic_output(Path(path)) as out:
             out.write(codec.map_header(1 + (1 if wrapped else len(tree))))
             out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(meta)) + meta)
+            emit = _Emitter(self.max_leaf_bytes, out, keys)
             if wrapped:
                 out.write(codec.pack_str(WRAPPED_ROOT_KEY))
-                self._emit(out, tree, ())
+                emit.node(tree, ())
             else:
-                self._emit_items(out, tree, ())
-
-    def _emit(self, out: BinaryIO, node: Any, path: tuple[str | int, ...]) -> None:
-        kind = type(node)
-        if kind is dict or kind is OrderedDict:
-            out.write(codec.map_header(len(node)))
-            self._emit_items(out, node, path)
-        elif kind is list or kind is tuple:
-            out.write(codec.array_header(len(node)))
-            for index, value in enumerate(node):
-                self._emit(out, value, (*path, index))
-        elif kind is TensorRef:
-            if node.nbytes > self.max_leaf_bytes:
-                self._emit_chunked(out, node)
-            else:
-                _emit_ndarray(out, node.dtype, node.shape, node.nbytes, node.source.chunks())
-        else:
-            out.write(codec.pack_plain(node, bigint_ext=EXT_BIGINT))
-
-    def _emit_items(self, out: BinaryIO, node: dict[Any, Any], path: tuple[str | int, ...]) -> None:
-        if CHUNKED_KEY in node:
-            raise UnsupportedValueError(
-                f"the key {CHUNKED_KEY!r} marks flax chunked arrays; it cannot be a dict key", path=path
-            )
-        for native_key, (key, value) in zip(_native_keys(list(node)), node.items(), strict=True):
-            out.write(codec.pack_str(native_key))
-            self._emit(out, value, (*path, key))
-
-    def _emit_chunked(self, out: BinaryIO, ref: TensorRef) -> None:
-        """flax's layout for big leaves.
-
-        ``{"__msgpack_chunked_array__": true, "shape": {"0": d0, ...}, "chunks": {"0": 1-D array, ...}}``
-        """
-        itemsize = dtypes.DTYPES[ref.dtype].itemsize
-        per_chunk = max(1, self.max_leaf_bytes // itemsize) * itemsize
-        count = -(-ref.nbytes // per_chunk)
-        out.write(codec.map_header(3) + codec.pack_str(CHUNKED_KEY) + codec.pack_bool(True))
-        out.write(codec.pack_str("shape") + codec.pack_plain({str(i): d for i, d in enumerate(ref.shape)}))
-        out.write(codec.pack_str("chunks") + codec.map_header(count))
-        pieces = _rechunk(ref.source, per_chunk)
-        for index in range(count):
-            length = min(per_chunk, ref.nbytes - index * per_chunk)
-            out.write(codec.pack_str(str(index)))
-            _emit_ndarray(out, ref.dtype, (length // itemsize,), length, next(pieces))
+                emit.items(tree, ())
 
     # ------------------------------------------------------------------------------- reading
 
@@ -138,6 +98,63 @@ class MsgpackFormat:
             tree = reader.resolve(native)
         validate(tree, file=path)
         return Checkpoint(tree, path)
+
+
+class _Emitter:
+    """Writes the native tree of one file; remembers which tensors it wrote, to tie the others."""
+
+    def __init__(self, max_leaf_bytes: int, out: BinaryIO, keys: dict[tuple[str | int, ...], str]) -> None:
+        self.max_leaf_bytes, self.out, self.keys = max_leaf_bytes, out, keys
+        self.written: set[int] = set()
+
+    def node(self, node: Any, path: tuple[str | int, ...]) -> None:
+        out = self.out
+        kind = type(node)
+        if kind in MAPPING_TYPES:
+            out.write(codec.map_header(len(node)))
+            self.items(node, path)
+        elif kind is list or kind is tuple:
+            out.write(codec.array_header(len(node)))
+            for index, value in enumerate(node):
+                self.node(value, (*path, index))
+        elif kind is TensorRef and id(node) in self.written:
+            key = self.keys[path].encode("utf-8")
+            out.write(codec.ext_header(EXT_TIED, len(key)) + key)
+        elif kind is TensorRef:
+            self.written.add(id(node))
+            if node.nbytes > self.max_leaf_bytes:
+                self.chunked(node)
+            else:
+                _emit_ndarray(out, node.dtype, node.shape, node.nbytes, node.source.chunks())
+        else:
+            out.write(codec.pack_plain(node, bigint_ext=EXT_BIGINT))
+
+    def items(self, node: dict[Any, Any], path: tuple[str | int, ...]) -> None:
+        if CHUNKED_KEY in node:
+            raise UnsupportedValueError(
+                f"the key {CHUNKED_KEY!r} marks flax chunked arrays; it cannot be a dict key", path=path
+            )
+        for native_key, (key, value) in zip(_native_keys(list(node)), node.items(), strict=True):
+            self.out.write(codec.pack_str(native_key))
+            self.node(value, (*path, key))
+
+    def chunked(self, ref: TensorRef) -> None:
+        """flax's layout for big leaves.
+
+        ``{"__msgpack_chunked_array__": true, "shape": {"0": d0, ...}, "chunks": {"0": 1-D array, ...}}``
+        """
+        itemsize = dtypes.DTYPES[ref.dtype].itemsize
+        per_chunk = max(1, self.max_leaf_bytes // itemsize) * itemsize
+        count = -(-ref.nbytes // per_chunk)
+        out = self.out
+        out.write(codec.map_header(3) + codec.pack_str(CHUNKED_KEY) + codec.pack_bool(True))
+        out.write(codec.pack_str("shape") + codec.pack_plain({str(i): d for i, d in enumerate(ref.shape)}))
+        out.write(codec.pack_str("chunks") + codec.map_header(count))
+        pieces = _rechunk(ref.source, per_chunk)
+        for index in range(count):
+            length = min(per_chunk, ref.nbytes - index * per_chunk)
+            out.write(codec.pack_str(str(index)))
+            _emit_ndarray(out, ref.dtype, (length // itemsize,), length, next(pieces))
 
 
 def _emit_ndarray(
@@ -235,11 +252,19 @@ class _Slot:
         self.key = key
 
 
+@dataclass(frozen=True)
+class _Tied:
+    """Ext 82 in the native tree: this place holds the tensor stored under ``key``."""
+
+    key: str
+
+
 class _TreeReader:
     def __init__(self, buffer: Any, path: Path, max_depth: int) -> None:
         self.buffer = buffer
         self.path = path
         self.parser = codec.Parser(buffer, path, max_depth=max_depth)
+        self.stored: dict[str, TensorRef] = {}  # storage key -> tensor, for ext 82 to point at
 
     def parse_root(self, size: int) -> Any:
         return self.parser.parse(0, size)
@@ -247,7 +272,13 @@ class _TreeReader:
     def resolve(self, native: Any) -> Any:
         if type(native) is dict and META_KEY in native:
             return self._with_metadata(native)
-        return self._plain(native, ())
+        tree = self._plain(native, ())
+        for path, leaf in walk(tree):
+            if type(leaf) is _Tied:
+                raise CorruptFileError(
+                    f"ext {EXT_TIED} (a tied tensor) needs the {META_KEY!r} metadata", file=self.path, path=path
+                )
+        return tree
 
     def _with_metadata(self, native: dict[Any, Any]) -> Any:
         if next(iter(native)) != META_KEY:
@@ -277,10 +308,13 @@ class _TreeReader:
         """The metadata tree with its tensors taken from the native tree, after checking they agree."""
         kind = type(expected)
         if kind is _Slot:
-            if type(native) is not TensorRef:
-                self._disagree(path, "a tensor", native)
+            if type(native) is _Tied and native.key == expected.key and native.key in self.stored:
+                return self.stored[native.key]
+            if type(native) is not TensorRef or expected.key in self.stored:
+                self._disagree(path, f"the tensor {expected.key!r}", native)
+            self.stored[expected.key] = native
             return native
-        if kind is dict or kind is OrderedDict:
+        if kind in MAPPING_TYPES:
             if type(native) is not dict:
                 self._disagree(path, "a map", native)
             if list(native) != _native_keys(list(expected)):
@@ -291,11 +325,13 @@ class _TreeReader:
                     path=path,
                 )
             merged = kind(
-                (key, self._merge(value, native[nk], (*path, key)))
-                for (key, value), nk in zip(expected.items(), native, strict=True)
+                {
+                    key: self._merge(value, native[nk], (*path, key))
+                    for (key, value), nk in zip(expected.items(), native, strict=True)
+                }
             )
             if hasattr(expected, "_metadata"):
-                merged._metadata = expected._metadata  # type: ignore[attr-defined]
+                merged._metadata = expected._metadata  # type: ignore[union-attr]
             return merged
         if kind is list or kind is tuple:
             if type(native) is not list or len(native) != len(expected):
@@ -309,7 +345,7 @@ class _TreeReader:
         return expected
 
     def _disagree(self, path: TreePath, expected: str, native: Any) -> None:
-        found = "a tensor" if type(native) is TensorRef else _short(native)
+        found = {TensorRef: "a tensor", _Tied: "a tied-tensor reference"}.get(type(native)) or _short(native)
         raise CorruptFileError(
             f"the native msgpack value {found} disagrees with the metadata tree, which says {expected}",
             file=self.path,
@@ -336,6 +372,14 @@ class _TreeReader:
     def _ext(self, ext: codec.Ext, path: TreePath) -> Any:
         if ext.code in (EXT_NDARRAY, EXT_NPSCALAR):
             return self._ndarray(ext, path)
+        if ext.code == EXT_TIED:
+            key = bytes(self.buffer[ext.offset : ext.offset + ext.length])
+            try:
+                return _Tied(key.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise CorruptFileError(
+                    f"ext {EXT_TIED} must hold a UTF-8 storage key", file=self.path, path=path
+                ) from None
         if ext.code == EXT_BIGINT:
             digits = bytes(self.buffer[ext.offset : ext.offset + ext.length])
             if not 0 < len(digits) <= MAX_BIGINT_DIGITS or not digits.lstrip(b"-").isdigit():

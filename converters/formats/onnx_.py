@@ -34,7 +34,7 @@ from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ..sources import BufferSource, ByteSource, FileRange
-from ..tree import Checkpoint, TensorRef, validate
+from ..tree import Checkpoint, TensorRef, validate, walk
 from . import protowire as wire
 from .common import loads_json_strict, reject_options
 from .onnx_graph import ExportedGraph, export
@@ -116,7 +116,7 @@ class OnnxFormat:
             raise ConverterError("the onnx writer needs model and example_input together")
         names = initializer_names(checkpoint.tree)
         graph = export(model, example) if model is not None else None
-        planned = [_plan(names[tensor_path], ref, tensor_path) for tensor_path, ref in checkpoint.tensors()]
+        planned = [_plan(names[tensor_path], ref, tensor_path) for tensor_path, ref in checkpoint.unique_tensors()]
         main, rest, constants = _partition(planned, graph, checkpoint.tree, names)
         external = options.get("external_data")
         total = sum(p.ref.nbytes for p in planned)
@@ -203,25 +203,34 @@ def _is_state_dict(node: Any) -> bool:
 
 
 def initializer_names(tree: Any) -> dict[tuple[str | int, ...], str]:
-    """Model tensors are named by their state_dict key, all others by their path key; no name twice."""
+    """Model tensors are named by their state_dict key, all others by their path key; no name twice.
+
+    A tied tensor has one name at all its paths: its first path's (torch.onnx.export names a
+    shared parameter the same way).
+    """
     keys = manifests.storage_keys(tree)
-    part = model_part(tree)
+    refs = {path: leaf for path, leaf in walk(tree) if type(leaf) is TensorRef}
     names: dict[tuple[str | int, ...], str] = {}
+    by_identity: dict[int, str] = {}
     taken: set[str] = set()
+    part = model_part(tree)
     if part is not None:
         prefix, state = part
-        for key in state:
-            names[(*prefix, key)] = key
+        for key, ref in state.items():
+            names[(*prefix, key)] = by_identity.setdefault(id(ref), key)
             taken.add(key)
     for tensor_path, key in keys.items():
         if tensor_path in names:
+            continue
+        if id(refs[tensor_path]) in by_identity:
+            names[tensor_path] = by_identity[id(refs[tensor_path])]
             continue
         candidate, n = key, 1
         while candidate in taken:
             n += 1
             candidate = f"{key}#{n}"
         taken.add(candidate)
-        names[tensor_path] = candidate
+        names[tensor_path] = by_identity[id(refs[tensor_path])] = candidate
     return {tensor_path: names[tensor_path] for tensor_path in keys}
 
 
@@ -581,6 +590,7 @@ def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str,
     fallback = loads_json_strict(metadata.get(FALLBACK_KEY, "{}"), path, f"metadata_props[{FALLBACK_KEY!r}]")
     constants = set(loads_json_strict(metadata.get(CONSTANTS_KEY, "[]"), path, f"metadata_props[{CONSTANTS_KEY!r}]"))
     used: set[str] = set()
+    restored: dict[str, TensorRef] = {}
 
     def tensor(key: str, tree_path: TreePath) -> TensorRef:
         if key not in tensors:
@@ -589,8 +599,10 @@ def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str,
             )
         used.add(key)
         ref = tensors[key][0]
-        if key in fallback:
-            return _from_fallback(path, key, ref, fallback[key], tree_path)
+        if key in fallback:  # once per key, so a tied fallback tensor stays one tensor
+            if key not in restored:
+                restored[key] = _from_fallback(path, key, ref, fallback[key], tree_path)
+            return restored[key]
         return ref
 
     tree = manifests.decode_tree(node, tensor, file=path)

@@ -85,15 +85,16 @@ class PtFormat:
 
     def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
         reject_options(self.name, options)
-        tensors = list(checkpoint.tensors())
-        keys = {tensor_path: str(index) for index, (tensor_path, _) in enumerate(tensors)}
-        pickled = PickleWriter(lambda tensor_path, _ref: keys[tensor_path]).dumps(checkpoint.tree)
+        unique = checkpoint.unique_tensors()
+        # One storage record per distinct tensor: tied tensors share it, as torch.save writes them.
+        key_of = {id(ref): str(index) for index, (_, ref) in enumerate(unique)}
+        pickled = PickleWriter(lambda _path, ref: key_of[id(ref)]).dumps(checkpoint.tree)
         with atomic_output(Path(path)) as out:
             archive = ZipWriter(out)
             archive.add(f"{ARCHIVE}/data.pkl", [pickled], len(pickled))
             archive.add(f"{ARCHIVE}/byteorder", [b"little"], 6)
-            for tensor_path, ref in tensors:
-                archive.add(f"{ARCHIVE}/data/{keys[tensor_path]}", ref.source.chunks(), ref.nbytes)
+            for _, ref in unique:
+                archive.add(f"{ARCHIVE}/data/{key_of[id(ref)]}", ref.source.chunks(), ref.nbytes)
             archive.add(f"{ARCHIVE}/.format_version", [b"1"], 1)
             archive.add(f"{ARCHIVE}/.storage_alignment", [b"64"], 2)
             archive.add(f"{ARCHIVE}/version", [b"3\n"], 2)

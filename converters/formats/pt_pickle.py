@@ -20,7 +20,7 @@ import io
 import pickle
 import pickletools
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import dtypes
 from ..errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ..tree import TensorRef
+from ..tree import MAPPING_TYPES, TensorRef
 
 # Opcodes that torch.save (protocol 2) and older protocol-2 pickles use for plain data.
 ALLOWED_OPCODES = frozenset(
@@ -50,6 +50,7 @@ REBUILD_GLOBALS = {
     ("torch._utils", "_rebuild_parameter"): "rebuild_parameter",
     ("torch._utils", "_rebuild_parameter_with_state"): "rebuild_parameter",
     ("collections", "OrderedDict"): "ordered_dict",
+    ("collections", "Counter"): "counter",
 }
 STORAGE_GLOBALS = {("torch", name): row for name, row in dtypes.BY_PT_STORAGE.items()}
 UNTYPED_STORAGE_GLOBALS = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
@@ -94,6 +95,8 @@ class SafeUnpickler(pickle.Unpickler):
         self._storage_for_key = storage_for_key
         self._gather = gather
         self._storages: dict[str, Storage] = {}
+        # Two tensors viewing one storage the same way are tied: they become one TensorRef.
+        self._views: dict[tuple[Any, ...], TensorRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         target = (module, name)
@@ -130,6 +133,11 @@ class SafeUnpickler(pickle.Unpickler):
     def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
         return OrderedDict(*args)
 
+    def _counter(self, *args: Any) -> Counter[Any]:
+        if len(args) > 1 or (args and type(args[0]) is not dict):
+            raise CorruptFileError("collections.Counter must be rebuilt from one dict", file=self._file)
+        return Counter(*args)
+
     def _rebuild_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> TensorRef:
         if type(storage) is not Storage or storage.dtype is None:
             raise CorruptFileError("_rebuild_tensor_v2 needs a typed storage", file=self._file)
@@ -156,7 +164,10 @@ class SafeUnpickler(pickle.Unpickler):
             raise CorruptFileError(
                 f"tensor in storage {storage.key!r} has a negative size, stride or offset", file=self._file
             )
-        return self._gather(storage, dtype, offset, tuple(size), tuple(stride))
+        view = (storage.key, dtype.name, offset, tuple(size), tuple(stride))
+        if view not in self._views:
+            self._views[view] = self._gather(storage, dtype, offset, tuple(size), tuple(stride))
+        return self._views[view]
 
 
 def _ints(value: Any) -> bool:
@@ -218,9 +229,11 @@ class PickleWriter:
     def _node(self, node: Any, path: tuple[str | int, ...]) -> None:
         out = self._out
         kind = type(node)
-        if kind is dict or kind is OrderedDict:
+        if kind in MAPPING_TYPES:
             if kind is OrderedDict:
                 out.write(b"ccollections\nOrderedDict\n" + pickle.EMPTY_TUPLE + pickle.REDUCE)
+            elif kind is Counter:
+                out.write(b"ccollections\nCounter\n" + pickle.EMPTY_DICT)  # Counter(dict), as pickle does
             else:
                 out.write(pickle.EMPTY_DICT)
             items = list(node.items())
@@ -230,6 +243,8 @@ class PickleWriter:
                     self._node(key, path)
                     self._node(value, (*path, key))
                 out.write(pickle.SETITEMS)
+            if kind is Counter:
+                out.write(pickle.TUPLE1 + pickle.REDUCE)
             if kind is OrderedDict and hasattr(node, "_metadata"):
                 out.write(pickle.EMPTY_DICT)
                 self._str("_metadata")

@@ -89,7 +89,7 @@ class SafetensorsFormat:
         reject_options(self.name, options)
         require_dtypes(checkpoint, self.name, self.dtypes)
         keys = manifests.storage_keys(checkpoint.tree)
-        tensors = list(checkpoint.tensors())
+        tensors = checkpoint.unique_tensors()  # a tied tensor is stored once; the tree names it twice
         # Widest elements first keeps every tensor aligned to its element size (the header is
         # padded to 8), as the reference writer does; ties keep tree order.
         order = sorted(tensors, key=lambda item: -dtypes.DTYPES[item[1].dtype].itemsize)
