@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -36,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", dest="dst_format", metavar="FMT", help="format of DST")
     convert.add_argument("--select", metavar="PATH", help="write only this sub-tree, e.g. model_state_dict")
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument(
+        "--no-fsync", action="store_true", help="skip fsync before the atomic rename (faster, not crash-durable)"
+    )
     onnx = convert.add_argument_group("onnx output")
     onnx.add_argument(
         "--model",
@@ -74,10 +79,22 @@ def run(args: argparse.Namespace) -> int:
         if args.dst.exists() and not args.force:
             raise converters.DestinationError("exists; pass --force to replace it", file=args.dst)
         options = _writer_options(args)
-        converters.convert(
-            args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, select=args.select, **options
-        )
-        print(f"wrote {args.dst}")
+        bar = None if args.quiet or not sys.stderr.isatty() else _ProgressBar(args.dst.name)
+        try:
+            converters.convert(
+                args.src,
+                args.dst,
+                src_format=args.src_format,
+                dst_format=args.dst_format,
+                select=args.select,
+                progress=bar,
+                **options,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if not args.quiet:
+            print(f"wrote {args.dst}")
     elif args.command == "inspect":
         if args.json:
             print(json.dumps(converters.manifest(args.file, args.format), indent=2))
@@ -124,7 +141,32 @@ def _writer_options(args: argparse.Namespace) -> dict[str, object]:
         raise UsageError("sdconvert convert: --input-shape goes with --model")
     if args.external_data:
         options["external_data"] = True
+    if args.no_fsync:
+        options["fsync"] = False
     return options
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, shown only for conversions big enough to wait for."""
+
+    MIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if total < self.MIN_BYTES:
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.label, leave=False)
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _inspect(path: Path, format: str | None) -> None:

@@ -7,6 +7,7 @@ because they hand out or take torch objects.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,13 @@ def write(checkpoint: Checkpoint, path: PathLike, format: str | None = None, **o
     registry.resolve(destination, format, for_write=True).write(checkpoint, destination, **options)
 
 
-def load(path: PathLike, format: str | None = None) -> Any:
+def load(path: PathLike, format: str | None = None, *, mmap: bool = False) -> Any:
     """What ``torch.load`` would return for the checkpoint at ``path``, from any format.
+
+    Tensors stored 64-byte aligned (all of them in our ``.pt`` files) are mapped from the file
+    (copy-on-write) instead of copied. ``mmap=True`` maps every tensor, as
+    ``safetensors.torch.load_file`` does; reductions over tensors mapped at other alignments may
+    round differently from freshly allocated ones.
 
     Example::
 
@@ -73,7 +79,7 @@ def load(path: PathLike, format: str | None = None) -> Any:
     """
     from .torch_bridge import to_torch
 
-    return to_torch(read(path, format))
+    return to_torch(read(path, format), mmap_any=mmap)
 
 
 def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) -> None:
@@ -95,11 +101,13 @@ def convert(
     src_format: str | None = None,
     dst_format: str | None = None,
     select: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> Path:
     """Convert ``src`` to ``dst`` bit for bit; ``select`` keeps one sub-tree (``model_state_dict``).
 
     The destination is replaced atomically if it exists; it may never be the source itself.
+    ``progress(bytes_done_now, bytes_total)`` is called as tensor bytes are written.
 
     Example::
 
@@ -111,6 +119,9 @@ def convert(
         raise DestinationError("the destination is the source file; refusing to write over it", file=destination)
     writer = registry.resolve(destination, dst_format, for_write=True)  # fail before reading
     checkpoint = read(source, src_format, select_path=select)
+    if progress is not None:
+        total = sum(ref.nbytes for _, ref in checkpoint.unique_tensors())
+        options["progress"] = lambda done: progress(done, total)
     writer.write(checkpoint, destination, **options)
     return destination
 

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 
 @contextmanager
-def atomic_output(destination: Path) -> Iterator[BinaryIO]:
+def atomic_output(destination: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``destination`` only when the block completes.
 
     Example::
@@ -31,13 +31,15 @@ def atomic_output(destination: Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:  # durable before it is visible; fsync=False trades that for speed
+                os.fsync(handle.fileno())
         os.chmod(temp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(temp_path, destination)
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    _fsync_folder(folder)
+    if fsync:
+        _fsync_folder(folder)
 
 
 def _umask() -> int:

@@ -16,7 +16,6 @@ Tree nodes are one-key objects naming their type, so no type is ever guessed fro
 
 from __future__ import annotations
 
-import hashlib
 import math
 import struct
 from collections import Counter, OrderedDict
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import CorruptFileError, TreePath
+from .transfer import blake3_hex
 from .tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
 
 MANIFEST_VERSION = 1
@@ -187,7 +187,8 @@ def tensor_entry(key: str, path: tuple[str | int, ...], ref: TensorRef) -> dict[
 
 
 def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
-    """The manifest of a checkpoint. With ``digests``, every tensor's bytes are read and hashed."""
+    """The manifest of a checkpoint. With ``digests``, each tensor's BLAKE3 digest: the one the file
+    stores (our writers store them) or, for files from other writers, computed from the bytes."""
     keys = storage_keys(checkpoint.tree)
     tensors = []
     entries: dict[int, dict[str, Any]] = {}
@@ -197,7 +198,7 @@ def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
             continue
         entry = entries[id(ref)] = tensor_entry(keys[path], path, ref)
         if digests:
-            entry["sha256"] = sha256_of(ref)
+            entry["blake3"] = ref.digest or blake3_hex(ref.source)
         tensors.append(entry)
     return {
         "sdconvert_manifest": MANIFEST_VERSION,
@@ -205,10 +206,3 @@ def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
         "tree": encode_tree(checkpoint.tree, keys),
         "tensors": tensors,
     }
-
-
-def sha256_of(ref: TensorRef) -> str:
-    digest = hashlib.sha256()
-    for chunk in ref.source.chunks():
-        digest.update(chunk)
-    return digest.hexdigest()

@@ -130,3 +130,52 @@ class ConcatSource:
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         for part in self.parts:
             yield from part.chunks(chunk_size)
+
+
+def slice_source(source: ByteSource, offset: int, length: int) -> ByteSource:
+    """``length`` bytes of ``source`` from ``offset``, without reading them."""
+    if not 0 <= offset <= offset + length <= source.nbytes:
+        raise ValueError(f"slice [{offset}, {offset + length}) outside a {source.nbytes}-byte source")
+    if isinstance(source, FileRange):
+        return FileRange(source.path, source.offset + offset, length)
+    if isinstance(source, BufferSource):
+        return BufferSource(source.buffer[offset : offset + length], source.owner)
+    if isinstance(source, ConcatSource):
+        parts: list[ByteSource] = []
+        position = 0
+        for part in source.parts:
+            begin, end = max(offset, position), min(offset + length, position + part.nbytes)
+            if begin < end:
+                parts.append(slice_source(part, begin - position, end - begin))
+            position += part.nbytes
+        return ConcatSource(tuple(parts))
+    return StreamSlice(source, offset, length)
+
+
+@dataclass(frozen=True)
+class StreamSlice:
+    """A slice of a source that can only be streamed (a plugin's own source): read up to it."""
+
+    source: ByteSource
+    offset: int
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length
+
+    def readinto(self, buffer: memoryview) -> None:
+        position = 0
+        for chunk in self.chunks():
+            buffer[position : position + len(chunk)] = chunk
+            position += len(chunk)
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        position, end = 0, self.offset + self.length
+        for chunk in self.source.chunks(chunk_size):
+            begin, stop = max(self.offset, position), min(end, position + len(chunk))
+            if begin < stop:
+                yield memoryview(chunk)[begin - position : stop - position]
+            position += len(chunk)
+            if position >= end:
+                return

@@ -35,6 +35,8 @@ class TensorRef:
     dtype: str
     shape: tuple[int, ...]
     source: ByteSource = field(compare=False)
+    # The BLAKE3 digest the file claims for these bytes, when it stores one (our files do).
+    digest: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         row = dtypes.lookup(self.dtype)

@@ -1,6 +1,9 @@
-"""The msgpack files are language-neutral: a published JavaScript decoder (npm @msgpack/msgpack)
-walks a converted recipe checkpoint and finds every tensor with the manifest's dtype, shape and
-SHA-256 digest. Needs Node.js and the npm registry (both on this project's machines and CI)."""
+"""The msgpack files are language-neutral.
+
+A published JavaScript decoder (npm @msgpack/msgpack) walks a converted recipe checkpoint and finds
+every tensor with the manifest's dtype, shape and BLAKE3 digest (computed in JavaScript by npm
+@noble/hashes). Needs Node.js and the npm registry (both on this project's machines and CI).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ def node() -> str:
         if os.environ.get("CI"):
             pytest.fail("Node.js and npm are needed for the cross-language test in CI")
         pytest.skip("Node.js/npm not found on PATH")
-    if not (JS / "node_modules" / "@msgpack" / "msgpack" / "package.json").exists():
+    installed = [JS / "node_modules" / package / "package.json" for package in ("@msgpack/msgpack", "@noble/hashes")]
+    if not all(path.exists() for path in installed):
         subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--silent"], cwd=JS, check=True, timeout=300)
     return executable
 
@@ -47,11 +51,11 @@ def assert_matches_manifest(found: list[dict[str, Any]], manifest: dict[str, Any
     assert len(by_path) == len(found) == len(manifest["tensors"])
     for tensor in manifest["tensors"]:
         seen = by_path["/".join(map(str, tensor["path"]))]
-        assert (seen["dtype"], seen["shape"], seen["nbytes"], seen["sha256"]) == (
+        assert (seen["dtype"], seen["shape"], seen["nbytes"], seen["blake3"]) == (
             tensor["dtype"],
             tensor["shape"],
             tensor["nbytes"],
-            tensor["sha256"],
+            tensor["blake3"],
         )
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 from typing import Any
 
+import blake3
 import jsonschema
 import pytest
 import torch
@@ -40,7 +40,7 @@ def test_recipe_manifest_validates_and_matches_the_tensors(
         assert entry["dtype"] == "float32"
         assert entry["shape"] == list(tensor.shape)
         assert entry["nbytes"] == tensor.numel() * 4
-        assert entry["sha256"] == hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+        assert entry["blake3"] == blake3.blake3(tensor_bytes(tensor)).hexdigest()
     assert entries[("optimizer_state_dict", "state", 0, "momentum_buffer")]["key"] == (
         "optimizer_state_dict/state/0/momentum_buffer"
     )

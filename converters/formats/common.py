@@ -9,9 +9,22 @@ from typing import Any
 from ..errors import ConverterError, CorruptFileError, UnsupportedValueError
 from ..tree import Checkpoint
 
+# Options every writer takes: a progress callback (bytes done) and whether to fsync.
+WRITE_OPTIONS = ("progress", "fsync")
+
+
+def read_digests(text: bytes | str, file: Path, what: str) -> dict[str, str]:
+    """A stored {key: BLAKE3 hex} map, checked for shape (the digests themselves by verify --deep)."""
+    digests = loads_json_strict(text, file, what)
+    if type(digests) is not dict or not all(
+        type(v) is str and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in digests.values()
+    ):
+        raise CorruptFileError(f"{what} must map keys to 64-digit hex BLAKE3 digests", file=file)
+    return digests
+
 
 def reject_options(format_name: str, options: dict[str, Any], accepted: tuple[str, ...] = ()) -> None:
-    unknown = sorted(set(options) - set(accepted))
+    unknown = sorted(set(options) - set(accepted) - set(WRITE_OPTIONS))
     if unknown:
         takes = f"takes only {', '.join(accepted)}" if accepted else "takes no options"
         raise ConverterError(f"the {format_name} writer {takes}; got {', '.join(unknown)}")

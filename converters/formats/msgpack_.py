@@ -18,20 +18,21 @@ metadata tree and refuses a file where they disagree.
 
 from __future__ import annotations
 
+import json
 import mmap
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
-from ..sources import ByteSource, ConcatSource, FileRange
+from ..sources import ByteSource, ConcatSource, FileRange, slice_source
+from ..transfer import Checks, Progress, copy_into
 from ..tree import MAPPING_TYPES, Checkpoint, TensorRef, validate, walk
 from . import msgpack_codec as codec
-from .common import reject_options
+from .common import read_digests, reject_options
 
 EXT_NDARRAY = 1  # flax: _MsgpackExtType.ndarray
 EXT_NPSCALAR = 3  # flax: a numpy scalar, stored like a 0-d array
@@ -41,6 +42,7 @@ EXT_TIED = 82  # a tied tensor's second and later places: the storage key of its
 META_KEY = "__sdconvert__"
 WRAPPED_ROOT_KEY = "__sdconvert_root__"
 CHUNKED_KEY = "__msgpack_chunked_array__"
+DIGEST_PLACEHOLDER = "0" * 64
 FLAX_MAX_LEAF_BYTES = 2**30  # flax.serialization.MAX_CHUNK_SIZE
 MAX_BIGINT_DIGITS = 4000  # below CPython's int/str conversion limit
 META_VERSION = 1
@@ -69,21 +71,36 @@ class MsgpackFormat:
         keys = manifests.storage_keys(tree)
         wrapped = not isinstance(tree, dict)
         _require_utf8(tree, ())
-        meta = codec.pack_plain(
-            {"version": META_VERSION, "wrapped": wrapped, "tree": manifests.encode_tree(tree, keys)},
-            bigint_ext=EXT_BIGINT,
-        )
         if not wrapped and META_KEY in tree:
             raise UnsupportedValueError(f"the key {META_KEY!r} is reserved by the msgpack format", path=(META_KEY,))
-        with atomic_output(Path(path)) as out:
+        node = manifests.encode_tree(tree, keys)
+        # Digests are known once the bytes went by: the metadata is written with placeholders of
+        # the same length and rewritten in place at the end.
+        digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in checkpoint.unique_tensors()}
+
+        def pack_meta() -> bytes:
+            meta = {"version": META_VERSION, "wrapped": wrapped, "tree": node, "blake3": digests}
+            return codec.pack_plain(meta, bigint_ext=EXT_BIGINT)
+
+        first = pack_meta()
+        with atomic_output(Path(path), fsync=options.get("fsync", True)) as out:
             out.write(codec.map_header(1 + (1 if wrapped else len(tree))))
-            out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(meta)) + meta)
-            emit = _Emitter(self.max_leaf_bytes, out, keys)
+            out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(first)))
+            meta_offset = out.tell()
+            out.write(first)
+            emit = _Emitter(self.max_leaf_bytes, out, keys, options.get("progress"))
             if wrapped:
                 out.write(codec.pack_str(WRAPPED_ROOT_KEY))
                 emit.node(tree, ())
             else:
                 emit.items(tree, ())
+            digests.update(emit.digests)
+            final = pack_meta()
+            assert len(final) == len(first)  # same keys, digests of the same length
+            end = out.tell()
+            out.seek(meta_offset)
+            out.write(final)
+            out.seek(end)
 
     # ------------------------------------------------------------------------------- reading
 
@@ -103,9 +120,12 @@ class MsgpackFormat:
 class _Emitter:
     """Writes the native tree of one file; remembers which tensors it wrote, to tie the others."""
 
-    def __init__(self, max_leaf_bytes: int, out: BinaryIO, keys: dict[tuple[str | int, ...], str]) -> None:
-        self.max_leaf_bytes, self.out, self.keys = max_leaf_bytes, out, keys
+    def __init__(
+        self, max_leaf_bytes: int, out: BinaryIO, keys: dict[tuple[str | int, ...], str], progress: Progress | None
+    ) -> None:
+        self.max_leaf_bytes, self.out, self.keys, self.progress = max_leaf_bytes, out, keys, progress
         self.written: set[int] = set()
+        self.digests: dict[str, str] = {}  # storage key -> BLAKE3 of the tensor's bytes
 
     def node(self, node: Any, path: tuple[str | int, ...]) -> None:
         out = self.out
@@ -122,10 +142,12 @@ class _Emitter:
             out.write(codec.ext_header(EXT_TIED, len(key)) + key)
         elif kind is TensorRef:
             self.written.add(id(node))
+            checks = Checks.make(digest=True)
             if node.nbytes > self.max_leaf_bytes:
-                self.chunked(node)
+                self.chunked(node, checks)
             else:
-                _emit_ndarray(out, node.dtype, node.shape, node.nbytes, node.source.chunks())
+                self.ndarray(node.dtype, node.shape, node.source, checks)
+            self.digests[self.keys[path]] = checks.hexdigest() or DIGEST_PLACEHOLDER
         else:
             out.write(codec.pack_plain(node, bigint_ext=EXT_BIGINT))
 
@@ -138,7 +160,7 @@ class _Emitter:
             self.out.write(codec.pack_str(native_key))
             self.node(value, (*path, key))
 
-    def chunked(self, ref: TensorRef) -> None:
+    def chunked(self, ref: TensorRef, checks: Checks) -> None:
         """flax's layout for big leaves.
 
         ``{"__msgpack_chunked_array__": true, "shape": {"0": d0, ...}, "chunks": {"0": 1-D array, ...}}``
@@ -150,53 +172,23 @@ class _Emitter:
         out.write(codec.map_header(3) + codec.pack_str(CHUNKED_KEY) + codec.pack_bool(True))
         out.write(codec.pack_str("shape") + codec.pack_plain({str(i): d for i, d in enumerate(ref.shape)}))
         out.write(codec.pack_str("chunks") + codec.map_header(count))
-        pieces = _rechunk(ref.source, per_chunk)
         for index in range(count):
             length = min(per_chunk, ref.nbytes - index * per_chunk)
             out.write(codec.pack_str(str(index)))
-            _emit_ndarray(out, ref.dtype, (length // itemsize,), length, next(pieces))
+            piece = slice_source(ref.source, index * per_chunk, length)
+            self.ndarray(ref.dtype, (length // itemsize,), piece, checks)
 
-
-def _emit_ndarray(
-    out: BinaryIO, dtype: str, shape: tuple[int, ...], nbytes: int, chunks: Iterator[memoryview] | Iterator[bytes]
-) -> None:
-    prefix = (
-        codec.array_header(3)
-        + codec.array_header(len(shape))
-        + b"".join(codec.pack_int(d) for d in shape)
-        + codec.pack_str(dtype)
-        + codec.bin_header(nbytes)
-    )
-    out.write(codec.ext_header(EXT_NDARRAY, len(prefix) + nbytes) + prefix)
-    written = 0
-    for chunk in chunks:
-        out.write(chunk)
-        written += len(chunk)
-    if written != nbytes:
-        raise CorruptFileError(f"expected {nbytes} tensor bytes from the source, got {written}")
-
-
-def _rechunk(source: ByteSource, size: int) -> Iterator[Iterator[memoryview]]:
-    """Split a source's byte stream into consecutive pieces of ``size`` bytes (the last may be shorter)."""
-    stream = source.chunks()
-    pending = memoryview(b"")
-
-    def piece() -> Iterator[memoryview]:
-        nonlocal pending
-        remaining = size
-        while remaining:
-            if not pending:
-                try:
-                    pending = memoryview(bytes(next(stream)))
-                except StopIteration:
-                    return
-            take = pending[:remaining]
-            pending = pending[len(take) :]
-            remaining -= len(take)
-            yield take
-
-    while True:
-        yield piece()
+    def ndarray(self, dtype: str, shape: tuple[int, ...], source: ByteSource, checks: Checks) -> None:
+        """flax's ext 1: [shape, dtype, bin]; the bin's bytes copied straight from the source."""
+        prefix = (
+            codec.array_header(3)
+            + codec.array_header(len(shape))
+            + b"".join(codec.pack_int(d) for d in shape)
+            + codec.pack_str(dtype)
+            + codec.bin_header(source.nbytes)
+        )
+        self.out.write(codec.ext_header(EXT_NDARRAY, len(prefix) + source.nbytes) + prefix)
+        copy_into(self.out, source, checks, self.progress)
 
 
 def _require_utf8(node: Any, path: tuple[str | int, ...]) -> None:
@@ -265,6 +257,7 @@ class _TreeReader:
         self.path = path
         self.parser = codec.Parser(buffer, path, max_depth=max_depth)
         self.stored: dict[str, TensorRef] = {}  # storage key -> tensor, for ext 82 to point at
+        self.digests: dict[str, str] = {}
 
     def parse_root(self, size: int) -> Any:
         return self.parser.parse(0, size)
@@ -287,8 +280,15 @@ class _TreeReader:
         if type(ext) is not codec.Ext or ext.code != EXT_METADATA:
             raise CorruptFileError(f"{META_KEY!r} must hold ext type {EXT_METADATA}", file=self.path)
         meta = codec.Parser(self.buffer, self.path).parse(ext.offset, ext.offset + ext.length, f"the {META_KEY!r} ext")
-        if type(meta) is not dict or set(meta) != {"version", "wrapped", "tree"}:
-            raise CorruptFileError(f"{META_KEY!r} must be a map of version, wrapped, tree", file=self.path)
+        if type(meta) is not dict or not {"version", "wrapped", "tree"} <= set(meta) <= {
+            "version",
+            "wrapped",
+            "tree",
+            "blake3",
+        }:
+            raise CorruptFileError(f"{META_KEY!r} must be a map of version, wrapped, tree (and blake3)", file=self.path)
+        if "blake3" in meta:
+            self.digests = read_digests(json.dumps(meta["blake3"]), self.path, f"{META_KEY!r} blake3")
         if meta["version"] != META_VERSION:
             raise UnsupportedValueError(
                 f"{META_KEY!r} version {meta['version']!r} is not one this reader knows ({META_VERSION})",
@@ -312,8 +312,8 @@ class _TreeReader:
                 return self.stored[native.key]
             if type(native) is not TensorRef or expected.key in self.stored:
                 self._disagree(path, f"the tensor {expected.key!r}", native)
-            self.stored[expected.key] = native
-            return native
+            self.stored[expected.key] = replace(native, digest=self.digests.get(expected.key))
+            return self.stored[expected.key]
         if kind in MAPPING_TYPES:
             if type(native) is not dict:
                 self._disagree(path, "a map", native)

@@ -23,8 +23,7 @@ import json
 import mmap
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,9 +33,10 @@ from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ..sources import BufferSource, ByteSource, FileRange
+from ..transfer import Checks, Progress, copy_into
 from ..tree import Checkpoint, TensorRef, validate, walk
 from . import protowire as wire
-from .common import loads_json_strict, reject_options
+from .common import loads_json_strict, read_digests, reject_options
 from .onnx_graph import ExportedGraph, export
 
 IR_VERSION = 10
@@ -47,6 +47,7 @@ EXTERNAL_ALIGN = 4096
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "net")
 TREE_KEY, VERSION_KEY = "sdconvert.tree", "sdconvert.version"
 CONSTANTS_KEY, FALLBACK_KEY = "sdconvert.graph_constants", "sdconvert.fallback"
+DIGESTS_KEY, DIGEST_PLACEHOLDER = "sdconvert.blake3", "0" * 64
 EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 
 # TensorProto fields
@@ -132,37 +133,52 @@ class OnnxFormat:
                     offset += item.ref.nbytes
         for item in planned:
             item.header = _tensor_header(item, data_path.name)
-        metadata = _metadata(checkpoint.tree, names, planned, constants)
+        # Digests are known once the bytes went by: the metadata is written with placeholders of
+        # the same length and rewritten in place at the end.
+        digests = {item.name: DIGEST_PLACEHOLDER for item in planned}
         model_fields = graph.model_fields if graph is not None else _plain_model_fields()
         graph_fields = graph.graph_fields if graph is not None else _weights_graph_fields(main)
         constant_protos = [graph.initializers[name] for name in constants] if graph is not None else []
-        head = model_fields + wire.string_field(2, "statedict-convert") + wire.string_field(3, "1") + metadata
+        head = model_fields + wire.string_field(2, "statedict-convert") + wire.string_field(3, "1")
+        metadata = _metadata(checkpoint.tree, names, planned, constants, digests)
         graph_length = (
             len(graph_fields) + sum(_embedded(len(p)) for p in constant_protos) + sum(_embedded(p.length) for p in main)
         )
-        if not external and len(head) + _embedded(graph_length) + _training_length(rest) > self.protobuf_limit:
+        if (
+            not external
+            and len(head) + len(metadata) + _embedded(graph_length) + _training_length(rest) > self.protobuf_limit
+        ):
             raise ConverterError(
                 f"{total} bytes of tensors exceed protobuf's 2 GB limit; write with external data "
                 "(external_data=True / --external-data)"
             )
-        with ExitStack() as stack:
-            if external:
-                stack.enter_context(
-                    _replace_pair(path, data_path, [p for p in planned if p.external_offset is not None])
-                )
-            with atomic_output(path) as out:
-                out.write(head)
-                out.write(wire.len_header(7, graph_length) + graph_fields)
-                for proto in constant_protos:
-                    out.write(wire.len_header(5, len(proto)) + proto)
-                for item in main:
-                    _write_tensor(out, item)
-                if rest:
-                    init_length = len(wire.string_field(2, "sdconvert_state")) + sum(_embedded(p.length) for p in rest)
-                    out.write(wire.len_header(20, _embedded(init_length)) + wire.len_header(1, init_length))
-                    out.write(wire.string_field(2, "sdconvert_state"))
-                    for item in rest:
-                        _write_tensor(out, item)
+        fsync, progress = options.get("fsync", True), options.get("progress")
+        if external:
+            outside = [p for p in planned if p.external_offset is not None]
+            digests.update(_write_external_data(data_path, outside, fsync, progress))
+            # The data file is in place; remove the old model so no reader pairs it with new data.
+            path.unlink(missing_ok=True)
+        with atomic_output(path, fsync=fsync) as out:
+            out.write(head)
+            metadata_offset = out.tell()
+            out.write(metadata)
+            out.write(wire.len_header(7, graph_length) + graph_fields)
+            for proto in constant_protos:
+                out.write(wire.len_header(5, len(proto)) + proto)
+            for item in main:
+                _write_tensor(out, item, digests, progress)
+            if rest:
+                init_length = len(wire.string_field(2, "sdconvert_state")) + sum(_embedded(p.length) for p in rest)
+                out.write(wire.len_header(20, _embedded(init_length)) + wire.len_header(1, init_length))
+                out.write(wire.string_field(2, "sdconvert_state"))
+                for item in rest:
+                    _write_tensor(out, item, digests, progress)
+            final = _metadata(checkpoint.tree, names, planned, constants, digests)
+            assert len(final) == len(metadata)  # same keys, digests of the same length
+            end = out.tell()
+            out.seek(metadata_offset)
+            out.write(final)
+            out.seek(end)
 
     # ------------------------------------------------------------------------------- reading
 
@@ -289,12 +305,13 @@ def _tensor_header(item: _Planned, data_name: str) -> bytes:
     return header
 
 
-def _write_tensor(out: BinaryIO, item: _Planned) -> None:
+def _write_tensor(out: BinaryIO, item: _Planned, digests: dict[str, str], progress: Progress | None) -> None:
     out.write(wire.len_header(5, item.length) + item.header)
     if item.external_offset is None:
         out.write(wire.len_header(RAW_DATA, item.ref.nbytes))
-        for chunk in item.ref.source.chunks():
-            out.write(chunk)
+        checks = Checks.make(digest=True)
+        copy_into(out, item.ref.source, checks, progress)
+        digests[item.name] = checks.hexdigest() or DIGEST_PLACEHOLDER
 
 
 def _embedded(length: int) -> int:
@@ -326,7 +343,11 @@ def _weights_graph_fields(main: list[_Planned]) -> bytes:
 
 
 def _metadata(
-    tree: Any, names: dict[tuple[str | int, ...], str], planned: list[_Planned], constants: list[str]
+    tree: Any,
+    names: dict[tuple[str | int, ...], str],
+    planned: list[_Planned],
+    constants: list[str],
+    digests: dict[str, str],
 ) -> bytes:
     entries = {
         VERSION_KEY: str(manifests.MANIFEST_VERSION),
@@ -341,33 +362,25 @@ def _metadata(
         entries[FALLBACK_KEY] = json.dumps(fallback, separators=(",", ":"))
     if constants:
         entries[CONSTANTS_KEY] = json.dumps(constants, separators=(",", ":"))
+    entries[DIGESTS_KEY] = json.dumps(digests, separators=(",", ":"))
     return b"".join(wire.bytes_field(14, wire.string_field(1, k) + wire.string_field(2, v)) for k, v in entries.items())
 
 
-class _replace_pair:
-    """Writes the external data file beside the model so the pair is never mismatched.
-
-    The data goes to a temporary file; on success an existing model file is removed first, then the
-    data file is renamed into place, then (by the caller's atomic_output) the model. A reader can see
-    the old pair, no model, or the new pair, never a model with another write's data.
-    """
-
-    def __init__(self, model_path: Path, data_path: Path, items: list[_Planned]) -> None:
-        self.model_path, self.data_path, self.items = model_path, data_path, items
-
-    def __enter__(self) -> None:
-        with atomic_output(self.data_path) as out:
-            position = 0
-            for item in self.items:
-                assert item.external_offset is not None
-                out.write(bytes(item.external_offset - position))
-                for chunk in item.ref.source.chunks():
-                    out.write(chunk)
-                position = item.external_offset + item.ref.nbytes
-        self.model_path.unlink(missing_ok=True)
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _write_external_data(
+    data_path: Path, items: list[_Planned], fsync: bool, progress: Progress | None
+) -> dict[str, str]:
+    """The external data file, written atomically: each tensor at its aligned offset."""
+    digests = {}
+    with atomic_output(data_path, fsync=fsync) as out:
+        position = 0
+        for item in items:
+            assert item.external_offset is not None
+            out.write(bytes(item.external_offset - position))
+            checks = Checks.make(digest=True)
+            copy_into(out, item.ref.source, checks, progress)
+            digests[item.name] = checks.hexdigest() or DIGEST_PLACEHOLDER
+            position = item.external_offset + item.ref.nbytes
+    return digests
 
 
 # ----------------------------------------------------------------------------------- reading helpers
@@ -589,6 +602,7 @@ def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str,
     node = loads_json_strict(metadata[TREE_KEY], path, f"metadata_props[{TREE_KEY!r}]")
     fallback = loads_json_strict(metadata.get(FALLBACK_KEY, "{}"), path, f"metadata_props[{FALLBACK_KEY!r}]")
     constants = set(loads_json_strict(metadata.get(CONSTANTS_KEY, "[]"), path, f"metadata_props[{CONSTANTS_KEY!r}]"))
+    digests = read_digests(metadata.get(DIGESTS_KEY, "{}"), path, f"metadata_props[{DIGESTS_KEY!r}]")
     used: set[str] = set()
     restored: dict[str, TensorRef] = {}
 
@@ -598,12 +612,10 @@ def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str,
                 f"the tree refers to initializer {key!r}, which the file lacks", file=path, path=tree_path
             )
         used.add(key)
-        ref = tensors[key][0]
-        if key in fallback:  # once per key, so a tied fallback tensor stays one tensor
-            if key not in restored:
-                restored[key] = _from_fallback(path, key, ref, fallback[key], tree_path)
-            return restored[key]
-        return ref
+        if key not in restored:  # once per key, so a tied tensor stays one tensor
+            ref = replace(tensors[key][0], digest=digests.get(key))
+            restored[key] = _from_fallback(path, key, ref, fallback[key], tree_path) if key in fallback else ref
+        return restored[key]
 
     tree = manifests.decode_tree(node, tensor, file=path)
     unused = set(tensors) - used - constants
@@ -625,4 +637,4 @@ def _from_fallback(path: Path, key: str, ref: TensorRef, spec: Any, tree_path: T
         raise CorruptFileError(
             f"{FALLBACK_KEY} entry for {key!r} does not match its {ref.nbytes} bytes", file=path, path=tree_path
         )
-    return TensorRef(row.name, shape, ref.source)
+    return TensorRef(row.name, shape, ref.source, ref.digest)

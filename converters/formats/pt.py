@@ -13,6 +13,8 @@ Read without torch and without running pickled code (see ``pt_pickle``); written
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,14 @@ from ..atomic import atomic_output
 from ..errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ..sources import BufferSource, FileRange
 from ..tree import Checkpoint, TensorRef, validate
-from .common import reject_options
+from .common import WRITE_OPTIONS, read_digests, reject_options
 from .pt_pickle import PickleWriter, SafeUnpickler, Storage, contiguous_strides, prescan, unpickle
 from .zipio import StoredEntry, ZipWriter, stored_entries
 
 ARCHIVE = "archive"
+# Our extra record: {storage key: BLAKE3 of its bytes}. torch.load reads records by name and
+# ignores it; the manifest takes its digests from it instead of reading every byte.
+DIGESTS_RECORD = "sdconvert/blake3.json"
 # A strided view is gathered into memory; refuse views that would expand far beyond the file.
 GATHER_LIMIT_FACTOR = 4
 
@@ -65,6 +70,8 @@ class PtFormat:
             raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
         data = _read(path, entries[prefix + "data.pkl"])
         prescan(data, path)
+        record = entries.get(prefix + DIGESTS_RECORD)
+        digests = read_digests(_read(path, record), path, DIGESTS_RECORD) if record else {}
 
         def storage_for_key(key: str) -> tuple[int, int]:
             entry = entries.get(f"{prefix}data/{key}")
@@ -77,27 +84,33 @@ class PtFormat:
         def gather(
             storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
         ) -> TensorRef:
-            return _tensor_from_storage(path, size, storage, row, offset, shape, stride)
+            ref = _tensor_from_storage(path, size, storage, row, offset, shape, stride)
+            whole = offset == 0 and ref.nbytes == storage.nbytes and isinstance(ref.source, FileRange)
+            return replace(ref, digest=digests.get(storage.key)) if whole else ref
 
         tree = unpickle(SafeUnpickler(data, path, storage_for_key, gather), path)
         validate(tree, file=path)
         return Checkpoint(tree, path)
 
     def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
-        reject_options(self.name, options)
+        reject_options(self.name, options, WRITE_OPTIONS)
+        progress = options.get("progress")
         unique = checkpoint.unique_tensors()
         # One storage record per distinct tensor: tied tensors share it, as torch.save writes them.
         key_of = {id(ref): str(index) for index, (_, ref) in enumerate(unique)}
         pickled = PickleWriter(lambda _path, ref: key_of[id(ref)]).dumps(checkpoint.tree)
-        with atomic_output(Path(path)) as out:
+        with atomic_output(Path(path), fsync=options.get("fsync", True)) as out:
             archive = ZipWriter(out)
-            archive.add(f"{ARCHIVE}/data.pkl", [pickled], len(pickled))
-            archive.add(f"{ARCHIVE}/byteorder", [b"little"], 6)
+            archive.add(f"{ARCHIVE}/data.pkl", pickled)
+            archive.add(f"{ARCHIVE}/byteorder", b"little")
+            digests = {}
             for _, ref in unique:
-                archive.add(f"{ARCHIVE}/data/{key_of[id(ref)]}", ref.source.chunks(), ref.nbytes)
-            archive.add(f"{ARCHIVE}/.format_version", [b"1"], 1)
-            archive.add(f"{ARCHIVE}/.storage_alignment", [b"64"], 2)
-            archive.add(f"{ARCHIVE}/version", [b"3\n"], 2)
+                key = key_of[id(ref)]
+                digests[key] = archive.add(f"{ARCHIVE}/data/{key}", ref.source, digest=True, progress=progress)
+            archive.add(f"{ARCHIVE}/.format_version", b"1")
+            archive.add(f"{ARCHIVE}/.storage_alignment", b"64")
+            archive.add(f"{ARCHIVE}/version", b"3\n")
+            archive.add(f"{ARCHIVE}/{DIGESTS_RECORD}", json.dumps(digests, separators=(",", ":")).encode())
             archive.close()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,16 @@ from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..sources import FileRange
+from ..transfer import Checks, copy_into
 from ..tree import Checkpoint, TensorRef, validate
-from .common import loads_json_strict, reject_options, require_dtypes
+from .common import loads_json_strict, read_digests, reject_options, require_dtypes
 
 MAX_HEADER_BYTES = 100_000_000
 TREE_KEY = "sdconvert.tree"
 VERSION_KEY = "sdconvert.version"
-HEADER_ALIGN = 8
+DIGESTS_KEY = "sdconvert.blake3"
+PLACEHOLDER = "0" * 64
+HEADER_ALIGN = 64  # the format needs 8; 64 starts the data where torch would align a tensor
 
 
 class SafetensorsFormat:
@@ -56,6 +60,9 @@ class SafetensorsFormat:
         if metadata is not None and (type(metadata) is not dict or any(type(v) is not str for v in metadata.values())):
             raise CorruptFileError("__metadata__ must map strings to strings", file=path)
         refs = _tensor_refs(path, header, data_start)
+        if metadata and DIGESTS_KEY in metadata:
+            digests = read_digests(metadata[DIGESTS_KEY], path, f"__metadata__[{DIGESTS_KEY!r}]")
+            refs = {key: replace(ref, digest=digests.get(key)) for key, ref in refs.items()}
         # Without our tree (a file from another tool) the tensors form a flat dict in header order.
         tree = _tree_from_metadata(path, metadata, refs) if metadata and TREE_KEY in metadata else dict(refs)
         validate(tree, file=path)
@@ -88,18 +95,18 @@ class SafetensorsFormat:
     def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
         reject_options(self.name, options)
         require_dtypes(checkpoint, self.name, self.dtypes)
+        progress = options.get("progress")
         keys = manifests.storage_keys(checkpoint.tree)
         tensors = checkpoint.unique_tensors()  # a tied tensor is stored once; the tree names it twice
         # Widest elements first keeps every tensor aligned to its element size (the header is
         # padded to 8), as the reference writer does; ties keep tree order.
         order = sorted(tensors, key=lambda item: -dtypes.DTYPES[item[1].dtype].itemsize)
-        header: dict[str, Any] = {
-            "__metadata__": {
-                "format": "pt",
-                VERSION_KEY: str(manifests.MANIFEST_VERSION),
-                TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
-            }
+        metadata = {
+            "format": "pt",
+            VERSION_KEY: str(manifests.MANIFEST_VERSION),
+            TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
         }
+        header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         for tensor_path, ref in order:
             header[keys[tensor_path]] = {
@@ -108,14 +115,29 @@ class SafetensorsFormat:
                 "data_offsets": [offset, offset + ref.nbytes],
             }
             offset += ref.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % HEADER_ALIGN)
-        with atomic_output(Path(path)) as out:
-            out.write(struct.pack("<Q", len(encoded)))
-            out.write(encoded)
-            for _, ref in order:
-                for chunk in ref.source.chunks():
-                    out.write(chunk)
+        # Digests are known only once the bytes went by: the header is written with placeholders
+        # of the same length and rewritten in place at the end.
+        digests = {keys[tensor_path]: PLACEHOLDER for tensor_path, _ in order}
+
+        def encode_header() -> bytes:
+            metadata[DIGESTS_KEY] = json.dumps(digests, separators=(",", ":"))
+            encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            return encoded + b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
+
+        first = encode_header()
+        with atomic_output(Path(path), fsync=options.get("fsync", True)) as out:
+            out.write(struct.pack("<Q", len(first)))
+            out.write(first)
+            for tensor_path, ref in order:
+                checks = Checks.make(digest=True)
+                copy_into(out, ref.source, checks, progress)
+                digests[keys[tensor_path]] = checks.hexdigest() or PLACEHOLDER
+            final = encode_header()
+            assert len(final) == len(first)  # same keys, digests of the same length
+            end = out.tell()
+            out.seek(8)
+            out.write(final)
+            out.seek(end)
 
 
 def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[str, TensorRef]:

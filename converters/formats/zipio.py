@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import struct
 import zipfile
-import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import CorruptFileError
+from ..sources import BufferSource, ByteSource
+from ..transfer import Checks, Progress, copy_into
 
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -80,8 +80,14 @@ class ZipWriter:
         self._count = 0
         self._dos_time, self._dos_date = _dos_datetime()
 
-    def add(self, name: str, chunks: Iterable[bytes | memoryview], size: int) -> None:
+    def add(
+        self, name: str, data: bytes | ByteSource, *, digest: bool = False, progress: Progress | None = None
+    ) -> str | None:
+        """Append a stored record; its bytes are copied by ``transfer.copy_into`` (CRC computed on
+        the way). Returns the BLAKE3 digest of the bytes when ``digest`` is asked for."""
         out = self._out
+        source = BufferSource.of(data) if isinstance(data, bytes) else data
+        size = source.nbytes
         encoded = name.encode("utf-8")
         offset = out.tell()
         zip64 = size >= U32_MAX
@@ -110,19 +116,15 @@ class ZipWriter:
             )
         )
         out.write(encoded + extra)
-        crc = 0
-        written = 0
-        for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
-            written += len(chunk)
-            out.write(chunk)
-        if written != size:
-            raise CorruptFileError(f"zip entry {name!r}: expected {size} bytes from the source, got {written}")
+        checks = Checks.make(crc=True, digest=digest)
+        copy_into(out, source, checks, progress)
+        crc = checks.crc or 0
         end = out.tell()
         out.seek(offset + 14)  # the CRC field of the local header
         out.write(struct.pack("<I", crc))
         out.seek(end)
         self._add_central(encoded, crc, size, offset, version)
+        return checks.hexdigest()
 
     def _add_central(self, encoded: bytes, crc: int, size: int, offset: int, version: int) -> None:
         extra_values = []

@@ -1,12 +1,12 @@
 // Reads a msgpack file written by statedict-convert with a plain, published msgpack decoder and
-// prints every tensor it finds as JSON: path, shape, dtype, byte count and SHA-256 of the bytes.
+// prints every tensor it finds as JSON: path, shape, dtype, byte count and BLAKE3 of the bytes.
 // It knows only the encoding in schemas/msgpack.md (flax's ndarray ext type 1 and chunked maps);
 // statedict-convert's own ext types (80, 81) come back as opaque ExtData and are skipped.
 //
 //   node walk_msgpack.mjs FILE.msgpack
 import { readFileSync } from "node:fs";
-import { createHash } from "node:crypto";
 import { decode, ExtData } from "@msgpack/msgpack";
+import { blake3 } from "@noble/hashes/blake3.js";
 
 const NDARRAY = 1;
 const CHUNKED = "__msgpack_chunked_array__";
@@ -17,13 +17,14 @@ function ndarray(ext) {
 }
 
 function describe(path, array) {
-  const hash = createHash("sha256");
+  const hash = blake3.create();
   let nbytes = 0;
   for (const part of array.parts) {
     hash.update(part);
     nbytes += part.length;
   }
-  return { path, dtype: array.dtype, shape: array.shape, nbytes, sha256: hash.digest("hex") };
+  const hex = Array.from(hash.digest(), (byte) => byte.toString(16).padStart(2, "0")).join("");
+  return { path, dtype: array.dtype, shape: array.shape, nbytes, blake3: hex };
 }
 
 function walk(node, path, found) {
