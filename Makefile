@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint check clean
+.PHONY: venv demo test lint check clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,7 @@ check: test lint
 
 clean:
 	rm -rf demo-out .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)
+	$(PY) bench/bench.py
+	$(PY) bench/bench.py --scaling

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -68,19 +67,30 @@ class FormatRegistry:
         self._load_entry_points()
         return iter(list(self._by_name.values()))
 
+    def _loaded(self) -> list[Format]:
+        """The formats registered so far, without scanning installed packages for plugins."""
+        return list(self._by_name.values())
+
     def names(self) -> list[str]:
         return [fmt.name for fmt in self]
 
     def get(self, name: str) -> Format:
-        self._load_entry_points()
+        if name not in self._by_name:
+            self._load_entry_points()
         try:
             return self._by_name[name]
         except KeyError:
             raise UnknownFormatError(f"unknown format {name!r}; known formats: {', '.join(self.names())}") from None
 
     def for_suffix(self, path: Path) -> Format | None:
+        # Registered formats first; installed plugins are looked for only when none matches
+        # (scanning package metadata costs tens of milliseconds at every start).
+        return self._by_suffix(path, self._loaded()) or self._by_suffix(path, list(self))
+
+    @staticmethod
+    def _by_suffix(path: Path, formats: list[Format]) -> Format | None:
         name = path.name.lower()
-        matches = [f for f in self for s in f.suffixes if name.endswith(s)]
+        matches = [f for f in formats for s in f.suffixes if name.endswith(s)]
         # The longest matching suffix wins, so ".index.json" beats ".json".
         return max(matches, key=lambda f: max(len(s) for s in f.suffixes if name.endswith(s)), default=None)
 
@@ -93,7 +103,7 @@ class FormatRegistry:
             return by_suffix
         if not for_write:
             head = _head(path)
-            for fmt in self:
+            for fmt in [*self._loaded(), *self]:
                 if fmt.sniff(head):
                     return fmt
         known = ", ".join(f"{f.name} ({' '.join(f.suffixes)})" for f in self)
@@ -108,6 +118,8 @@ class FormatRegistry:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        from importlib import metadata
+
         for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 loaded = entry.load()

@@ -100,7 +100,7 @@ def test_entry_point_plugins_are_discovered(monkeypatch: pytest.MonkeyPatch) -> 
 
     fresh = FormatRegistry()
     monkeypatch.setattr(
-        "converters.plugins.metadata.entry_points",
+        "importlib.metadata.entry_points",
         lambda group: [FakeEntryPoint()] if group == "statedict_convert.formats" else [],
     )
     assert fresh.names() == ["hexjson"]
@@ -116,6 +116,6 @@ def test_a_broken_entry_point_warns_and_leaves_the_rest(monkeypatch: pytest.Monk
 
     fresh = FormatRegistry()
     fresh.register(HexJsonFormat())
-    monkeypatch.setattr("converters.plugins.metadata.entry_points", lambda group: [BrokenEntryPoint()])
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [BrokenEntryPoint()])
     with pytest.warns(UserWarning, match="format plugin 'broken' .* failed to load: no module named nowhere"):
         assert fresh.names() == ["hexjson"]

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 
 from .. import dtypes, manifests
 from ..atomic import atomic_output
@@ -533,9 +532,13 @@ class _Reader:
         width = row.itemsize // per_element
         if kind == "varint":
             # int32_data holds int8..int32, bool and the bits of 16/8-bit floats; int64/uint64_data 64-bit ints.
+            import numpy as np  # only typed-field tensors need it; keeps start-up fast
+
             array = np.array(values, dtype=np.uint64)
             mask = np.uint64((1 << (8 * width)) - 1)
             return (array & mask).astype(f"<u{width}").tobytes()
+        import numpy as np
+
         return np.array(values, dtype=np.uint64).astype(f"<u{width}").tobytes()
 
     def _external(self, name: str, entries: dict[str, str], expected: int) -> FileRange:

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .. import dtypes
 from ..atomic import atomic_output
@@ -172,6 +171,8 @@ def _tensor_from_storage(
     span = FileRange(path, storage.offset + offset * row.itemsize, (last - offset + 1) * row.itemsize)
     buffer = bytearray(span.nbytes)
     span.readinto(memoryview(buffer))
+    import numpy as np  # only strided views need it; keeps start-up fast
+
     elements = np.frombuffer(buffer, dtype=np.dtype(f"V{row.itemsize}"))
     view = np.lib.stride_tricks.as_strided(
         elements, shape=shape, strides=tuple(step * row.itemsize for step in stride), writeable=False
