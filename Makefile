@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint check clean bench
+.PHONY: venv demo test lint check clean bench fuzz
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ clean:
 bench: $(STAMP)
 	$(PY) bench/bench.py
 	$(PY) bench/bench.py --scaling
+
+fuzz: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt atheris
+	$(PY) fuzz/fuzz_readers.py -max_total_time=600 fuzz/corpus

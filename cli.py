@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--select", metavar="PATH", help="write only this sub-tree, e.g. model_state_dict")
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument("--check", action="store_true", help="re-hash tensors against the digests SRC stores")
     convert.add_argument(
         "--no-fsync", action="store_true", help="skip fsync before the atomic rename (faster, not crash-durable)"
     )
@@ -60,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("--from", dest="format", metavar="FMT")
     schema.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
 
-    verify = commands.add_parser("verify", help="exit 0 if A and B are bit-identical, 1 with the differences")
+    verify = commands.add_parser(
+        "verify", help="exit 0 if A and B are bit-identical (and, with --deep, match their stored digests), else 1"
+    )
     verify.add_argument("a", type=Path)
-    verify.add_argument("b", type=Path)
+    verify.add_argument("b", type=Path, nargs="?", help="omit with --deep to check A alone")
+    verify.add_argument("--deep", action="store_true", help="also re-hash every tensor against its stored BLAKE3")
 
     commands.add_parser("formats", help="the registered formats, their suffixes and dtypes")
 
@@ -111,13 +115,23 @@ def run(args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
     elif args.command == "verify":
-        problems = converters.verify(args.a, args.b)
+        if args.b is None and not args.deep:
+            raise UsageError("sdconvert verify: give two files, or --deep to check one against its digests")
+        problems = converters.verify(args.a, args.b, deep=args.deep)
+        subject = f"{args.a} and {args.b}" if args.b else str(args.a)
         if problems:
-            print(f"{len(problems)} difference(s) between {args.a} and {args.b}:")
+            print(
+                f"{len(problems)} difference(s) in {subject}:"
+                if args.b is None
+                else f"{len(problems)} difference(s) between {subject}:"
+            )
             for line in problems:
                 print(f"  {line}")
             return EXIT_DIFFERENT
-        print(f"bit-identical: {args.a} and {args.b}")
+        if args.b is None:
+            print(f"intact: every stored digest of {args.a} matches its tensor bytes")
+        else:
+            print(f"bit-identical: {subject}" + (" (stored digests checked)" if args.deep else ""))
     elif args.command == "formats":
         _formats()
     elif args.command == "demo":
@@ -143,6 +157,8 @@ def _writer_options(args: argparse.Namespace) -> dict[str, object]:
         options["external_data"] = True
     if args.no_fsync:
         options["fsync"] = False
+    if args.check:
+        options["check"] = True
     return options
 
 

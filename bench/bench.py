@@ -30,18 +30,18 @@ FORMATS = {"pt": ".pt", "safetensors": ".safetensors", "msgpack": ".msgpack", "o
 SIZES = {"64M": 512, "256M": 1024, "1G": 2048}  # layer width w for about that many bytes
 LAYERS = 32
 
-MAKE_CHECKPOINT = """
+MAKE_CHECKPOINT = f"""
 import sys, torch
 from torch import nn, optim
 width, path = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
-model = nn.Sequential(*[nn.Linear(width, width) for _ in range({layers})])
+model = nn.Sequential(*[nn.Linear(width, width) for _ in range({LAYERS})])
 optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 for p in model.parameters():
     p.grad = torch.full_like(p, 0.01)
 optimizer.step()
 torch.save({{"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}}, path)
-""".format(layers=LAYERS)
+"""
 
 NAIVE = """
 import sys, torch, safetensors.torch
@@ -95,7 +95,9 @@ def python() -> list[str]:
     return [sys.executable, str(CLI)]
 
 
-def measure_pairs(folder: Path, sources: dict[str, Path], rounds: int, pairs: list[tuple[str, str]]) -> dict[str, Samples]:
+def measure_pairs(
+    folder: Path, sources: dict[str, Path], rounds: int, pairs: list[tuple[str, str]]
+) -> dict[str, Samples]:
     results: dict[str, Samples] = {}
     out = folder / "out"
     for round_index in range(rounds):
@@ -106,7 +108,15 @@ def measure_pairs(folder: Path, sources: dict[str, Path], rounds: int, pairs: li
                 f"cp {src}": ["cp", str(source), str(target)],
                 f"cp+sync {src}": ["sh", "-c", f'cp "{source}" "{target}" && sync "{target}"'],
                 f"ours {src}->{dst}": [*python(), "convert", str(source), str(target), "--quiet", "--force"],
-                f"ours-nofsync {src}->{dst}": [*python(), "convert", str(source), str(target), "--quiet", "--force", "--no-fsync"],
+                f"ours-nofsync {src}->{dst}": [
+                    *python(),
+                    "convert",
+                    str(source),
+                    str(target),
+                    "--quiet",
+                    "--force",
+                    "--no-fsync",
+                ],
             }
             for label, command in commands.items():
                 for leftover in folder.glob("out*"):
@@ -114,7 +124,9 @@ def measure_pairs(folder: Path, sources: dict[str, Path], rounds: int, pairs: li
                 results.setdefault(label, Samples()).add(*run(command))
         if ("pt", "safetensors") in pairs:
             target = out.with_suffix(".safetensors")
-            results.setdefault("naive pt->safetensors", Samples()).add(*run([sys.executable, "-c", NAIVE, str(sources["pt"]), str(target)]))
+            results.setdefault("naive pt->safetensors", Samples()).add(
+                *run([sys.executable, "-c", NAIVE, str(sources["pt"]), str(target)])
+            )
     for leftover in folder.glob("out*"):
         leftover.unlink()
     return results
@@ -162,7 +174,14 @@ def inspect_table(results: dict[str, Samples], names: list[str]) -> list[str]:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, Python {sys.version.split()[0]}"
 
@@ -171,7 +190,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="1G")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--scaling", action="store_true", help="64M, 256M, 1G for pt -> safetensors and msgpack -> onnx")
+    parser.add_argument(
+        "--scaling", action="store_true", help="64M, 256M, 1G for pt -> safetensors and msgpack -> onnx"
+    )
     parser.add_argument("--folder", type=Path, default=None, help="where to put the files (default: a temp folder)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sdconvert-bench-", dir=args.folder))
@@ -188,7 +209,8 @@ def main() -> None:
                     source.unlink()
             return
         sources = prepare(folder, SIZES[args.size])
-        print(f"checkpoint: {sources['pt'].stat().st_size / 2**20:.0f} MiB, {LAYERS * 4} float32 tensors, {args.rounds} rounds, medians\n")
+        size = sources["pt"].stat().st_size / 2**20
+        print(f"checkpoint: {size:.0f} MiB, {LAYERS * 4} float32 tensors, {args.rounds} rounds, medians\n")
         pairs = [(a, b) for a in FORMATS for b in FORMATS if a != b]
         print("\n".join(pair_table(measure_pairs(folder, sources, args.rounds, pairs), pairs)), flush=True)
         print()

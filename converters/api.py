@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import compare, manifests
-from .errors import ConverterError, DestinationError, PathLike, UnknownFormatError
+from . import compare, integrity, manifests
+from .errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnknownFormatError
 from .plugins import SNIFF_BYTES, Format, registry
 from .tree import Checkpoint, parse_select, select
 
@@ -64,13 +64,14 @@ def write(checkpoint: Checkpoint, path: PathLike, format: str | None = None, **o
     registry.resolve(destination, format, for_write=True).write(checkpoint, destination, **options)
 
 
-def load(path: PathLike, format: str | None = None, *, mmap: bool = False) -> Any:
+def load(path: PathLike, format: str | None = None, *, mmap: bool = False, check: bool = False) -> Any:
     """What ``torch.load`` would return for the checkpoint at ``path``, from any format.
 
     Tensors stored 64-byte aligned (all of them in our ``.pt`` files) are mapped from the file
     (copy-on-write) instead of copied. ``mmap=True`` maps every tensor, as
     ``safetensors.torch.load_file`` does; reductions over tensors mapped at other alignments may
-    round differently from freshly allocated ones.
+    round differently from freshly allocated ones. ``check=True`` first re-hashes every tensor that
+    has a stored BLAKE3 digest and raises ``CorruptFileError`` naming the first that does not match.
 
     Example::
 
@@ -79,7 +80,12 @@ def load(path: PathLike, format: str | None = None, *, mmap: bool = False) -> An
     """
     from .torch_bridge import to_torch
 
-    return to_torch(read(path, format), mmap_any=mmap)
+    checkpoint = read(path, format)
+    if check:
+        problems, _ = integrity.check(checkpoint)
+        if problems:
+            raise CorruptFileError(problems[0], file=path)
+    return to_torch(checkpoint, mmap_any=mmap)
 
 
 def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) -> None:
@@ -126,17 +132,32 @@ def convert(
     return destination
 
 
-def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint) -> list[str]:
+def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint | None = None, *, deep: bool = False) -> list[str]:
     """Differences between two checkpoints, in any formats; an empty list means bit-identical.
+
+    With ``deep``, each file's tensors are also re-hashed against the BLAKE3 digests it stores, so
+    a flipped bit is reported with its tensor's path even without a second file to compare with.
 
     Example::
 
         verify("checkpoint.pt", "checkpoint.safetensors")
         # []
     """
-    first = a if isinstance(a, Checkpoint) else read(a)
-    second = b if isinstance(b, Checkpoint) else read(b)
-    return compare.differences(first.tree, second.tree)
+    if b is None and not deep:
+        raise ConverterError("verify needs a second checkpoint, or deep=True to check one against its digests")
+    found = []
+    checkpoints = []
+    for item in (a, b):
+        if item is None:
+            continue
+        checkpoint = item if isinstance(item, Checkpoint) else read(item)
+        checkpoints.append(checkpoint)
+        if deep:
+            problems, _ = integrity.check(checkpoint)
+            found += [f"{checkpoint.origin or 'checkpoint'}: {problem}" for problem in problems]
+    if len(checkpoints) == 2:
+        found += compare.differences(checkpoints[0].tree, checkpoints[1].tree)
+    return found
 
 
 def manifest(path: PathLike, format: str | None = None, *, digests: bool = True) -> dict[str, Any]:

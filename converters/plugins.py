@@ -103,7 +103,8 @@ class FormatRegistry:
             return by_suffix
         if not for_write:
             head = _head(path)
-            for fmt in [*self._loaded(), *self]:
+            candidates: list[Format] = [*self._loaded(), *self]
+            for fmt in candidates:
                 if fmt.sniff(head):
                     return fmt
         known = ", ".join(f"{f.name} ({' '.join(f.suffixes)})" for f in self)

@@ -9,8 +9,9 @@ from typing import Any
 from ..errors import ConverterError, CorruptFileError, UnsupportedValueError
 from ..tree import Checkpoint
 
-# Options every writer takes: a progress callback (bytes done) and whether to fsync.
-WRITE_OPTIONS = ("progress", "fsync")
+# Options every writer takes: a progress callback (bytes done), whether to fsync, and whether to
+# re-hash tensors that carry a digest from their source (see converters.integrity).
+WRITE_OPTIONS = ("progress", "fsync", "check")
 
 
 def read_digests(text: bytes | str, file: Path, what: str) -> dict[str, str]:

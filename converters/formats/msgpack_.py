@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..integrity import needs_hashing, settle
 from ..sources import ByteSource, ConcatSource, FileRange, slice_source
 from ..transfer import Checks, Progress, copy_into
 from ..tree import MAPPING_TYPES, Checkpoint, TensorRef, validate, walk
@@ -88,7 +89,9 @@ class MsgpackFormat:
             out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(first)))
             meta_offset = out.tell()
             out.write(first)
-            emit = _Emitter(self.max_leaf_bytes, out, keys, options.get("progress"))
+            emit = _Emitter(
+                self.max_leaf_bytes, out, keys, options.get("progress"), checkpoint.origin, options.get("check", False)
+            )
             if wrapped:
                 out.write(codec.pack_str(WRAPPED_ROOT_KEY))
                 emit.node(tree, ())
@@ -121,9 +124,17 @@ class _Emitter:
     """Writes the native tree of one file; remembers which tensors it wrote, to tie the others."""
 
     def __init__(
-        self, max_leaf_bytes: int, out: BinaryIO, keys: dict[tuple[str | int, ...], str], progress: Progress | None
+        self,
+        max_leaf_bytes: int,
+        out: BinaryIO,
+        keys: dict[tuple[str | int, ...], str],
+        progress: Progress | None,
+        origin: Path | None,
+        check: bool,
     ) -> None:
         self.max_leaf_bytes, self.out, self.keys, self.progress = max_leaf_bytes, out, keys, progress
+        self.origin = origin
+        self.check = check
         self.written: set[int] = set()
         self.digests: dict[str, str] = {}  # storage key -> BLAKE3 of the tensor's bytes
 
@@ -142,12 +153,12 @@ class _Emitter:
             out.write(codec.ext_header(EXT_TIED, len(key)) + key)
         elif kind is TensorRef:
             self.written.add(id(node))
-            checks = Checks.make(digest=True)
+            checks = Checks.make(digest=needs_hashing(node, self.check))
             if node.nbytes > self.max_leaf_bytes:
                 self.chunked(node, checks)
             else:
                 self.ndarray(node.dtype, node.shape, node.source, checks)
-            self.digests[self.keys[path]] = checks.hexdigest() or DIGEST_PLACEHOLDER
+            self.digests[self.keys[path]] = settle(node, checks.hexdigest(), path, self.origin)
         else:
             out.write(codec.pack_plain(node, bigint_ext=EXT_BIGINT))
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
-
 from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
+from ..integrity import needs_hashing, settle
 from ..sources import BufferSource, ByteSource, FileRange
 from ..transfer import Checks, Progress, copy_into
 from ..tree import Checkpoint, TensorRef, validate, walk
@@ -70,6 +70,7 @@ class _Planned:
     ref: TensorRef
     onnx_type: int
     dims: tuple[int, ...]
+    path: tuple[str | int, ...] = ()
     external_offset: int | None = None
     header: bytes = field(default=b"")
 
@@ -151,10 +152,10 @@ class OnnxFormat:
                 f"{total} bytes of tensors exceed protobuf's 2 GB limit; write with external data "
                 "(external_data=True / --external-data)"
             )
-        fsync, progress = options.get("fsync", True), options.get("progress")
+        fsync, progress, check = options.get("fsync", True), options.get("progress"), options.get("check", False)
         if external:
             outside = [p for p in planned if p.external_offset is not None]
-            digests.update(_write_external_data(data_path, outside, fsync, progress))
+            digests.update(_write_external_data(data_path, outside, fsync, progress, check))
             # The data file is in place; remove the old model so no reader pairs it with new data.
             path.unlink(missing_ok=True)
         with atomic_output(path, fsync=fsync) as out:
@@ -165,13 +166,13 @@ class OnnxFormat:
             for proto in constant_protos:
                 out.write(wire.len_header(5, len(proto)) + proto)
             for item in main:
-                _write_tensor(out, item, digests, progress)
+                _write_tensor(out, item, digests, progress, check)
             if rest:
                 init_length = len(wire.string_field(2, "sdconvert_state")) + sum(_embedded(p.length) for p in rest)
                 out.write(wire.len_header(20, _embedded(init_length)) + wire.len_header(1, init_length))
                 out.write(wire.string_field(2, "sdconvert_state"))
                 for item in rest:
-                    _write_tensor(out, item, digests, progress)
+                    _write_tensor(out, item, digests, progress, check)
             final = _metadata(checkpoint.tree, names, planned, constants, digests)
             assert len(final) == len(metadata)  # same keys, digests of the same length
             end = out.tell()
@@ -252,11 +253,11 @@ def initializer_names(tree: Any) -> dict[tuple[str | int, ...], str]:
 # ----------------------------------------------------------------------------------- writing helpers
 
 
-def _plan(name: str, ref: TensorRef, tensor_path: TreePath) -> _Planned:
+def _plan(name: str, ref: TensorRef, tensor_path: tuple[str | int, ...]) -> _Planned:
     row = dtypes.DTYPES[ref.dtype]
     if row.onnx is None:  # the documented fallback: the bytes as uint8, the real dtype in metadata
-        return _Planned(name, ref, dtypes.DTYPES["uint8"].onnx or 2, (ref.nbytes,))
-    return _Planned(name, ref, row.onnx, ref.shape)
+        return _Planned(name, ref, dtypes.DTYPES["uint8"].onnx or 2, (ref.nbytes,), tensor_path)
+    return _Planned(name, ref, row.onnx, ref.shape, tensor_path)
 
 
 def _partition(
@@ -304,13 +305,19 @@ def _tensor_header(item: _Planned, data_name: str) -> bytes:
     return header
 
 
-def _write_tensor(out: BinaryIO, item: _Planned, digests: dict[str, str], progress: Progress | None) -> None:
+def _write_tensor(
+    out: BinaryIO, item: _Planned, digests: dict[str, str], progress: Progress | None, check: bool
+) -> None:
     out.write(wire.len_header(5, item.length) + item.header)
     if item.external_offset is None:
         out.write(wire.len_header(RAW_DATA, item.ref.nbytes))
-        checks = Checks.make(digest=True)
+        checks = Checks.make(digest=needs_hashing(item.ref, check))
         copy_into(out, item.ref.source, checks, progress)
-        digests[item.name] = checks.hexdigest() or DIGEST_PLACEHOLDER
+        digests[item.name] = settle(item.ref, checks.hexdigest(), item.path, _origin(item.ref))
+
+
+def _origin(ref: TensorRef) -> Path | None:
+    return ref.source.path if isinstance(ref.source, FileRange) else None
 
 
 def _embedded(length: int) -> int:
@@ -366,7 +373,7 @@ def _metadata(
 
 
 def _write_external_data(
-    data_path: Path, items: list[_Planned], fsync: bool, progress: Progress | None
+    data_path: Path, items: list[_Planned], fsync: bool, progress: Progress | None, check: bool
 ) -> dict[str, str]:
     """The external data file, written atomically: each tensor at its aligned offset."""
     digests = {}
@@ -375,9 +382,9 @@ def _write_external_data(
         for item in items:
             assert item.external_offset is not None
             out.write(bytes(item.external_offset - position))
-            checks = Checks.make(digest=True)
+            checks = Checks.make(digest=needs_hashing(item.ref, check))
             copy_into(out, item.ref.source, checks, progress)
-            digests[item.name] = checks.hexdigest() or DIGEST_PLACEHOLDER
+            digests[item.name] = settle(item.ref, checks.hexdigest(), item.path, _origin(item.ref))
             position = item.external_offset + item.ref.nbytes
     return digests
 

@@ -18,10 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-
 from .. import dtypes
 from ..atomic import atomic_output
 from ..errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..integrity import needs_hashing, settle
 from ..sources import BufferSource, FileRange
 from ..tree import Checkpoint, TensorRef, validate
 from .common import WRITE_OPTIONS, read_digests, reject_options
@@ -103,9 +103,11 @@ class PtFormat:
             archive.add(f"{ARCHIVE}/data.pkl", pickled)
             archive.add(f"{ARCHIVE}/byteorder", b"little")
             digests = {}
-            for _, ref in unique:
+            for tensor_path, ref in unique:
                 key = key_of[id(ref)]
-                digests[key] = archive.add(f"{ARCHIVE}/data/{key}", ref.source, digest=True, progress=progress)
+                hashing = needs_hashing(ref, options.get("check", False))
+                computed = archive.add(f"{ARCHIVE}/data/{key}", ref.source, digest=hashing, progress=progress)
+                digests[key] = settle(ref, computed, tensor_path, checkpoint.origin)
             archive.add(f"{ARCHIVE}/.format_version", b"1")
             archive.add(f"{ARCHIVE}/.storage_alignment", b"64")
             archive.add(f"{ARCHIVE}/version", b"3\n")

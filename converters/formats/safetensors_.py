@@ -25,6 +25,7 @@ from typing import Any
 from .. import dtypes, manifests
 from ..atomic import atomic_output
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..integrity import needs_hashing, settle
 from ..sources import FileRange
 from ..transfer import Checks, copy_into
 from ..tree import Checkpoint, TensorRef, validate
@@ -129,9 +130,9 @@ class SafetensorsFormat:
             out.write(struct.pack("<Q", len(first)))
             out.write(first)
             for tensor_path, ref in order:
-                checks = Checks.make(digest=True)
+                checks = Checks.make(digest=needs_hashing(ref, options.get("check", False)))
                 copy_into(out, ref.source, checks, progress)
-                digests[keys[tensor_path]] = checks.hexdigest() or PLACEHOLDER
+                digests[keys[tensor_path]] = settle(ref, checks.hexdigest(), tensor_path, checkpoint.origin)
             final = encode_header()
             assert len(final) == len(first)  # same keys, digests of the same length
             end = out.tell()

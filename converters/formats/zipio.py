@@ -40,14 +40,14 @@ def stored_entries(path: Path, file_size: int) -> dict[str, StoredEntry]:
     """Every entry of the archive with where its bytes are; refuses entries that lie about their place."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, OverflowError, NotImplementedError) as exc:
         raise CorruptFileError(f"not a readable zip archive: {exc}", file=path) from None
     entries: dict[str, StoredEntry] = {}
     with archive, open(path, "rb") as handle:
         for info in archive.infolist():
             if info.filename in entries:
                 raise CorruptFileError(f"zip entry {info.filename!r} appears twice", file=path)
-            if info.header_offset + LOCAL_HEADER.size > file_size:
+            if info.header_offset < 0 or info.header_offset + LOCAL_HEADER.size > file_size:
                 raise CorruptFileError(
                     f"zip entry {info.filename!r} starts at {info.header_offset}, past the end ({file_size})",
                     file=path,

@@ -1,0 +1,60 @@
+"""atheris target: every reader on arbitrary bytes; anything but ConverterError is a finding.
+
+    make fuzz                                   # 10 minutes, seeds from valid files
+    .venv/bin/python fuzz/fuzz_readers.py -max_total_time=3600 fuzz/corpus
+
+The first input byte picks the format, the rest is the file.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import atheris
+
+with atheris.instrument_imports():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import converters
+    from converters import manifests
+    from converters.formats import BUILTIN_FORMATS
+    from converters.sources import read_all
+
+FORMATS = [fmt.name for fmt in BUILTIN_FORMATS]
+FOLDER = Path(tempfile.mkdtemp(prefix="sdconvert-fuzz-"))
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    fmt = FORMATS[data[0] % len(FORMATS)]
+    path = FOLDER / "input"
+    path.write_bytes(data[1:])
+    try:
+        checkpoint = converters.read(path, fmt)
+        for _, ref in checkpoint.unique_tensors():
+            read_all(ref.source)
+        manifests.build(checkpoint)
+    except converters.ConverterError:
+        pass
+
+
+def write_seeds(corpus: Path) -> None:
+    """Valid files of every format, as starting points for mutation."""
+    import torch
+
+    corpus.mkdir(parents=True, exist_ok=True)
+    tree = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 1, "betas": (0.9, 0.99)}
+    for index, fmt in enumerate(BUILTIN_FORMATS):
+        path = FOLDER / f"seed{fmt.suffixes[0]}"
+        converters.save(tree, path)
+        (corpus / f"seed-{fmt.name}").write_bytes(bytes([index]) + path.read_bytes())
+
+
+if __name__ == "__main__":
+    corpora = [Path(arg) for arg in sys.argv[1:] if not arg.startswith("-")]
+    for corpus in corpora:
+        write_seeds(corpus)
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()

@@ -1,0 +1,92 @@
+"""Fuzzing in the normal suite: valid files of every format, mutated by hypothesis, fed to every
+reader. Only ConverterError may come out; reading the tensors' bytes must not escape either.
+`make fuzz` runs the same readers under atheris for long, coverage-guided sessions."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import builtin_formats
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import converters
+from converters import manifests
+from converters.sources import read_all
+
+FORMATS = builtin_formats()
+
+
+def sample_tree() -> dict[str, Any]:
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    return {
+        "model": {"w": weight, "b": torch.ones(3, dtype=torch.bfloat16), "tied": weight},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]},
+        "epoch": 2,
+        "name": "fuzz",
+    }
+
+
+@pytest.fixture(scope="module")
+def valid_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("seeds")
+    files = {}
+    for name, suffix in FORMATS.items():
+        path = folder / f"seed{suffix}"
+        converters.save(sample_tree(), path)
+        files[name] = path.read_bytes()
+    return files
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+    st.tuples(st.just("set"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.binary(min_size=1, max_size=9)),
+    st.tuples(st.just("delete"), st.integers(0, 10**6), st.integers(1, 64)),
+    st.tuples(st.just("repeat"), st.integers(0, 10**6), st.integers(1, 64)),
+)
+
+
+def mutate(data: bytes, steps: list[tuple[str, int, Any]]) -> bytes:
+    out = bytearray(data)
+    for kind, where, arg in steps:
+        position = where % (len(out) + 1)
+        if kind == "flip" and out:
+            out[position % len(out)] ^= 1 << arg
+        elif kind == "set" and out:
+            out[position % len(out)] = arg
+        elif kind == "truncate":
+            del out[position:]
+        elif kind == "insert":
+            out[position:position] = arg
+        elif kind == "delete":
+            del out[position : position + arg]
+        elif kind == "repeat":
+            out[position:position] = out[position : position + arg]
+    return bytes(out)
+
+
+def read_everything(path: Path, fmt: str) -> None:
+    checkpoint = converters.read(path, fmt)
+    for _, ref in checkpoint.unique_tensors():
+        read_all(ref.source)
+    manifests.build(checkpoint)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@settings(
+    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(steps=st.lists(mutation, min_size=1, max_size=4))
+def test_mutated_files_raise_only_converter_errors(valid_files: dict[str, bytes], fmt: str, steps: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"mutated{FORMATS[fmt]}"
+        path.write_bytes(mutate(valid_files[fmt], steps))
+        with contextlib.suppress(converters.ConverterError):  # anything else fails the test
+            read_everything(path, fmt)
