@@ -68,6 +68,14 @@ def tensor_pickle(numel_in_record: int, size: tuple[int, ...], storage_key: str 
     )
 
 
+def forge_record_size(archive: bytes) -> bytes:
+    """The central directory says data/0 holds nearly 4 GiB; the file is a few hundred bytes."""
+    name = b"archive/data/0"
+    entry = archive.rindex(b"PK\x01\x02", 0, archive.rindex(name))
+    forged = struct.pack("<II", 0xFFFFFF00, 0xFFFFFF00)  # compressed and uncompressed sizes
+    return archive[: entry + 20] + forged + archive[entry + 28 :]
+
+
 GLOBAL_OS_SYSTEM = b"\x80\x02cos\nsystem\nX\x0a\x00\x00\x00echo pwned\x85R."
 STACK_GLOBAL_EVAL = b"\x80\x04\x8c\x08builtins\x94\x8c\x04eval\x94\x93\x8c\x051 + 1\x85R."
 INST_OPCODE = b"(ibuiltins\nlist\n."
@@ -170,6 +178,18 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         UnsafeFileError,
         r"data.pkl uses the pickle opcode SHORT_BINBYTES",
     ),
+    ("subprocess-popen", "x.pt", lambda: pickle_zip(b"\x80\x02csubprocess\nPopen\nX\x02\x00\x00\x00ls\x85R."), UnsafeFileError,
+     r"data.pkl asks for the global subprocess.Popen at byte 2; refusing to run pickled code"),
+    ("getattr-chain", "x.pt", lambda: pickle_zip(b"\x80\x02cbuiltins\ngetattr\nccollections\nOrderedDict\nX\x08\x00\x00\x00__init__\x86R."), UnsafeFileError,
+     r"data.pkl asks for the global builtins.getattr at byte 2; refusing to run pickled code"),
+    ("rebuild-wrong-args", "x.pt", lambda: pickle_zip(b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(X\x01\x00\x00\x00aK\x00K\x00K\x00\x89NtR."), CorruptFileError,
+     r"_rebuild_tensor_v2 needs a typed storage"),
+    ("forged-record-size", "x.pt", lambda: forge_record_size(pickle_zip(tensor_pickle(4, (2, 2)), {"0": b"\x00" * 16})), CorruptFileError,
+     r"zip entry 'archive/data/0' declares 4294967040 bytes at offset \d+, beyond the file's \d+ bytes"),
+    ("json-depth-bomb", "x.safetensors", lambda: safetensors_bytes(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), CorruptFileError,
+     r"the safetensors header is nested too deeply"),
+    ("overflowing-dims", "x.safetensors", lambda: safetensors_bytes({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 0]}}), CorruptFileError,
+     r"tensor 'a': F32\[4611686018427387904, 4611686018427387904\] needs 85070591730234615865843651857942052864 bytes, data_offsets span 0"),
     (
         "tiny-safetensors",
         "x.safetensors",
