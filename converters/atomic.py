@@ -42,6 +42,19 @@ def atomic_output(destination: Path, *, fsync: bool = True) -> Iterator[BinaryIO
         _fsync_folder(folder)
 
 
+def overwrite(out: BinaryIO, offset: int, data: bytes, placeholder_length: int) -> None:
+    """Rewrite bytes written earlier (a header whose digests are known only now), in place.
+
+    Writers reserve the room with placeholders of the final length, so nothing after moves.
+    """
+    if len(data) != placeholder_length:
+        raise AssertionError(f"rewritten header is {len(data)} bytes, its placeholder {placeholder_length}")
+    end = out.tell()
+    out.seek(offset)
+    out.write(data)
+    out.seek(end)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

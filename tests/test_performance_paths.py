@@ -146,3 +146,18 @@ def test_progress_callback_counts_every_tensor_byte(tmp_path: Path, recipe_pt: P
     converters.convert(recipe_pt, tmp_path / "p.msgpack", progress=lambda done, total: seen.append((done, total)))
     total = sum(ref.nbytes for _, ref in converters.read(recipe_pt).unique_tensors())
     assert sum(done for done, _ in seen) == total and {t for _, t in seen} == {total}
+
+
+def test_progress_bar_appears_only_for_big_conversions(capsys: pytest.CaptureFixture[str]) -> None:
+    import cli
+
+    small = cli._ProgressBar("small.pt")
+    small(1 << 20, 10 << 20)
+    small.close()
+    assert small.bar is None and capsys.readouterr().err == ""
+    big = cli._ProgressBar("big.pt")
+    for _ in range(4):
+        big(64 << 20, 256 << 20)
+    assert big.bar is not None and big.bar.n == 256 << 20
+    big.close()
+    assert "big.pt" in capsys.readouterr().err

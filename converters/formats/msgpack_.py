@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import dtypes, manifests
-from ..atomic import atomic_output
+from ..atomic import atomic_output, overwrite
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..integrity import needs_hashing, settle
 from ..sources import ByteSource, ConcatSource, FileRange, slice_source
@@ -98,12 +98,7 @@ class MsgpackFormat:
             else:
                 emit.items(tree, ())
             digests.update(emit.digests)
-            final = pack_meta()
-            assert len(final) == len(first)  # same keys, digests of the same length
-            end = out.tell()
-            out.seek(meta_offset)
-            out.write(final)
-            out.seek(end)
+            overwrite(out, meta_offset, pack_meta(), len(first))
 
     # ------------------------------------------------------------------------------- reading
 

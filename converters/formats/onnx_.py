@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import dtypes, manifests
-from ..atomic import atomic_output
+from ..atomic import atomic_output, overwrite
 from ..errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ..integrity import needs_hashing, settle
 from ..sources import BufferSource, ByteSource, FileRange
@@ -173,12 +173,9 @@ class OnnxFormat:
                 out.write(wire.string_field(2, "sdconvert_state"))
                 for item in rest:
                     _write_tensor(out, item, digests, progress, check)
-            final = _metadata(checkpoint.tree, names, planned, constants, digests)
-            assert len(final) == len(metadata)  # same keys, digests of the same length
-            end = out.tell()
-            out.seek(metadata_offset)
-            out.write(final)
-            out.seek(end)
+            overwrite(
+                out, metadata_offset, _metadata(checkpoint.tree, names, planned, constants, digests), len(metadata)
+            )
 
     # ------------------------------------------------------------------------------- reading
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import dtypes, manifests
-from ..atomic import atomic_output
+from ..atomic import atomic_output, overwrite
 from ..errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..integrity import needs_hashing, settle
 from ..sources import FileRange
@@ -133,12 +133,7 @@ class SafetensorsFormat:
                 checks = Checks.make(digest=needs_hashing(ref, options.get("check", False)))
                 copy_into(out, ref.source, checks, progress)
                 digests[keys[tensor_path]] = settle(ref, checks.hexdigest(), tensor_path, checkpoint.origin)
-            final = encode_header()
-            assert len(final) == len(first)  # same keys, digests of the same length
-            end = out.tell()
-            out.seek(8)
-            out.write(final)
-            out.seek(end)
+            overwrite(out, 8, encode_header(), len(first))
 
 
 def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[str, TensorRef]:
