@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     onnx.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape traced by the export")
     onnx.add_argument("--external-data", action="store_true", help="store tensors in DST.data (automatic past 2 GB)")
+    shards = convert.add_argument_group("safetensors output")
+    shards.add_argument(
+        "--max-shard-size", metavar="SIZE", help="write DST as a folder of shards + index, e.g. 5GB or 512MiB"
+    )
 
     inspect = commands.add_parser("inspect", help="list keys, dtypes and shapes, then the other values")
     inspect.add_argument("file", type=Path)
@@ -159,6 +163,8 @@ def _writer_options(args: argparse.Namespace) -> dict[str, object]:
         options["fsync"] = False
     if args.check:
         options["check"] = True
+    if args.max_shard_size:
+        options["max_shard_size"] = args.max_shard_size
     return options
 
 
@@ -187,6 +193,7 @@ class _ProgressBar:
 
 def _inspect(path: Path, format: str | None) -> None:
     import converters
+    from converters.api import stored_size
     from converters.plugins import registry
     from converters.report import describe, human_bytes
 
@@ -196,9 +203,8 @@ def _inspect(path: Path, format: str | None) -> None:
     tied = len(list(checkpoint.tensors())) - len(tensors)
     total = sum(ref.nbytes for _, ref in tensors)
     also = f", {tied} more paths tied to them" if tied else ""
-    print(
-        f"{path}: {fmt.name}, {human_bytes(path.stat().st_size)}, {len(tensors)} tensors ({human_bytes(total)}){also}"
-    )
+    size = human_bytes(stored_size(path))
+    print(f"{path}: {fmt.name}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
     for line in describe(checkpoint.tree):
         print(line)
 

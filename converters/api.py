@@ -41,6 +41,14 @@ def read(path: PathLike, format: str | None = None, *, select_path: str | None =
     return checkpoint
 
 
+def stored_size(path: PathLike) -> int:
+    """Bytes on disk: the file's, or for a folder (sharded checkpoint) all its files'."""
+    source = Path(path)
+    if source.is_dir():
+        return sum(p.stat().st_size for p in source.iterdir() if p.is_file())
+    return source.stat().st_size
+
+
 def _check_contents_match_name(source: Path, fmt: Format) -> None:
     """A file whose suffix names one format but whose bytes are another's gets a helpful error."""
     if source.is_dir():
@@ -168,5 +176,5 @@ def manifest(path: PathLike, format: str | None = None, *, digests: bool = True)
     source = Path(path)
     fmt = registry.resolve(source, format)
     result = manifests.build(read(source, fmt.name), digests=digests)
-    result["file"] = {"name": source.name, "format": fmt.name, "bytes": source.stat().st_size}
+    result["file"] = {"name": source.name, "format": fmt.name, "bytes": stored_size(source)}
     return result

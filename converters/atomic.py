@@ -7,6 +7,7 @@ that fails removes its temporary file.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,49 @@ def atomic_output(destination: Path, *, fsync: bool = True) -> Iterator[BinaryIO
         raise
     if fsync:
         _fsync_folder(folder)
+
+
+@contextmanager
+def atomic_folder(destination: Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder that becomes ``destination`` when the block completes.
+
+    An existing destination is replaced only if it holds nothing but what a sharded checkpoint
+    holds (shards and an index), so a mistaken destination never deletes a user's folder.
+    """
+    destination = Path(destination)
+    parent = destination.parent if str(destination.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=parent))
+    try:
+        yield staging
+        if fsync:
+            _fsync_folder(staging)
+        if destination.exists():
+            _require_replaceable(destination)
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=parent))
+            os.rename(destination, retired / destination.name)
+            os.rename(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if fsync:
+        _fsync_folder(parent)
+
+
+def _require_replaceable(destination: Path) -> None:
+    from .errors import DestinationError
+
+    if not destination.is_dir():
+        raise DestinationError("exists and is not a folder; a sharded checkpoint is a folder", file=destination)
+    strangers = [
+        p.name for p in destination.iterdir() if not (p.name.endswith((".safetensors", ".index.json")) and p.is_file())
+    ]
+    if strangers:
+        raise DestinationError(
+            f"is a folder holding other files ({strangers[0]!r}); refusing to replace it", file=destination
+        )
 
 
 def overwrite(out: BinaryIO, offset: int, data: bytes, placeholder_length: int) -> None:

@@ -101,6 +101,12 @@ class FormatRegistry:
         by_suffix = self.for_suffix(path)
         if by_suffix is not None:
             return by_suffix
+        if not for_write and path.is_dir():
+            # A folder is a checkpoint when a format recognises it (a sharded safetensors index).
+            folder_readers: list[Format] = [*self._loaded(), *self]
+            for fmt in folder_readers:
+                if getattr(fmt, "reads_folder", lambda _path: False)(path):
+                    return fmt
         if not for_write:
             head = _head(path)
             candidates: list[Format] = [*self._loaded(), *self]

@@ -322,7 +322,7 @@ def test_a_model_whose_graph_needs_tensors_the_checkpoint_lacks_is_refused(tmp_p
 
 
 def test_other_writers_refuse_onnx_options(tmp_path: Path) -> None:
-    with pytest.raises(converters.ConverterError, match="the safetensors writer takes no options; got model"):
+    with pytest.raises(converters.ConverterError, match="the safetensors writer takes only max_shard_size; got model"):
         converters.save({"w": torch.ones(1)}, tmp_path / "w.safetensors", model=recipe.Net())
 
 

@@ -29,6 +29,7 @@ from ..integrity import needs_hashing, settle
 from ..sources import FileRange
 from ..transfer import Checks, copy_into
 from ..tree import Checkpoint, TensorRef, validate
+from . import sharded
 from .common import loads_json_strict, read_digests, reject_options, require_dtypes
 
 MAX_HEADER_BYTES = 100_000_000
@@ -41,12 +42,15 @@ HEADER_ALIGN = 64  # the format needs 8; 64 starts the data where torch would al
 
 class SafetensorsFormat:
     name = "safetensors"
-    suffixes: tuple[str, ...] = (".safetensors",)
+    suffixes: tuple[str, ...] = (".safetensors", sharded.INDEX_SUFFIX)
     description = "safetensors (Hugging Face): Python, Rust, JS, transformers, candle, MLX"
     dtypes = frozenset(name for name, row in dtypes.DTYPES.items() if row.safetensors)
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self.max_header_bytes = max_header_bytes
+
+    def reads_folder(self, path: Path) -> bool:
+        return sharded.index_in(path) is not None
 
     def sniff(self, head: bytes) -> bool:
         if len(head) < 10:
@@ -56,6 +60,11 @@ class SafetensorsFormat:
 
     def read(self, path: Path) -> Checkpoint:
         path = Path(path)
+        index = sharded.index_in(path) if path.is_dir() else path if path.name.endswith(sharded.INDEX_SUFFIX) else None
+        if index is not None:
+            return sharded.read_sharded(self, index)
+        if path.is_dir():
+            raise CorruptFileError(f"the folder holds no {sharded.INDEX_NAME}", file=path)
         header, data_start = self._read_header(path)
         metadata = header.pop("__metadata__", None)
         if metadata is not None and (type(metadata) is not dict or any(type(v) is not str for v in metadata.values())):
@@ -94,8 +103,13 @@ class SafetensorsFormat:
         return header, 8 + length
 
     def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
-        reject_options(self.name, options)
+        reject_options(self.name, options, ("max_shard_size",))
         require_dtypes(checkpoint, self.name, self.dtypes)
+        if options.get("max_shard_size") is not None:
+            limit = sharded.parse_size(options.pop("max_shard_size"))
+            sharded.write_sharded(self, checkpoint, Path(path), limit, options)
+            return
+        options.pop("max_shard_size", None)
         progress = options.get("progress")
         keys = manifests.storage_keys(checkpoint.tree)
         tensors = checkpoint.unique_tensors()  # a tied tensor is stored once; the tree names it twice
