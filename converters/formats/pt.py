@@ -47,47 +47,7 @@ class PtFormat:
 
     def read(self, path: Path) -> Checkpoint:
         path = Path(path)
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        if head[:1] == b"\x80":
-            raise UnsafeFileError(
-                "this is a legacy (pre-1.6, non-zip) torch file; it is read only by unpickling "
-                "arbitrary code, so it is refused. Re-save it with a current torch.save",
-                file=path,
-            )
-        entries = stored_entries(path, size)
-        prefix = _archive_prefix(entries, path)
-        if prefix + "constants.pkl" in entries:
-            raise UnsupportedValueError(
-                "this is a TorchScript archive (torch.jit.save), not a checkpoint; "
-                "save its state_dict() with torch.save instead",
-                file=path,
-            )
-        byteorder = entries.get(prefix + "byteorder")
-        if byteorder is not None and _read(path, byteorder) != b"little":
-            raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
-        data = _read(path, entries[prefix + "data.pkl"])
-        prescan(data, path)
-        record = entries.get(prefix + DIGESTS_RECORD)
-        digests = read_digests(_read(path, record), path, DIGESTS_RECORD) if record else {}
-
-        def storage_for_key(key: str) -> tuple[int, int]:
-            entry = entries.get(f"{prefix}data/{key}")
-            if entry is None:
-                raise CorruptFileError(
-                    f"data.pkl refers to storage {key!r}, but there is no record data/{key}", file=path
-                )
-            return entry.data_offset, entry.size
-
-        def gather(
-            storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
-        ) -> TensorRef:
-            ref = _tensor_from_storage(path, size, storage, row, offset, shape, stride)
-            whole = offset == 0 and ref.nbytes == storage.nbytes and isinstance(ref.source, FileRange)
-            return replace(ref, digest=digests.get(storage.key)) if whole else ref
-
-        tree = unpickle(SafeUnpickler(data, path, storage_for_key, gather), path)
+        tree = read_archive(path)
         validate(tree, file=path)
         return Checkpoint(tree, path)
 
@@ -113,6 +73,53 @@ class PtFormat:
             archive.add(f"{ARCHIVE}/version", b"3\n")
             archive.add(f"{ARCHIVE}/{DIGESTS_RECORD}", json.dumps(digests, separators=(",", ":")).encode())
             archive.close()
+
+
+def read_archive(path: Path, base: int = 0, length: int | None = None) -> Any:
+    """The tree of the torch zip archive in ``length`` bytes of ``path`` from ``base``.
+
+    The whole file by default; a DCP data file holds one such archive per tensor or value.
+    """
+    size = path.stat().st_size - base if length is None else length
+    with open(path, "rb") as handle:
+        handle.seek(base)
+        head = handle.read(4)
+    if head[:1] == b"\x80":
+        raise UnsafeFileError(
+            "this is a legacy (pre-1.6, non-zip) torch file; it is read only by unpickling "
+            "arbitrary code, so it is refused. Re-save it with a current torch.save",
+            file=path,
+        )
+    entries = stored_entries(path, size, base)
+    prefix = _archive_prefix(entries, path)
+    if prefix + "constants.pkl" in entries:
+        raise UnsupportedValueError(
+            "this is a TorchScript archive (torch.jit.save), not a checkpoint; "
+            "save its state_dict() with torch.save instead",
+            file=path,
+        )
+    byteorder = entries.get(prefix + "byteorder")
+    if byteorder is not None and _read(path, byteorder) != b"little":
+        raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
+    data = _read(path, entries[prefix + "data.pkl"])
+    prescan(data, path)
+    record = entries.get(prefix + DIGESTS_RECORD)
+    digests = read_digests(_read(path, record), path, DIGESTS_RECORD) if record else {}
+
+    def storage_for_key(key: str) -> tuple[int, int]:
+        entry = entries.get(f"{prefix}data/{key}")
+        if entry is None:
+            raise CorruptFileError(f"data.pkl refers to storage {key!r}, but there is no record data/{key}", file=path)
+        return entry.data_offset, entry.size
+
+    def gather(
+        storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+    ) -> TensorRef:
+        ref = _tensor_from_storage(path, size, storage, row, offset, shape, stride)
+        whole = offset == 0 and ref.nbytes == storage.nbytes and isinstance(ref.source, FileRange)
+        return replace(ref, digest=digests.get(storage.key)) if whole else ref
+
+    return unpickle(SafeUnpickler(data, path, storage_for_key, gather), path)
 
 
 def _archive_prefix(entries: dict[str, StoredEntry], path: Path) -> str:

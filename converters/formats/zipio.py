@@ -7,11 +7,12 @@ data), data, then the central directory, with ZIP64 records when sizes or offset
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import CorruptFileError
 from ..sources import BufferSource, ByteSource
@@ -36,37 +37,82 @@ class StoredEntry:
     compressed: bool
 
 
-def stored_entries(path: Path, file_size: int) -> dict[str, StoredEntry]:
-    """Every entry of the archive with where its bytes are; refuses entries that lie about their place."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, OverflowError, NotImplementedError) as exc:
-        raise CorruptFileError(f"not a readable zip archive: {exc}", file=path) from None
+class _Window(io.RawIOBase):
+    """``length`` bytes of an open file from ``base``, seen as a whole file (an archive inside a file)."""
+
+    def __init__(self, handle: BinaryIO, base: int, length: int) -> None:
+        self._handle, self._base, self._length, self._position = handle, base, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        origin = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, origin + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        count = max(0, min(len(buffer), self._length - self._position))
+        self._handle.seek(self._base + self._position)
+        data = self._handle.read(count)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
+def stored_entries(path: Path, file_size: int, base: int = 0) -> dict[str, StoredEntry]:
+    """Every entry of the archive with where its bytes are; refuses entries that lie about their place.
+
+    The archive is the ``file_size`` bytes of ``path`` from ``base`` (0: the whole file; DCP files
+    hold one archive per tensor). Offsets returned are of ``path``.
+    """
+    with open(path, "rb") as handle:
+        window = io.BufferedReader(_Window(handle, base, file_size))
+        try:
+            archive = zipfile.ZipFile(window)
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            ValueError,
+            EOFError,
+            struct.error,
+            OverflowError,
+            NotImplementedError,
+        ) as exc:
+            raise CorruptFileError(f"not a readable zip archive: {exc}", file=path) from None
+        with archive:
+            return _entries(path, archive, window, file_size, base)
+
+
+def _entries(path: Path, archive: zipfile.ZipFile, handle: Any, file_size: int, base: int) -> dict[str, StoredEntry]:
     entries: dict[str, StoredEntry] = {}
-    with archive, open(path, "rb") as handle:
-        for info in archive.infolist():
-            if info.filename in entries:
-                raise CorruptFileError(f"zip entry {info.filename!r} appears twice", file=path)
-            if info.header_offset < 0 or info.header_offset + LOCAL_HEADER.size > file_size:
-                raise CorruptFileError(
-                    f"zip entry {info.filename!r} starts at {info.header_offset}, past the end ({file_size})",
-                    file=path,
-                )
-            handle.seek(info.header_offset)
-            fields = LOCAL_HEADER.unpack(handle.read(LOCAL_HEADER.size))
-            if fields[0] != b"PK\x03\x04":
-                raise CorruptFileError(f"zip entry {info.filename!r} has no local header", file=path)
-            data_offset = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
-            compressed = info.compress_type != zipfile.ZIP_STORED
-            if (
-                not compressed and info.compress_size != info.file_size
-            ) or data_offset + info.compress_size > file_size:
-                raise CorruptFileError(
-                    f"zip entry {info.filename!r} declares {info.compress_size} bytes at offset "
-                    f"{data_offset}, beyond the file's {file_size} bytes",
-                    file=path,
-                )
-            entries[info.filename] = StoredEntry(info.filename, data_offset, info.compress_size, compressed)
+    for info in archive.infolist():
+        if info.filename in entries:
+            raise CorruptFileError(f"zip entry {info.filename!r} appears twice", file=path)
+        if info.header_offset < 0 or info.header_offset + LOCAL_HEADER.size > file_size:
+            raise CorruptFileError(
+                f"zip entry {info.filename!r} starts at {info.header_offset}, past the end ({file_size})",
+                file=path,
+            )
+        handle.seek(info.header_offset)
+        fields = LOCAL_HEADER.unpack(handle.read(LOCAL_HEADER.size))
+        if fields[0] != b"PK\x03\x04":
+            raise CorruptFileError(f"zip entry {info.filename!r} has no local header", file=path)
+        data_offset = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
+        compressed = info.compress_type != zipfile.ZIP_STORED
+        if (not compressed and info.compress_size != info.file_size) or data_offset + info.compress_size > file_size:
+            raise CorruptFileError(
+                f"zip entry {info.filename!r} declares {info.compress_size} bytes at offset "
+                f"{data_offset}, beyond the file's {file_size} bytes",
+                file=path,
+            )
+        entries[info.filename] = StoredEntry(info.filename, base + data_offset, info.compress_size, compressed)
     return entries
 
 
