@@ -76,10 +76,10 @@ def _require_replaceable(destination: Path) -> None:
     from .errors import DestinationError
 
     if not destination.is_dir():
-        raise DestinationError("exists and is not a folder; a sharded checkpoint is a folder", file=destination)
-    strangers = [
-        p.name for p in destination.iterdir() if not (p.name.endswith((".safetensors", ".index.json")) and p.is_file())
-    ]
+        raise DestinationError("exists and is not a folder; this checkpoint is written as a folder", file=destination)
+    # What sharded safetensors and DCP folders hold; anything else is someone's data.
+    ours = (".safetensors", ".index.json", ".distcp", ".metadata")
+    strangers = [p.name for p in destination.iterdir() if not (p.name.endswith(ours) and p.is_file())]
     if strangers:
         raise DestinationError(
             f"is a folder holding other files ({strangers[0]!r}); refusing to replace it", file=destination

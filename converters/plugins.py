@@ -113,7 +113,7 @@ class FormatRegistry:
             for fmt in candidates:
                 if fmt.sniff(head):
                     return fmt
-        known = ", ".join(f"{f.name} ({' '.join(f.suffixes)})" for f in self)
+        known = ", ".join(f"{f.name} ({' '.join(f.suffixes) or 'a folder'})" for f in self)
         action = "write" if for_write else "recognise"
         raise UnknownFormatError(
             f"cannot {action} the format from the name{'' if for_write else ' or contents'}; "

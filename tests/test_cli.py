@@ -124,7 +124,7 @@ def test_formats_lists_formats_and_dtype_matrix() -> None:
     assert "pt           .pt .pth .bin" in result.stdout
     assert "safetensors  .safetensors" in result.stdout
     complex128 = next(line for line in result.stdout.splitlines() if line.startswith("complex128"))
-    assert complex128.split() == ["complex128", "yes", "-", "yes", "yes"]
+    assert complex128.split() == ["complex128", "yes", "-", "yes", "yes", "yes"]
 
 
 @pytest.mark.parametrize(

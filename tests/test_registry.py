@@ -69,7 +69,7 @@ def test_unregister_removes_it(tmp_path: Path) -> None:
     fmt = registry.register(HexJsonFormat())
     registry.unregister(fmt.name)
     assert "hexjson" not in registry.names()
-    with pytest.raises(converters.UnknownFormatError, match=r"known formats: pt, safetensors, msgpack, onnx$"):
+    with pytest.raises(converters.UnknownFormatError, match=r"known formats: pt, safetensors, msgpack, onnx, dcp$"):
         registry.get("hexjson")
 
 

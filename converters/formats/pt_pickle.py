@@ -174,32 +174,39 @@ def _ints(value: Any) -> bool:
     return type(value) is tuple and all(type(v) is int for v in value)
 
 
-def prescan(data: bytes, file: Path) -> None:
+def prescan(
+    data: bytes,
+    file: Path,
+    *,
+    opcodes: frozenset[str] = ALLOWED_OPCODES,
+    allowed_globals: set[tuple[str, str]] | None = None,
+    what: str = "data.pkl",
+) -> None:
     """Refuse opcodes, globals and memo indices outside what torch writes (see module doc)."""
+    allowed_globals = ALLOWED_GLOBALS if allowed_globals is None else allowed_globals
     memo_limit = len(data)
     try:
         for opcode, arg, position in pickletools.genops(data):
-            if opcode.name not in ALLOWED_OPCODES:
+            if opcode.name not in opcodes:
                 raise UnsafeFileError(
-                    f"data.pkl uses the pickle opcode {opcode.name} at byte {position}, "
+                    f"{what} uses the pickle opcode {opcode.name} at byte {position}, "
                     "which plain tensor data never needs",
                     file=file,
                 )
             if opcode.name == "GLOBAL":
                 module, _, name = str(arg).partition(" ")
-                if (module, name) not in ALLOWED_GLOBALS:
+                if (module, name) not in allowed_globals:
                     raise UnsafeFileError(
-                        f"data.pkl asks for the global {module}.{name} at byte {position}; "
-                        "refusing to run pickled code",
+                        f"{what} asks for the global {module}.{name} at byte {position}; refusing to run pickled code",
                         file=file,
                     )
             memo_op = opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
             if memo_op and not (isinstance(arg, int) and 0 <= arg <= memo_limit):
-                raise CorruptFileError(f"data.pkl has a memo index {arg!r} at byte {position}", file=file)
+                raise CorruptFileError(f"{what} has a memo index {arg!r} at byte {position}", file=file)
     except ConverterError:
         raise
     except Exception as exc:  # genops raises ValueError and friends on malformed streams
-        raise CorruptFileError(f"data.pkl is not a valid pickle: {exc}", file=file) from None
+        raise CorruptFileError(f"{what} is not a valid pickle: {exc}", file=file) from None
 
 
 def unpickle(unpickler: SafeUnpickler, file: Path) -> Any:
