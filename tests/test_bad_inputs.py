@@ -386,7 +386,9 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_unknown_format_name(tmp_path: Path) -> None:
-    with pytest.raises(UnknownFormatError, match="unknown format 'xyz'; known formats: pt, safetensors, msgpack, onnx, dcp"):
+    with pytest.raises(
+        UnknownFormatError, match="unknown format 'xyz'; known formats: pt, safetensors, msgpack, onnx, dcp"
+    ):
         converters.save({"a": torch.ones(1)}, tmp_path / "a.bin", format="xyz")
 
 
