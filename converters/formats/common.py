@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import manifests
 from ..errors import ConverterError, CorruptFileError, UnsupportedValueError
-from ..tree import Checkpoint
+from ..tree import Checkpoint, TensorRef
 
 # Options every writer takes: a progress callback (bytes done), whether to fsync, and whether to
 # re-hash tensors that carry a digest from their source (see converters.integrity).
@@ -39,6 +40,34 @@ def require_dtypes(checkpoint: Checkpoint, format_name: str, supported: frozense
                 f"{format_name} cannot hold dtype {ref.dtype}; formats that can: see `sdconvert formats`",
                 path=path,
             )
+
+
+def tree_from_stored(
+    text: Any, refs: dict[str, TensorRef], file: Path, what: str, *, holder: str, unused_name: str
+) -> Any:
+    """The tree stored as a manifest node (JSON text) whose tensors are ``refs`` by storage key.
+
+    Every key it names must be in ``refs`` (else "... which {holder} lacks") and every tensor of
+    ``refs`` must be named by it (else "{unused_name} ... is not part of the stored tree").
+    """
+    if type(text) is not str:
+        raise CorruptFileError(f"{what} must be a JSON string", file=file)
+    node = loads_json_strict(text, file, what)
+    used: set[str] = set()
+
+    def tensor(key: str, tree_path: Any) -> TensorRef:
+        if key not in refs:
+            raise CorruptFileError(
+                f"the tree refers to tensor {key!r}, which {holder} lacks", file=file, path=tree_path
+            )
+        used.add(key)
+        return refs[key]
+
+    tree = manifests.decode_tree(node, tensor, file=file)
+    unused = set(refs) - used
+    if unused:
+        raise CorruptFileError(f"{unused_name} {sorted(unused)[0]!r} is not part of the stored tree", file=file)
+    return tree
 
 
 def loads_json_strict(text: bytes | str, file: Path, what: str) -> Any:

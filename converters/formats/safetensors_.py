@@ -24,13 +24,13 @@ from typing import Any
 
 from .. import dtypes, manifests
 from ..atomic import atomic_output, overwrite
-from ..errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..errors import CorruptFileError, UnsupportedValueError
 from ..integrity import needs_hashing, settle
 from ..sources import FileRange
 from ..transfer import Checks, copy_into
 from ..tree import Checkpoint, TensorRef, validate
 from . import sharded
-from .common import loads_json_strict, read_digests, reject_options, require_dtypes
+from .common import loads_json_strict, read_digests, reject_options, require_dtypes, tree_from_stored
 
 MAX_HEADER_BYTES = 100_000_000
 TREE_KEY = "sdconvert.tree"
@@ -203,19 +203,5 @@ def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[st
 
 
 def _tree_from_metadata(path: Path, metadata: dict[str, str], refs: dict[str, TensorRef]) -> Any:
-    node = loads_json_strict(metadata[TREE_KEY], path, f"__metadata__[{TREE_KEY!r}]")
-    used: set[str] = set()
-
-    def tensor(key: str, tree_path: TreePath) -> TensorRef:
-        if key not in refs:
-            raise CorruptFileError(
-                f"the tree refers to tensor {key!r}, which the header lacks", file=path, path=tree_path
-            )
-        used.add(key)
-        return refs[key]
-
-    tree = manifests.decode_tree(node, tensor, file=path)
-    unused = set(refs) - used
-    if unused:
-        raise CorruptFileError(f"header tensor {sorted(unused)[0]!r} is not part of the stored tree", file=path)
-    return tree
+    what = f"__metadata__[{TREE_KEY!r}]"
+    return tree_from_stored(metadata[TREE_KEY], refs, path, what, holder="the header", unused_name="header tensor")

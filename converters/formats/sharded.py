@@ -24,7 +24,7 @@ from .. import manifests
 from ..atomic import atomic_folder
 from ..errors import ConverterError, CorruptFileError, UnsafeFileError
 from ..tree import Checkpoint, TensorRef, validate
-from .common import loads_json_strict
+from .common import loads_json_strict, tree_from_stored
 
 INDEX_NAME = "model.safetensors.index.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -117,7 +117,10 @@ def read_sharded(fmt: Any, index_path: Path) -> Checkpoint:
             f"the weight_map lists {missing[0]!r}, which its shard {weight_map[missing[0]]!r} lacks", file=index_path
         )
     if TREE_KEY in metadata:
-        tree = _tree_from_index(index_path, metadata[TREE_KEY], refs)
+        what = f"metadata[{TREE_KEY!r}]"
+        tree = tree_from_stored(
+            metadata[TREE_KEY], refs, index_path, what, holder="every shard", unused_name="shard tensor"
+        )
     else:
         tree = {key: refs[key] for key in weight_map}
     validate(tree, file=index_path)
@@ -134,24 +137,3 @@ def _shard_path(folder: Path, name: str, index_path: Path) -> Path:
     if shard.is_symlink() or not shard.is_file():
         raise CorruptFileError(f"shard {name!r} is not a regular file beside the index", file=index_path)
     return shard
-
-
-def _tree_from_index(index_path: Path, text: Any, refs: dict[str, TensorRef]) -> Any:
-    if type(text) is not str:
-        raise CorruptFileError(f"metadata[{TREE_KEY!r}] must be a JSON string", file=index_path)
-    node = loads_json_strict(text, index_path, f"metadata[{TREE_KEY!r}]")
-    used: set[str] = set()
-
-    def tensor(key: str, tree_path: Any) -> TensorRef:
-        if key not in refs:
-            raise CorruptFileError(
-                f"the tree refers to tensor {key!r}, which no shard holds", file=index_path, path=tree_path
-            )
-        used.add(key)
-        return refs[key]
-
-    tree = manifests.decode_tree(node, tensor, file=index_path)
-    unused = set(refs) - used
-    if unused:
-        raise CorruptFileError(f"shard tensor {sorted(unused)[0]!r} is not part of the stored tree", file=index_path)
-    return tree
