@@ -57,7 +57,7 @@ def _check_contents_match_name(source: Path, fmt: Format) -> None:
         head = handle.read(SNIFF_BYTES)
     if fmt.sniff(head):
         return
-    actual = next((other for other in registry._loaded() if other is not fmt and other.sniff(head)), None)
+    actual = registry.search(lambda known: next((f for f in known if f is not fmt and f.sniff(head)), None))
     if actual is not None:
         raise UnknownFormatError(
             f"the name says {fmt.name} but the contents are {actual.name}; "

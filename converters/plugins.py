@@ -12,7 +12,7 @@ Choosing a format: explicit name, then the file's suffix, then sniffing its firs
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -67,9 +67,14 @@ class FormatRegistry:
         self._load_entry_points()
         return iter(list(self._by_name.values()))
 
-    def _loaded(self) -> list[Format]:
-        """The formats registered so far, without scanning installed packages for plugins."""
-        return list(self._by_name.values())
+    def search(self, pick: Callable[[list[Format]], Format | None]) -> Format | None:
+        """``pick`` over the registered formats; installed plugins are looked for only if it finds
+        none (scanning package metadata costs tens of milliseconds at every start)."""
+        found = pick(list(self._by_name.values()))
+        if found is None and not self._entry_points_loaded:
+            self._load_entry_points()
+            found = pick(list(self._by_name.values()))
+        return found
 
     def names(self) -> list[str]:
         return [fmt.name for fmt in self]
@@ -83,16 +88,14 @@ class FormatRegistry:
             raise UnknownFormatError(f"unknown format {name!r}; known formats: {', '.join(self.names())}") from None
 
     def for_suffix(self, path: Path) -> Format | None:
-        # Registered formats first; installed plugins are looked for only when none matches
-        # (scanning package metadata costs tens of milliseconds at every start).
-        return self._by_suffix(path, self._loaded()) or self._by_suffix(path, list(self))
-
-    @staticmethod
-    def _by_suffix(path: Path, formats: list[Format]) -> Format | None:
         name = path.name.lower()
-        matches = [f for f in formats for s in f.suffixes if name.endswith(s)]
-        # The longest matching suffix wins, so ".index.json" beats ".json".
-        return max(matches, key=lambda f: max(len(s) for s in f.suffixes if name.endswith(s)), default=None)
+
+        def longest_suffix(formats: list[Format]) -> Format | None:
+            matches = [f for f in formats for s in f.suffixes if name.endswith(s)]
+            # The longest matching suffix wins, so ".safetensors.index.json" beats ".json".
+            return max(matches, key=lambda f: max(len(s) for s in f.suffixes if name.endswith(s)), default=None)
+
+        return self.search(longest_suffix)
 
     def resolve(self, path: Path, explicit: str | None = None, *, for_write: bool = False) -> Format:
         """The format for ``path``: explicit name, then suffix, then (reading only) sniffing."""
@@ -101,18 +104,15 @@ class FormatRegistry:
         by_suffix = self.for_suffix(path)
         if by_suffix is not None:
             return by_suffix
-        if not for_write and path.is_dir():
-            # A folder is a checkpoint when a format recognises it (a sharded safetensors index).
-            folder_readers: list[Format] = [*self._loaded(), *self]
-            for fmt in folder_readers:
-                if getattr(fmt, "reads_folder", lambda _path: False)(path):
-                    return fmt
         if not for_write:
-            head = _head(path)
-            candidates: list[Format] = [*self._loaded(), *self]
-            for fmt in candidates:
-                if fmt.sniff(head):
-                    return fmt
+            if path.is_dir():
+                # A folder is a checkpoint when a format recognises it (sharded index, DCP metadata).
+                found = self.search(lambda fs: next((f for f in fs if _reads_folder(f, path)), None))
+            else:
+                head = _head(path)
+                found = self.search(lambda fs: next((f for f in fs if f.sniff(head)), None))
+            if found is not None:
+                return found
         known = ", ".join(f"{f.name} ({' '.join(f.suffixes) or 'a folder'})" for f in self)
         action = "write" if for_write else "recognise"
         raise UnknownFormatError(
@@ -138,6 +138,11 @@ class FormatRegistry:
                     f"format plugin {entry.name!r} ({entry.value}) failed to load: {exc}",
                     stacklevel=2,
                 )
+
+
+def _reads_folder(fmt: Format, path: Path) -> bool:
+    reads_folder = getattr(fmt, "reads_folder", None)  # optional: only folder formats define it
+    return bool(reads_folder(path)) if reads_folder is not None else False
 
 
 def _head(path: Path) -> bytes:

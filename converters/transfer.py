@@ -39,7 +39,7 @@ def new_digest(*, all_cores: bool = False) -> Any:
 def blake3_hex(source: ByteSource) -> str:
     """The BLAKE3 digest of a source's bytes, using every core (nothing else runs meanwhile)."""
     digest = new_digest(all_cores=True)
-    _feed(source, digest, None)
+    _feed(source, digest.update)
     return str(digest.hexdigest())
 
 
@@ -96,7 +96,7 @@ def _copy_file_range(out: BinaryIO, source: FileRange, checks: Checks, progress:
 
         def hash_range() -> None:
             try:
-                _feed(source, None, checks)
+                _feed(source, checks.update)
             except BaseException as exc:  # re-raised in the caller's thread
                 failure.append(exc)
 
@@ -136,18 +136,11 @@ def _buffered_copy(src: int, dst: int, count: int, src_offset: int, dst_offset: 
     return len(data)
 
 
-def _feed(source: ByteSource, digest: Any, checks: Checks | None) -> None:
-    """Hash ``source`` into ``digest`` or ``checks``, through mmap for file ranges."""
-
-    def update(data: memoryview) -> None:
-        if checks is not None:
-            checks.update(data)
-        else:
-            digest.update(data)
-
+def _feed(source: ByteSource, update: Callable[[memoryview], None]) -> None:
+    """Pass ``source``'s bytes to ``update`` in large pieces, through mmap for file ranges."""
     if isinstance(source, ConcatSource):
         for part in source.parts:
-            _feed(part, digest, checks)
+            _feed(part, update)
         return
     if not isinstance(source, FileRange) or source.length == 0:
         for chunk in source.chunks():
