@@ -6,24 +6,43 @@ Example::
     converters.convert("checkpoint.pt", "checkpoint.safetensors")
     converters.verify("checkpoint.pt", "checkpoint.safetensors")
     # []
+
+The names below are imported when first used, so ``import converters`` costs almost nothing and a
+job imports only the formats it touches.
 """
 
 from __future__ import annotations
 
-from .api import convert, load, manifest, read, save, verify, write
-from .errors import (
-    ConverterError,
-    CorruptFileError,
-    DestinationError,
-    MissingDependencyError,
-    UnknownFormatError,
-    UnsafeFileError,
-    UnsupportedValueError,
-)
-from .plugins import Format, registry
-from .tree import Checkpoint, TensorRef
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "convert": "converters.api",
+    "load": "converters.api",
+    "manifest": "converters.api",
+    "read": "converters.api",
+    "save": "converters.api",
+    "verify": "converters.api",
+    "write": "converters.api",
+    "ConverterError": "converters.core.errors",
+    "CorruptFileError": "converters.core.errors",
+    "DestinationError": "converters.core.errors",
+    "MissingDependencyError": "converters.core.errors",
+    "UnknownFormatError": "converters.core.errors",
+    "UnsafeFileError": "converters.core.errors",
+    "UnsupportedValueError": "converters.core.errors",
+    "Format": "converters.core.contract",
+    "FormatBase": "converters.core.contract",
+    "NoOptions": "converters.core.contract",
+    "WriteContext": "converters.core.contract",
+    "option": "converters.core.contract",
+    "TensorWriter": "converters.core.writing",
+    "Checkpoint": "converters.core.tree",
+    "TensorRef": "converters.core.tree",
+}
 
 __all__ = [
     "Checkpoint",
@@ -31,17 +50,56 @@ __all__ = [
     "CorruptFileError",
     "DestinationError",
     "Format",
+    "FormatBase",
     "MissingDependencyError",
+    "NoOptions",
     "TensorRef",
+    "TensorWriter",
     "UnknownFormatError",
     "UnsafeFileError",
     "UnsupportedValueError",
+    "WriteContext",
     "convert",
     "load",
     "manifest",
+    "option",
     "read",
     "registry",
     "save",
     "verify",
     "write",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "registry":
+        import_module("converters.formats")  # registers the built-ins
+        return import_module("converters.core.registry").registry
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:  # a submodule: converters.core, converters.transforms, ...
+            return import_module(f"converters.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"converters.{name}":
+                raise
+    raise AttributeError(f"module 'converters' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .api import convert, load, manifest, read, save, verify, write
+    from .core.contract import Format, FormatBase, NoOptions, WriteContext, option
+    from .core.errors import (
+        ConverterError,
+        CorruptFileError,
+        DestinationError,
+        MissingDependencyError,
+        UnknownFormatError,
+        UnsafeFileError,
+        UnsupportedValueError,
+    )
+    from .core.registry import registry
+    from .core.tree import Checkpoint, TensorRef
+    from .core.writing import TensorWriter

@@ -1,27 +1,35 @@
-"""The library API: thin verbs over readers, writers and the neutral tree.
+"""The library API: reader → transforms → writer, and the verbs built on it.
 
 ``read``/``write``/``convert``/``verify``/``manifest`` never import torch; ``load``/``save`` do,
-because they hand out or take torch objects.
+because they hand out or take torch objects. Nothing here names a format: what is format-specific
+is declared by the format (``converters.core.contract``) and looked up in the registry.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import compare, integrity, manifests
-from .errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnknownFormatError
-from .plugins import SNIFF_BYTES, Format, registry
-from .tree import Checkpoint, parse_select, select
+from .core import compare, integrity, manifests
+from .core.contract import Format, WriteContext, make_options
+from .core.errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnsupportedValueError
+from .core.registry import registry
+
+__all__ = ["convert", "load", "manifest", "read", "registry", "save", "verify", "write"]
+from .core.tree import Checkpoint, validate
+from .transforms import Select, Transform, apply
 
 # Importing the package registers the built-in formats.
 from . import formats  # noqa: F401  isort: skip
 
 
-def read(path: PathLike, format: str | None = None, *, select_path: str | None = None) -> Checkpoint:
+def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Transform] = ()) -> Checkpoint:
     """The checkpoint stored at ``path`` as a neutral tree (tensors are not loaded).
+
+    Whatever chose the format (``format``, the suffix or the contents), the contents are checked
+    against it first; the tree the reader returns is validated whatever reader produced it.
 
     Example::
 
@@ -34,11 +42,11 @@ def read(path: PathLike, format: str | None = None, *, select_path: str | None =
         raise ConverterError("no such file", file=source)
     fmt = registry.resolve(source, format)
     if format is None:
-        _check_contents_match_name(source, fmt)
+        registry.check_contents(source, fmt)
     checkpoint = fmt.read(source)
-    if select_path:
-        checkpoint = Checkpoint(select(checkpoint.tree, parse_select(select_path), file=source), source)
-    return checkpoint
+    validate(checkpoint.tree, file=source)
+    checkpoint = Checkpoint(checkpoint.tree, checkpoint.origin or source, fmt.name)
+    return apply(checkpoint, transforms)
 
 
 def stored_size(path: PathLike) -> int:
@@ -49,27 +57,38 @@ def stored_size(path: PathLike) -> int:
     return source.stat().st_size
 
 
-def _check_contents_match_name(source: Path, fmt: Format) -> None:
-    """A file whose suffix names one format but whose bytes are another's gets a helpful error."""
-    if source.is_dir():
-        return
-    with open(source, "rb") as handle:
-        head = handle.read(SNIFF_BYTES)
-    if fmt.sniff(head):
-        return
-    actual = registry.search(lambda known: next((f for f in known if f is not fmt and f.sniff(head)), None))
-    if actual is not None:
-        raise UnknownFormatError(
-            f"the name says {fmt.name} but the contents are {actual.name}; "
-            f"pass --from {actual.name} (format={actual.name!r}) or rename the file",
-            file=source,
-        )
+def write(
+    checkpoint: Checkpoint,
+    path: PathLike,
+    format: str | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    fsync: bool = True,
+    check: bool = False,
+    **options: Any,
+) -> None:
+    """Write a neutral tree to ``path`` (atomically) in ``format`` or the one its suffix names.
 
-
-def write(checkpoint: Checkpoint, path: PathLike, format: str | None = None, **options: Any) -> None:
-    """Write a neutral tree to ``path`` (atomically) in ``format`` or the one its suffix names."""
+    ``options`` are the format's write options (``sdconvert formats`` lists them); ``progress(n)``
+    is told as ``n`` more tensor bytes are written; ``check`` re-hashes tensors that carry a stored
+    digest and refuses bytes that do not match it.
+    """
     destination = Path(path)
-    registry.resolve(destination, format, for_write=True).write(checkpoint, destination, **options)
+    fmt = registry.resolve(destination, format, for_write=True)
+    _write(fmt, checkpoint, destination, WriteContext(progress, fsync, check), options)
+
+
+def _write(
+    fmt: Format, checkpoint: Checkpoint, destination: Path, context: WriteContext, options: dict[str, Any]
+) -> None:
+    built = make_options(fmt, options)
+    for tensor_path, ref in checkpoint.tensors():
+        if ref.dtype not in fmt.dtype_codes:
+            raise UnsupportedValueError(
+                f"{fmt.name} cannot hold dtype {ref.dtype}; formats that can: see `sdconvert formats`",
+                path=tensor_path,
+            )
+    fmt.write(checkpoint, destination, context, built)
 
 
 def load(path: PathLike, format: str | None = None, *, mmap: bool = False, check: bool = False) -> Any:
@@ -99,6 +118,8 @@ def load(path: PathLike, format: str | None = None, *, mmap: bool = False, check
 def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) -> None:
     """Save what ``torch.save`` takes (state_dicts, checkpoint dicts) in any format.
 
+    Takes ``write``'s keyword arguments (``fsync``, ``progress``, the format's options).
+
     Example::
 
         save({"model_state_dict": net.state_dict(), "epoch": 3}, "ckpt.safetensors")
@@ -115,13 +136,18 @@ def convert(
     src_format: str | None = None,
     dst_format: str | None = None,
     select: str | None = None,
+    transforms: Iterable[Transform] = (),
     progress: Callable[[int, int], None] | None = None,
+    fsync: bool = True,
+    check: bool = False,
     **options: Any,
 ) -> Path:
-    """Convert ``src`` to ``dst`` bit for bit; ``select`` keeps one sub-tree (``model_state_dict``).
+    """Convert ``src`` to ``dst`` bit for bit; ``select`` keeps one sub-tree (``model_state_dict``),
+    ``transforms`` then run in order.
 
     The destination is replaced atomically if it exists; it may never be the source itself.
-    ``progress(bytes_done_now, bytes_total)`` is called as tensor bytes are written.
+    ``progress(bytes_done_now, bytes_total)`` is called as tensor bytes are written; ``options``
+    are the destination format's write options.
 
     Example::
 
@@ -131,12 +157,15 @@ def convert(
     source, destination = Path(src), Path(dst)
     if destination.exists() and source.exists() and os.path.samefile(source, destination):
         raise DestinationError("the destination is the source file; refusing to write over it", file=destination)
-    writer = registry.resolve(destination, dst_format, for_write=True)  # fail before reading
-    checkpoint = read(source, src_format, select_path=select)
+    writer = registry.resolve(destination, dst_format, for_write=True)
+    make_options(writer, options)  # fail on a bad option before reading anything
+    steps = ([Select(select)] if select else []) + list(transforms)
+    checkpoint = read(source, src_format, transforms=steps)
+    report = None
     if progress is not None:
         total = sum(ref.nbytes for _, ref in checkpoint.unique_tensors())
-        options["progress"] = lambda done: progress(done, total)
-    writer.write(checkpoint, destination, **options)
+        report = lambda done: progress(done, total)  # noqa: E731
+    _write(writer, checkpoint, destination, WriteContext(report, fsync, check), options)
     return destination
 
 
@@ -174,7 +203,7 @@ def manifest(path: PathLike, format: str | None = None, *, digests: bool = True)
     It validates against ``schemas/manifest.schema.json``.
     """
     source = Path(path)
-    fmt = registry.resolve(source, format)
-    result = manifests.build(read(source, fmt.name), digests=digests)
-    result["file"] = {"name": source.name, "format": fmt.name, "bytes": stored_size(source)}
+    checkpoint = read(source, format)
+    result = manifests.build(checkpoint, digests=digests)
+    result["file"] = {"name": source.name, "format": checkpoint.format, "bytes": stored_size(source)}
     return result

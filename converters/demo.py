@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import api, compare, recipe
-from .plugins import registry
-from .report import describe, human_bytes
+from . import api, recipe
+from .api import registry
+from .core import compare
+from .core.report import describe, human_bytes
 from .torch_bridge import from_torch
 
 
@@ -48,7 +49,7 @@ def run(out_dir: Path, *, steps: int = 3, echo: Callable[[str], None] = print) -
     expected = from_torch({"model": net.state_dict(), "optimizer": optimizer.state_dict()}).tree
     rows = []
     for fmt in registry:
-        if not fmt.suffixes:  # folder formats (DCP) change container types by design; see README
+        if fmt.folder:  # folder formats (DCP) change container types by design; see README
             continue
         destination = out_dir / f"checkpoint{fmt.suffixes[0]}"
         started = time.perf_counter()
@@ -87,7 +88,7 @@ def run(out_dir: Path, *, steps: int = 3, echo: Callable[[str], None] = print) -
 
 def _onnx_graph(source: Path, destination: Path, net: recipe.Net) -> str:
     """The checkpoint with the Net's forward graph; run it in onnxruntime when that is installed."""
-    api.convert(source, destination, model=recipe.Net(), example_input=torch.zeros(1, *recipe.INPUT_SHAPE))
+    api.convert(source, destination, model=recipe.Net(), example_input=recipe.Net.example_input_shape)
     try:
         import onnxruntime
     except ImportError:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from .api import load
-from .errors import ConverterError, PathLike
+from .core.errors import ConverterError, PathLike
 
 LR = 0.001
 MOMENTUM = 0.9
@@ -27,6 +27,8 @@ OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim")
 
 class Net(nn.Module):
     """conv1 3→6 k5, 2×2 max-pool, conv2 6→16 k5, fc1 400→120, fc2 120→84, fc3 84→10, ReLUs."""
+
+    example_input_shape = (1, *INPUT_SHAPE)  # what `--model recipe` traces when no --input-shape is given
 
     def __init__(self) -> None:
         super().__init__()

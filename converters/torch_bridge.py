@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import mmap
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import dtypes
-from .errors import MissingDependencyError, UnsupportedValueError
-from .sources import BufferSource, FileRange
-from .tree import Checkpoint, TensorRef, map_leaves, validate
+from .core import dtypes
+from .core.errors import ConverterError, MissingDependencyError, UnsupportedValueError
+from .core.sources import BufferSource, FileRange
+from .core.tree import Checkpoint, TensorRef, map_leaves, validate
 
 
 def import_torch() -> Any:
@@ -82,11 +83,12 @@ def tensor_ref(torch: Any, tensor: Any, path: tuple[str | int, ...]) -> TensorRe
 MAP_ALIGNMENT = 64
 
 
-def to_torch(checkpoint: Checkpoint, *, mmap_any: bool = False) -> Any:
+def to_torch(checkpoint: Checkpoint, *, mmap_any: bool = False, progress: Callable[[int], None] | None = None) -> Any:
     """The torch object a checkpoint stands for: containers kept, tensors as CPU tensors.
 
     Tensors whose bytes sit 64-byte aligned in a file are mapped, not copied; with ``mmap_any`` every
-    tensor at a multiple of its element size is (as ``safetensors.torch.load_file`` does)."""
+    tensor at a multiple of its element size is (as ``safetensors.torch.load_file`` does).
+    ``progress(n)`` is told the bytes of each tensor as it is made."""
     torch = import_torch()
 
     made: dict[int, Any] = {}
@@ -97,6 +99,8 @@ def to_torch(checkpoint: Checkpoint, *, mmap_any: bool = False) -> Any:
             return leaf
         if id(leaf) not in made:  # a tied tensor comes back as one tensor at all its paths
             made[id(leaf)] = make_tensor(torch, leaf, mappings, mmap_any=mmap_any)
+            if progress is not None and leaf.nbytes:
+                progress(leaf.nbytes)
         return made[id(leaf)]
 
     return map_leaves(checkpoint.tree, convert)
@@ -129,3 +133,40 @@ def make_tensor(
     raw = torch.empty(ref.nbytes, dtype=torch.uint8)  # torch's allocator: aligned as torch expects
     source.readinto(memoryview(raw.numpy()))
     return raw.view(dtype).reshape(ref.shape)
+
+
+def export_onnx(model: Any, example_input: Any, *, opset: int) -> tuple[bytes, frozenset[str]]:
+    """``model``'s forward pass on ``example_input`` (a tensor, or a shape for a zero float32 input)
+    as a serialized ONNX ModelProto, and the model's state_dict keys.
+
+    ``torch.onnx.export`` runs with ``dynamo=False`` (the TorchScript exporter): it needs no extra
+    package and names initializers by ``state_dict`` keys. Constant folding is off so that every
+    parameter stays an initializer under its own name (folding would rename transposed weights).
+    """
+    import io
+    import warnings
+
+    torch = import_torch()
+    if not isinstance(model, torch.nn.Module):
+        raise ConverterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        example_input = torch.zeros(tuple(example_input))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
+        try:
+            torch.onnx.export(
+                model,
+                (example_input,),
+                buffer,  # a file object works; the stub says path only
+                dynamo=False,
+                do_constant_folding=False,
+                export_params=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},  # any batch size at run time
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs the message
+            raise ConverterError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    return buffer.getvalue(), frozenset(model.state_dict())

@@ -17,11 +17,12 @@ import atheris
 with atheris.instrument_imports():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import converters
-    from converters import manifests
-    from converters.formats import BUILTIN_FORMATS
-    from converters.sources import read_all
+    from converters.core import manifests
+    from converters.core.sources import read_all
+    from converters.formats import BUILTIN_MODULES
 
-FORMATS = [fmt.name for fmt in BUILTIN_FORMATS]
+FORMATS = list(BUILTIN_MODULES)
+BUILTIN_FORMATS = [converters.registry.get(name) for name in FORMATS]
 FOLDER = Path(tempfile.mkdtemp(prefix="sdconvert-fuzz-"))
 
 

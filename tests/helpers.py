@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+import converters
+
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().contiguous().reshape(-1)
@@ -73,6 +75,7 @@ def builtin_suffixes() -> list[str]:
 
 
 def builtin_formats() -> dict[str, str]:
-    from converters.formats import BUILTIN_FORMATS
+    from converters.formats import BUILTIN_MODULES
 
-    return {fmt.name: fmt.suffixes[0] for fmt in BUILTIN_FORMATS if fmt.suffixes}
+    formats = [converters.registry.get(name) for name in BUILTIN_MODULES]
+    return {fmt.name: fmt.suffixes[0] for fmt in formats if not fmt.folder}

@@ -10,7 +10,7 @@ import torch
 from helpers import builtin_suffixes
 
 import converters
-from converters.tree import Checkpoint, TensorRef
+from converters.core.tree import Checkpoint, TensorRef
 
 
 class FailingSource:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import converters
-from converters.errors import CorruptFileError, UnknownFormatError, UnsafeFileError, UnsupportedValueError
+from converters.core.errors import CorruptFileError, UnknownFormatError, UnsafeFileError, UnsupportedValueError
 
 # ---------------------------------------------------------------- builders of hostile files
 
@@ -360,7 +360,7 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         lambda: b"nothing we know",
         UnknownFormatError,
         r"cannot recognise the format from the name or contents; pass a format explicitly "
-        r"\(known: pt \(.pt .pth .bin\), safetensors \(.safetensors .safetensors.index.json\), msgpack \(.msgpack\), onnx \(.onnx\), dcp \(a folder\)\)",
+        r"\(known: safetensors \(.safetensors .safetensors.index.json\), pt \(.pt .pth .bin\), msgpack \(.msgpack\), onnx \(.onnx\), dcp \(a folder\)\)",
     ),
 ]
 
@@ -387,7 +387,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_unknown_format_name(tmp_path: Path) -> None:
     with pytest.raises(
-        UnknownFormatError, match="unknown format 'xyz'; known formats: pt, safetensors, msgpack, onnx, dcp"
+        UnknownFormatError, match="unknown format 'xyz'; known formats: safetensors, pt, msgpack, onnx, dcp"
     ):
         converters.save({"a": torch.ones(1)}, tmp_path / "a.bin", format="xyz")
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 import converters
-from converters.formats.msgpack_ import MsgpackFormat
+from converters.core.contract import NoOptions, WriteContext
+from converters.formats.msgpack import MsgpackFormat
 from converters.torch_bridge import from_torch
 
 JS = Path(__file__).resolve().parent / "js"
@@ -68,6 +69,8 @@ def test_javascript_decoder_finds_every_tensor_of_the_recipe(node: str, tmp_path
 
 def test_javascript_decoder_reassembles_chunked_leaves(node: str, tmp_path: Path, trained: Any) -> None:
     path = tmp_path / "chunked.msgpack"
-    MsgpackFormat(max_leaf_bytes=4096).write(from_torch(trained[2]), path)  # fc1.weight: 192000 bytes
+    MsgpackFormat(max_leaf_bytes=4096).write(
+        from_torch(trained[2]), path, WriteContext(), NoOptions()
+    )  # fc1.weight: 192000 bytes
     manifest = converters.manifest(path)
     assert_matches_manifest(walk_with_node(node, path), manifest)

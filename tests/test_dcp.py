@@ -14,7 +14,7 @@ import torch
 from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
-from converters.errors import CorruptFileError, UnsafeFileError
+from converters.core.errors import CorruptFileError, UnsafeFileError
 
 JOB = Path(__file__).resolve().parent / "jobs" / "dcp_job.py"
 CLI = Path(__file__).resolve().parent.parent / "cli.py"

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converters
-from converters import manifests
-from converters.sources import read_all
+from converters.core import manifests
+from converters.core.sources import read_all
 
 FORMATS = builtin_formats()
 

@@ -11,8 +11,8 @@ import pytest
 from helpers import builtin_suffixes
 
 import converters
-from converters.errors import CorruptFileError
-from converters.sources import FileRange
+from converters.core.errors import CorruptFileError
+from converters.core.sources import FileRange
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 

@@ -15,10 +15,11 @@ import torch
 from helpers import assert_bit_identical, exotic_tree, tensor_bytes
 
 import converters
-from converters.errors import CorruptFileError, UnsupportedValueError
-from converters.formats.msgpack_ import MsgpackFormat
+from converters.core.contract import NoOptions, WriteContext
+from converters.core.errors import CorruptFileError, UnsupportedValueError
+from converters.core.tree import Checkpoint, TensorRef
+from converters.formats.msgpack import MsgpackFormat
 from converters.torch_bridge import from_torch
-from converters.tree import Checkpoint, TensorRef
 
 try:
     import flax.serialization as flax_serialization
@@ -137,7 +138,7 @@ def test_big_leaves_are_chunked_like_flax_and_read_back(tmp_path: Path, nbytes: 
     tensor = torch.arange(nbytes // 4 + 1, dtype=torch.float32)[: nbytes // 4].reshape(-1, 1)
     tree = {"big": tensor, "small": torch.ones(2)}
     path = tmp_path / "chunked.msgpack"
-    small.write(from_torch(tree), path)
+    small.write(from_torch(tree), path, WriteContext(), NoOptions())
     assert_bit_identical(tree, converters.load(path))
     raw = msgpack.unpackb(path.read_bytes(), raw=False)
     chunked = tensor.numel() * 4 > 64
@@ -151,7 +152,7 @@ def test_big_leaves_are_chunked_like_flax_and_read_back(tmp_path: Path, nbytes: 
 def test_flax_unchunks_our_chunked_leaves(tmp_path: Path) -> None:
     tensor = torch.randn(50, 3)
     path = tmp_path / "chunked.msgpack"
-    MsgpackFormat(max_leaf_bytes=100).write(from_torch({"w": tensor}), path)
+    MsgpackFormat(max_leaf_bytes=100).write(from_torch({"w": tensor}), path, WriteContext(), NoOptions())
     restored = flax_serialization.msgpack_restore(path.read_bytes())
     assert restored["w"].shape == (50, 3) and restored["w"].tobytes() == tensor_bytes(tensor)
 
@@ -224,7 +225,7 @@ def test_writing_streams_tensor_bytes(tmp_path: Path) -> None:
     checkpoint = Checkpoint({"w": TensorRef("uint8", (3 * 1024 * 1024,), StreamOnly())})
     path = tmp_path / "stream.msgpack"
     converters.write(checkpoint, path)
-    MsgpackFormat(max_leaf_bytes=1 << 20).write(checkpoint, tmp_path / "chunked.msgpack")
+    MsgpackFormat(max_leaf_bytes=1 << 20).write(checkpoint, tmp_path / "chunked.msgpack", WriteContext(), NoOptions())
     for written in (path, tmp_path / "chunked.msgpack"):
         assert converters.load(written)["w"].sum().item() == 3 * 1024 * 1024
 

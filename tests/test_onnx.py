@@ -19,8 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import converters
 from converters import recipe
-from converters.errors import CorruptFileError, UnsafeFileError
-from converters.formats.onnx_ import OnnxFormat
+from converters.core.contract import WriteContext
+from converters.core.errors import CorruptFileError, UnsafeFileError
+from converters.formats.onnx import OnnxFormat
 from converters.torch_bridge import from_torch
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
@@ -86,7 +87,7 @@ def test_weights_only_file_is_a_valid_model_that_returns_its_weights(
 
 def test_exotic_tree_every_dtype_is_valid_onnx(tmp_path: Path) -> None:
     tree = exotic_tree()
-    tree["all_dtypes"] = {name: torch.zeros(2, dtype=getattr(torch, name)) for name in converters.dtypes.DTYPES}
+    tree["all_dtypes"] = {name: torch.zeros(2, dtype=getattr(torch, name)) for name in converters.core.dtypes.DTYPES}
     path = tmp_path / "exotic.onnx"
     converters.save(tree, path)
     onnx.checker.check_model(str(path), full_check=True)
@@ -187,7 +188,7 @@ def test_forced_external_data_round_trips_with_aligned_offsets(tmp_path: Path, r
 def test_external_data_is_chosen_automatically_past_the_protobuf_limit(tmp_path: Path, trained: Any) -> None:
     small_limit = OnnxFormat(protobuf_limit=100_000)  # stands in for protobuf's 2 GB
     path = tmp_path / "auto.onnx"
-    small_limit.write(from_torch(trained[2]), path)
+    small_limit.write(from_torch(trained[2]), path, WriteContext(), small_limit.Options())
     assert (tmp_path / "auto.onnx.data").exists()
     assert_bit_identical(trained[2], converters.load(path))
 
@@ -322,7 +323,9 @@ def test_a_model_whose_graph_needs_tensors_the_checkpoint_lacks_is_refused(tmp_p
 
 
 def test_other_writers_refuse_onnx_options(tmp_path: Path) -> None:
-    with pytest.raises(converters.ConverterError, match="the safetensors writer takes only max_shard_size; got model"):
+    with pytest.raises(
+        converters.ConverterError, match="the safetensors writer has no option 'model'; its options are max_shard_size"
+    ):
         converters.save({"w": torch.ones(1)}, tmp_path / "w.safetensors", model=recipe.Net())
 
 

@@ -16,8 +16,8 @@ import torch
 from helpers import builtin_suffixes, tensor_bytes
 
 import converters
-from converters import transfer
-from converters.sources import BufferSource, ConcatSource, FileRange, slice_source
+from converters.core import transfer
+from converters.core.sources import BufferSource, ConcatSource, FileRange, slice_source
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 
@@ -149,7 +149,7 @@ def test_progress_callback_counts_every_tensor_byte(tmp_path: Path, recipe_pt: P
 
 
 def test_progress_bar_appears_only_for_big_conversions(capsys: pytest.CaptureFixture[str]) -> None:
-    import cli
+    from converters import cli
 
     small = cli._ProgressBar("small.pt")
     small(1 << 20, 10 << 20)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import converters
-from converters.dtypes import DTYPES
+from converters.core.dtypes import DTYPES
 
 FORMATS = builtin_formats()
 
@@ -76,10 +76,10 @@ def checkpoints(draw: st.DrawFn) -> dict[Any, Any]:
 def holds(fmt: str, tree: Any) -> bool:
     dtypes = {
         str(leaf.dtype).removeprefix("torch.")
-        for _, leaf in converters.tree.walk(tree)
+        for _, leaf in converters.core.tree.walk(tree)
         if isinstance(leaf, torch.Tensor)
     }
-    return dtypes <= converters.registry.get(fmt).dtypes
+    return dtypes <= set(converters.registry.get(fmt).dtype_codes)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

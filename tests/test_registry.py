@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
 from helpers import assert_bit_identical
 
 import converters
-from converters.atomic import atomic_output
-from converters.plugins import FormatRegistry, registry
-from converters.sources import BufferSource, read_all
-from converters.tree import Checkpoint, TensorRef, map_leaves
+from converters.core.atomic import atomic_output
+from converters.core.contract import NoOptions, WriteContext
+from converters.core.registry import FormatRegistry, registry
+from converters.core.sources import BufferSource, read_all
+from converters.core.tree import Checkpoint, TensorRef, map_leaves
 
 
 class HexJsonFormat:
@@ -23,11 +24,16 @@ class HexJsonFormat:
 
     name = "hexjson"
     suffixes: tuple[str, ...] = (".hexjson",)
+    folder = False
     description = "toy format for the registry tests"
-    dtypes = frozenset({"float32"})
+    dtype_codes: ClassVar[Mapping[str, Any]] = {"float32": "f4"}
+    Options = NoOptions
 
     def sniff(self, head: bytes) -> bool:
         return head.startswith(b'{"hexjson"')
+
+    def reads_folder(self, path: Path) -> bool:
+        return False
 
     def read(self, path: Path) -> Checkpoint:
         data = json.loads(Path(path).read_text())["hexjson"]
@@ -37,12 +43,12 @@ class HexJsonFormat:
         }
         return Checkpoint(tree, path)
 
-    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
+    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
         def encode(_path: Any, leaf: Any) -> Any:
             return {"shape": list(leaf.shape), "hex": read_all(leaf.source).hex()}
 
         text = json.dumps({"hexjson": map_leaves(checkpoint.tree, encode)})
-        with atomic_output(Path(path)) as out:
+        with atomic_output(Path(path), fsync=context.fsync) as out:
             out.write(text.encode())
 
 
@@ -69,7 +75,7 @@ def test_unregister_removes_it(tmp_path: Path) -> None:
     fmt = registry.register(HexJsonFormat())
     registry.unregister(fmt.name)
     assert "hexjson" not in registry.names()
-    with pytest.raises(converters.UnknownFormatError, match=r"known formats: pt, safetensors, msgpack, onnx, dcp$"):
+    with pytest.raises(converters.UnknownFormatError, match=r"known formats: safetensors, pt, msgpack, onnx, dcp$"):
         registry.get("hexjson")
 
 

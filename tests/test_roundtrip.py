@@ -50,13 +50,13 @@ def test_our_pt_is_read_by_torch_load_weights_only(tmp_path: Path) -> None:
     assert_bit_identical(tree, torch.load(path, weights_only=True))
 
 
-@pytest.mark.parametrize("dtype", list(converters.dtypes.DTYPES))
+@pytest.mark.parametrize("dtype", list(converters.core.dtypes.DTYPES))
 @pytest.mark.parametrize("shape", [(), (0,), (5,), (2, 3, 1)])
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_dtype_and_shape_in_every_format_that_holds_it(
     tmp_path: Path, fmt: str, dtype: str, shape: tuple[int, ...]
 ) -> None:
-    if dtype not in converters.registry.get(fmt).dtypes:
+    if dtype not in converters.registry.get(fmt).dtype_codes:
         with pytest.raises(converters.UnsupportedValueError, match=f"at t: {fmt} cannot hold dtype {dtype}"):
             converters.save({"t": _random_tensor(getattr(torch, dtype), shape)}, tmp_path / f"t{FORMATS[fmt]}")
         return
@@ -68,7 +68,7 @@ def test_every_dtype_and_shape_in_every_format_that_holds_it(
         assert_bit_identical({"t": tensor}, torch.load(path, weights_only=True))
 
 
-@pytest.mark.parametrize("dtype", sorted(converters.registry.get("safetensors").dtypes))
+@pytest.mark.parametrize("dtype", sorted(converters.registry.get("safetensors").dtype_codes))
 def test_every_safetensors_dtype_is_read_by_the_reference_reader(tmp_path: Path, dtype: str) -> None:
     tensor = _random_tensor(getattr(torch, dtype), (4, 3))
     path = tmp_path / "t.safetensors"
@@ -105,7 +105,7 @@ def test_pt_output_is_reproducible(tmp_path: Path, recipe_pt: Path) -> None:
 
 
 def test_pt_records_are_64_byte_aligned(tmp_path: Path, recipe_pt: Path) -> None:
-    from converters.formats.zipio import stored_entries
+    from converters.codecs.zip import stored_entries
 
     out = converters.convert(recipe_pt, tmp_path / "aligned.pt")
     entries = stored_entries(out, out.stat().st_size)

@@ -14,8 +14,8 @@ import torch
 from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
-from converters.errors import CorruptFileError, DestinationError, UnsafeFileError
-from converters.formats.sharded import parse_size
+from converters.core.errors import CorruptFileError, DestinationError, UnsafeFileError
+from converters.formats.safetensors.sharded import parse_size
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 

@@ -1,15 +1,23 @@
-"""The built-in formats, registered in ``converters.registry.registry`` on import."""
+"""The built-in formats: one module or package each, exporting one ``FORMAT`` object.
+
+They are registered here by name and imported only when a job needs them (start-up stays fast).
+A new format is one module beside these, its tests and its spec in ``schemas/``; see the README's
+"Adding a format".
+"""
 
 from __future__ import annotations
 
-from ..plugins import Format, registry
-from .dcp import DcpFormat
-from .msgpack_ import MsgpackFormat
-from .onnx_ import OnnxFormat
-from .pt import PtFormat
-from .safetensors_ import SafetensorsFormat
+from ..core.registry import registry
 
-BUILTIN_FORMATS: tuple[Format, ...] = (PtFormat(), SafetensorsFormat(), MsgpackFormat(), OnnxFormat(), DcpFormat())
+# Name -> module, in the order of `sdconvert formats`, of sniffing and of matching suffixes (the
+# most common first: resolving `x.safetensors` imports only the safetensors format).
+BUILTIN_MODULES: dict[str, str] = {
+    "safetensors": "converters.formats.safetensors",
+    "pt": "converters.formats.pt",
+    "msgpack": "converters.formats.msgpack",
+    "onnx": "converters.formats.onnx",
+    "dcp": "converters.formats.dcp",
+}
 
-for _fmt in BUILTIN_FORMATS:
-    registry.register(_fmt, replace=True)
+for _name, _module in BUILTIN_MODULES.items():
+    registry.register_module(_name, _module)

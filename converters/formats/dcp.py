@@ -21,17 +21,19 @@ import io
 import itertools
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .. import dtypes
-from ..atomic import atomic_folder
-from ..errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ..sources import BufferSource, ConcatSource
-from ..tree import Checkpoint, TensorRef, validate
-from .common import reject_options
-from .pt import read_archive
-from .pt_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
+from ..codecs.torch_archive import read_archive
+from ..codecs.torch_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
+from ..core import dtypes
+from ..core.atomic import atomic_folder
+from ..core.contract import FormatBase, NoOptions, WriteContext
+from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..core.sources import BufferSource, ConcatSource
+from ..core.tree import Checkpoint, TensorRef
+from ..core.writing import TensorWriter
 
 METADATA = ".metadata"
 MAX_METADATA_BYTES = 1 << 30
@@ -106,11 +108,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         return args  # layouts, memory formats, paths: kept as their arguments, never interpreted
 
 
-class DcpFormat:
+class DcpFormat(FormatBase):
     name = "dcp"
     suffixes: tuple[str, ...] = ()
+    folder = True
     description = "torch.distributed.checkpoint folder (.metadata + .distcp): dcp.save / dcp.load"
-    dtypes = frozenset(dtypes.DTYPES)
+    dtype_codes: ClassVar[Mapping[str, Any]] = {
+        name: name for name in dtypes.DTYPES
+    }  # torch writes them, so torch's names
 
     def reads_folder(self, path: Path) -> bool:
         return (Path(path) / METADATA).is_file()
@@ -136,22 +141,29 @@ class DcpFormat:
                 f"{METADATA} could not be read: {type(exc).__name__}: {exc}", file=metadata_path
             ) from None
         tree = _Assembler(folder, metadata_path, metadata).tree()
-        validate(tree, file=folder)
         return Checkpoint(tree, folder)
 
-    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
-        reject_options(self.name, options)
+    def replaceable(self, path: Path) -> bool:
+        return path.name.endswith((".distcp", METADATA)) and path.is_file()
+
+    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
+        # dcp.save writes the files, so the bytes go through torch: the context is honoured by
+        # checking digests before handing the tensors over, reporting progress as each tensor is
+        # handed over, and asking torch's writer to fsync (or not) before our atomic rename.
+        if not isinstance(checkpoint.tree, dict) or not all(type(k) is str for k in checkpoint.tree):
+            raise UnsupportedValueError("a DCP checkpoint's root must be a dict with str keys (FQNs)")
         from ..torch_bridge import import_torch, to_torch
 
         import_torch()
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
         from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-        obj = to_torch(checkpoint)
-        if not isinstance(obj, dict) or not all(type(k) is str for k in obj):
-            raise UnsupportedValueError("a DCP checkpoint's root must be a dict with str keys (FQNs)")
-        with atomic_folder(Path(path), fsync=options.get("fsync", True)) as staging, warnings.catch_warnings():
+        tensor_writer = TensorWriter(context, checkpoint.origin)
+        tensor_writer.check_sources(checkpoint)
+        obj = to_torch(checkpoint, progress=tensor_writer.progress)
+        with atomic_folder(Path(path), self.replaceable, fsync=context.fsync) as staging, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
-            dcp_save(obj, checkpoint_id=str(staging), no_dist=True)
+            dcp_save(obj, storage_writer=FileSystemWriter(str(staging), sync_files=context.fsync), no_dist=True)
 
 
 class _Assembler:
@@ -310,3 +322,6 @@ def _child(container: Any, key: str | int, fresh: Any, file: Path) -> Any:
     if container[key] is None:
         container[key] = fresh
     return container[key]
+
+
+FORMAT = DcpFormat()

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import dtypes
-from ..errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ..tree import MAPPING_TYPES, TensorRef
+from ..core import dtypes
+from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..core.tree import MAPPING_TYPES, TensorRef
 
 # Opcodes that torch.save (protocol 2) and older protocol-2 pickles use for plain data.
 ALLOWED_OPCODES = frozenset(
@@ -52,7 +52,15 @@ REBUILD_GLOBALS = {
     ("collections", "OrderedDict"): "ordered_dict",
     ("collections", "Counter"): "counter",
 }
-STORAGE_GLOBALS = {("torch", name): row for name, row in dtypes.BY_PT_STORAGE.items()}
+# The typed-storage classes torch pickles for these dtypes (torch.<X>); other dtypes use the
+# untyped storage and _rebuild_tensor_v3.
+LEGACY_STORAGES: dict[str, str] = {
+    "float64": "DoubleStorage", "float32": "FloatStorage", "float16": "HalfStorage",
+    "bfloat16": "BFloat16Storage", "int8": "CharStorage", "int16": "ShortStorage", "int32": "IntStorage",
+    "int64": "LongStorage", "uint8": "ByteStorage", "bool": "BoolStorage",
+    "complex64": "ComplexFloatStorage", "complex128": "ComplexDoubleStorage",
+}  # fmt: skip
+STORAGE_GLOBALS = {("torch", storage): dtypes.DTYPES[name] for name, storage in LEGACY_STORAGES.items()}
 UNTYPED_STORAGE_GLOBALS = {("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage")}
 DTYPE_GLOBALS = {("torch", name) for name in dtypes.DTYPES}
 ALLOWED_GLOBALS = set(REBUILD_GLOBALS) | set(STORAGE_GLOBALS) | UNTYPED_STORAGE_GLOBALS | DTYPE_GLOBALS
@@ -306,12 +314,13 @@ class PickleWriter:
         row = dtypes.DTYPES[ref.dtype]
         key = self._storage_key(path, ref)
         out = self._out
-        legacy = row.pt_storage is not None
+        legacy_storage = LEGACY_STORAGES.get(row.name)
+        legacy = legacy_storage is not None
         out.write(b"ctorch._utils\n_rebuild_tensor_v2\n" if legacy else b"ctorch._utils\n_rebuild_tensor_v3\n")
         out.write(pickle.MARK + pickle.MARK)
         self._str("storage")
         if legacy:
-            out.write(f"ctorch\n{row.pt_storage}\n".encode())
+            out.write(f"ctorch\n{legacy_storage}\n".encode())
             numel_in_storage = dtypes.numel(ref.shape)
         else:
             out.write(b"ctorch.storage\nUntypedStorage\n")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptFileError, UnsupportedValueError
+from ..core.errors import CorruptFileError, UnsupportedValueError
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 

@@ -9,15 +9,12 @@ weights in the file, whatever weights the module object had.
 
 from __future__ import annotations
 
-import importlib
-import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConverterError, MissingDependencyError
-from . import protowire as wire
+from ...codecs import protowire as wire
+from ...core.errors import ConverterError
 
 GRAPH_FIELD, METADATA_FIELD, TRAINING_INFO_FIELD = 7, 14, 20
 PRODUCER_NAME_FIELD, PRODUCER_VERSION_FIELD = 2, 3
@@ -34,33 +31,11 @@ class ExportedGraph:
 
 
 def export(model: Any, example_input: Any) -> ExportedGraph:
-    """Export ``model``'s forward pass on ``example_input`` and split the ModelProto apart."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency of the package
-        raise MissingDependencyError("exporting a model graph needs PyTorch") from None
-    if not isinstance(model, torch.nn.Module):
-        raise ConverterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
-        try:
-            torch.onnx.export(
-                model,
-                (example_input,),
-                buffer,  # type: ignore[arg-type]  # a file object works; the stub says path only
-                dynamo=False,
-                do_constant_folding=False,
-                export_params=True,
-                opset_version=EXPORT_OPSET,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},  # any batch size at run time
-            )
-        except Exception as exc:  # the exporter raises many types; the user needs the message
-            raise ConverterError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
-    data = buffer.getvalue()
-    return _split(data, frozenset(model.state_dict()))
+    """Export ``model``'s forward pass on ``example_input`` (a tensor or a shape) and split it apart."""
+    from ...torch_bridge import export_onnx  # torch is reached only through the bridge
+
+    data, state_names = export_onnx(model, example_input, opset=EXPORT_OPSET)
+    return _split(data, state_names)
 
 
 def _split(data: bytes, state_names: frozenset[str]) -> ExportedGraph:
@@ -101,38 +76,3 @@ def _tensor_name(payload: bytes, where: Path) -> str:
         if field.number == 8:
             return wire.text(payload, field, where, "an initializer name")
     raise ConverterError("torch.onnx.export wrote an initializer without a name")
-
-
-def resolve_model(spec: str) -> Any:
-    """``recipe`` for the recipe Net, or ``package.module:Class`` built without arguments."""
-    if spec == "recipe":
-        from ..recipe import Net
-
-        return Net()
-    module_name, _, class_name = spec.partition(":")
-    if not module_name or not class_name:
-        raise ConverterError(f"--model takes 'recipe' or 'package.module:Class', got {spec!r}")
-    try:
-        target = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise ConverterError(f"cannot import the model class {spec!r}: {exc}") from None
-    try:
-        return target()
-    except Exception as exc:  # a user's constructor may raise anything
-        raise ConverterError(f"cannot build {spec!r} without arguments: {type(exc).__name__}: {exc}") from None
-
-
-def example_input(shape: str | tuple[int, ...]) -> Any:
-    """A zero float32 tensor of ``shape`` (``"1,3,32,32"`` or a tuple): the input traced by the export."""
-    import torch
-
-    if isinstance(shape, str):
-        try:
-            dims = tuple(int(part) for part in shape.split(",") if part.strip())
-        except ValueError:
-            raise ConverterError(f"--input-shape takes comma-separated sizes like 1,3,32,32, got {shape!r}") from None
-    else:
-        dims = tuple(shape)
-    if not dims or any(d <= 0 for d in dims):
-        raise ConverterError(f"--input-shape needs positive sizes, got {shape!r}")
-    return torch.zeros(dims)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptFileError
+from ..core.errors import CorruptFileError
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 

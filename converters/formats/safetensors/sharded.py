@@ -20,11 +20,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .. import manifests
-from ..atomic import atomic_folder
-from ..errors import ConverterError, CorruptFileError, UnsafeFileError
-from ..tree import Checkpoint, TensorRef, validate
-from .common import loads_json_strict, tree_from_stored
+from ...core import manifests
+from ...core.atomic import atomic_folder
+from ...core.contract import WriteContext
+from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
+from ...core.stored import loads_json_strict, tree_from_stored
+from ...core.tree import Checkpoint, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -60,7 +61,12 @@ def index_in(folder: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size: int, options: dict[str, Any]) -> None:
+def replaceable(path: Path) -> bool:
+    """What a sharded folder holds (shards and an index); anything else is someone's data."""
+    return path.name.endswith((".safetensors", ".index.json")) and path.is_file()
+
+
+def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size: int, context: WriteContext) -> None:
     keys = manifests.storage_keys(checkpoint.tree)
     shards: list[list[tuple[str, TensorRef]]] = [[]]
     filled = 0
@@ -80,9 +86,9 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         },
         "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key, _ in shard},
     }
-    with atomic_folder(folder, fsync=options.get("fsync", True)) as staging:
+    with atomic_folder(folder, replaceable, fsync=context.fsync) as staging:
         for name, shard in zip(names, shards, strict=True):
-            fmt.write(Checkpoint(dict(shard), checkpoint.origin), staging / name, **options)
+            fmt.write(Checkpoint(dict(shard), checkpoint.origin), staging / name, context, fmt.Options())
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -123,7 +129,6 @@ def read_sharded(fmt: Any, index_path: Path) -> Checkpoint:
         )
     else:
         tree = {key: refs[key] for key in weight_map}
-    validate(tree, file=index_path)
     return Checkpoint(tree, folder)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import CorruptFileError
-from ..sources import BufferSource, ByteSource
-from ..transfer import Checks, Progress, copy_into
+from ..core.errors import CorruptFileError
 
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -126,14 +126,14 @@ class ZipWriter:
         self._count = 0
         self._dos_time, self._dos_date = _dos_datetime()
 
-    def add(
-        self, name: str, data: bytes | ByteSource, *, digest: bool = False, progress: Progress | None = None
-    ) -> str | None:
-        """Append a stored record; its bytes are copied by ``transfer.copy_into`` (CRC computed on
-        the way). Returns the BLAKE3 digest of the bytes when ``digest`` is asked for."""
+    def add(self, name: str, data: bytes) -> None:
+        """Append a stored record of small, in-memory bytes."""
+        self.add_copied(name, len(data), lambda out: _write_with_crc(out, data))
+
+    def add_copied(self, name: str, size: int, copy: Callable[[BinaryIO], int]) -> None:
+        """Append a stored record of ``size`` bytes that ``copy(out)`` writes at the file's position,
+        returning their CRC-32 (so big records are copied and checked in one pass by the caller)."""
         out = self._out
-        source = BufferSource.of(data) if isinstance(data, bytes) else data
-        size = source.nbytes
         encoded = name.encode("utf-8")
         offset = out.tell()
         zip64 = size >= U32_MAX
@@ -162,15 +162,15 @@ class ZipWriter:
             )
         )
         out.write(encoded + extra)
-        checks = Checks.make(crc=True, digest=digest)
-        copy_into(out, source, checks, progress)
-        crc = checks.crc or 0
+        data_start = out.tell()
+        crc = copy(out)
         end = out.tell()
+        if end - data_start != size:
+            raise AssertionError(f"zip record {name!r}: {end - data_start} bytes written, {size} declared")
         out.seek(offset + 14)  # the CRC field of the local header
         out.write(struct.pack("<I", crc))
         out.seek(end)
         self._add_central(encoded, crc, size, offset, version)
-        return checks.hexdigest()
 
     def _add_central(self, encoded: bytes, crc: int, size: int, offset: int, version: int) -> None:
         extra_values = []
@@ -245,6 +245,11 @@ class ZipWriter:
                 0,
             )
         )
+
+
+def _write_with_crc(out: BinaryIO, data: bytes) -> int:
+    out.write(data)
+    return zlib.crc32(data)
 
 
 def _dos_datetime() -> tuple[int, int]:

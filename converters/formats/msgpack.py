@@ -21,19 +21,20 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
-from .. import dtypes, manifests
-from ..atomic import atomic_output, overwrite
-from ..errors import CorruptFileError, TreePath, UnsupportedValueError
-from ..integrity import needs_hashing, settle
-from ..sources import ByteSource, ConcatSource, FileRange, slice_source
-from ..transfer import Checks, Progress, copy_into
-from ..tree import MAPPING_TYPES, Checkpoint, TensorRef, validate, walk
-from . import msgpack_codec as codec
-from .common import read_digests, reject_options
+from ..codecs import msgpack as codec
+from ..core import dtypes, manifests
+from ..core.atomic import atomic_output
+from ..core.contract import FormatBase, NoOptions, WriteContext
+from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
+from ..core.stored import read_digests
+from ..core.tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
+from ..core.writing import DIGEST_PLACEHOLDER, PiecewiseCopy, Reserved, TensorWriter
 
 EXT_NDARRAY = 1  # flax: _MsgpackExtType.ndarray
 EXT_NPSCALAR = 3  # flax: a numpy scalar, stored like a 0-d array
@@ -43,17 +44,17 @@ EXT_TIED = 82  # a tied tensor's second and later places: the storage key of its
 META_KEY = "__sdconvert__"
 WRAPPED_ROOT_KEY = "__sdconvert_root__"
 CHUNKED_KEY = "__msgpack_chunked_array__"
-DIGEST_PLACEHOLDER = "0" * 64
 FLAX_MAX_LEAF_BYTES = 2**30  # flax.serialization.MAX_CHUNK_SIZE
 MAX_BIGINT_DIGITS = 4000  # below CPython's int/str conversion limit
 META_VERSION = 1
 
 
-class MsgpackFormat:
+class MsgpackFormat(FormatBase):
     name = "msgpack"
     suffixes: tuple[str, ...] = (".msgpack",)
     description = "MessagePack, flax.serialization-compatible: any msgpack library, any language"
-    dtypes = frozenset(dtypes.DTYPES)
+    # flax's ndarray ext spells the dtype by numpy's name, which is torch's for every dtype.
+    dtype_codes: ClassVar[Mapping[str, Any]] = {name: name for name in dtypes.DTYPES}
 
     def __init__(self, max_leaf_bytes: int = FLAX_MAX_LEAF_BYTES, max_depth: int = 256) -> None:
         self.max_leaf_bytes = max_leaf_bytes
@@ -66,8 +67,7 @@ class MsgpackFormat:
 
     # ------------------------------------------------------------------------------- writing
 
-    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
-        reject_options(self.name, options)
+    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
         tree = checkpoint.tree
         keys = manifests.storage_keys(tree)
         wrapped = not isinstance(tree, dict)
@@ -83,22 +83,18 @@ class MsgpackFormat:
             meta = {"version": META_VERSION, "wrapped": wrapped, "tree": node, "blake3": digests}
             return codec.pack_plain(meta, bigint_ext=EXT_BIGINT)
 
-        first = pack_meta()
-        with atomic_output(Path(path), fsync=options.get("fsync", True)) as out:
+        with atomic_output(Path(path), fsync=context.fsync) as out:
             out.write(codec.map_header(1 + (1 if wrapped else len(tree))))
-            out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(first)))
-            meta_offset = out.tell()
-            out.write(first)
-            emit = _Emitter(
-                self.max_leaf_bytes, out, keys, options.get("progress"), checkpoint.origin, options.get("check", False)
-            )
+            out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(pack_meta())))
+            reserved = Reserved(out, pack_meta)
+            emit = _Emitter(self.max_leaf_bytes, out, keys, TensorWriter(context, checkpoint.origin))
             if wrapped:
                 out.write(codec.pack_str(WRAPPED_ROOT_KEY))
                 emit.node(tree, ())
             else:
                 emit.items(tree, ())
             digests.update(emit.digests)
-            overwrite(out, meta_offset, pack_meta(), len(first))
+            reserved.rewrite()
 
     # ------------------------------------------------------------------------------- reading
 
@@ -111,7 +107,6 @@ class MsgpackFormat:
             reader = _TreeReader(buffer, path, self.max_depth)
             native = reader.parse_root(size)
             tree = reader.resolve(native)
-        validate(tree, file=path)
         return Checkpoint(tree, path)
 
 
@@ -119,17 +114,9 @@ class _Emitter:
     """Writes the native tree of one file; remembers which tensors it wrote, to tie the others."""
 
     def __init__(
-        self,
-        max_leaf_bytes: int,
-        out: BinaryIO,
-        keys: dict[tuple[str | int, ...], str],
-        progress: Progress | None,
-        origin: Path | None,
-        check: bool,
+        self, max_leaf_bytes: int, out: BinaryIO, keys: dict[tuple[str | int, ...], str], tensors: TensorWriter
     ) -> None:
-        self.max_leaf_bytes, self.out, self.keys, self.progress = max_leaf_bytes, out, keys, progress
-        self.origin = origin
-        self.check = check
+        self.max_leaf_bytes, self.out, self.keys, self.tensors = max_leaf_bytes, out, keys, tensors
         self.written: set[int] = set()
         self.digests: dict[str, str] = {}  # storage key -> BLAKE3 of the tensor's bytes
 
@@ -148,12 +135,12 @@ class _Emitter:
             out.write(codec.ext_header(EXT_TIED, len(key)) + key)
         elif kind is TensorRef:
             self.written.add(id(node))
-            checks = Checks.make(digest=needs_hashing(node, self.check))
+            copy = self.tensors.piecewise(node, path)
             if node.nbytes > self.max_leaf_bytes:
-                self.chunked(node, checks)
+                self.chunked(node, copy)
             else:
-                self.ndarray(node.dtype, node.shape, node.source, checks)
-            self.digests[self.keys[path]] = settle(node, checks.hexdigest(), path, self.origin)
+                self.ndarray(node.dtype, node.shape, node.source, copy)
+            self.digests[self.keys[path]] = copy.finish().digest
         else:
             out.write(codec.pack_plain(node, bigint_ext=EXT_BIGINT))
 
@@ -166,7 +153,7 @@ class _Emitter:
             self.out.write(codec.pack_str(native_key))
             self.node(value, (*path, key))
 
-    def chunked(self, ref: TensorRef, checks: Checks) -> None:
+    def chunked(self, ref: TensorRef, copy: PiecewiseCopy) -> None:
         """flax's layout for big leaves.
 
         ``{"__msgpack_chunked_array__": true, "shape": {"0": d0, ...}, "chunks": {"0": 1-D array, ...}}``
@@ -182,9 +169,9 @@ class _Emitter:
             length = min(per_chunk, ref.nbytes - index * per_chunk)
             out.write(codec.pack_str(str(index)))
             piece = slice_source(ref.source, index * per_chunk, length)
-            self.ndarray(ref.dtype, (length // itemsize,), piece, checks)
+            self.ndarray(ref.dtype, (length // itemsize,), piece, copy)
 
-    def ndarray(self, dtype: str, shape: tuple[int, ...], source: ByteSource, checks: Checks) -> None:
+    def ndarray(self, dtype: str, shape: tuple[int, ...], source: ByteSource, copy: PiecewiseCopy) -> None:
         """flax's ext 1: [shape, dtype, bin]; the bin's bytes copied straight from the source."""
         prefix = (
             codec.array_header(3)
@@ -194,7 +181,7 @@ class _Emitter:
             + codec.bin_header(source.nbytes)
         )
         self.out.write(codec.ext_header(EXT_NDARRAY, len(prefix) + source.nbytes) + prefix)
-        copy_into(self.out, source, checks, self.progress)
+        copy.write(self.out, source)
 
 
 def _require_utf8(node: Any, path: tuple[str | int, ...]) -> None:
@@ -318,7 +305,7 @@ class _TreeReader:
                 return self.stored[native.key]
             if type(native) is not TensorRef or expected.key in self.stored:
                 self._disagree(path, f"the tensor {expected.key!r}", native)
-            self.stored[expected.key] = replace(native, digest=self.digests.get(expected.key))
+            self.stored[expected.key] = native.with_stored_digest(self.digests.get(expected.key))
             return self.stored[expected.key]
         if kind in MAPPING_TYPES:
             if type(native) is not dict:
@@ -468,3 +455,6 @@ def _indexed(value: Any, file: Path, path: TreePath, what: str) -> list[Any]:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+FORMAT = MsgpackFormat()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes
-from .errors import ConverterError, TreePath, UnsupportedValueError
+from .errors import ConverterError, UnsupportedValueError
 from .sources import ByteSource
 
 SCALAR_TYPES = (type(None), bool, int, float, str)
@@ -35,8 +35,10 @@ class TensorRef:
     dtype: str
     shape: tuple[int, ...]
     source: ByteSource = field(compare=False)
-    # The BLAKE3 digest the file claims for these bytes, when it stores one (our files do).
-    digest: str | None = field(default=None, compare=False)
+    # The BLAKE3 digest a file stores for these bytes (our files do). It belongs to the bytes, so it
+    # is not an argument: ``TensorRef(...)``, ``derive`` and ``dataclasses.replace`` all start without
+    # one, and only ``with_stored_digest`` (used by readers) attaches one.
+    digest: str | None = field(default=None, compare=False, init=False)
 
     def __post_init__(self) -> None:
         row = dtypes.lookup(self.dtype)
@@ -50,6 +52,28 @@ class TensorRef:
     def nbytes(self) -> int:
         return self.source.nbytes
 
+    def with_stored_digest(self, digest: str | None) -> TensorRef:
+        """The same tensor carrying the digest its file stores for these exact bytes (readers only)."""
+        ref = TensorRef(self.dtype, self.shape, self.source)
+        object.__setattr__(ref, "digest", digest)
+        return ref
+
+    def derive(
+        self, *, dtype: str | None = None, shape: tuple[int, ...] | None = None, source: ByteSource | None = None
+    ) -> TensorRef:
+        """A tensor made from this one; it carries no digest (new bytes need a new one).
+
+        >>> from converters.core.sources import BufferSource
+        >>> ref = TensorRef("float32", (2,), BufferSource.of(bytes(8))).with_stored_digest("0" * 64)
+        >>> ref.derive(shape=(1, 2)).digest is None
+        True
+        """
+        return TensorRef(
+            self.dtype if dtype is None else dtype,
+            self.shape if shape is None else shape,
+            self.source if source is None else source,
+        )
+
 
 @dataclass
 class Checkpoint:
@@ -57,6 +81,7 @@ class Checkpoint:
 
     tree: Any
     origin: Path | None = None
+    format: str | None = None  # the name of the format it was read from
 
     def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
         """Every tensor with its tree path, in tree order (a tied tensor once per path)."""
@@ -95,7 +120,7 @@ def validate(tree: Any, *, file: Path | str | None = None) -> None:
     >>> validate({"w": {1, 2}})
     Traceback (most recent call last):
     ...
-    converters.errors.UnsupportedValueError: at w: cannot represent a value of type builtins.set ...
+    converters.core.errors.UnsupportedValueError: at w: cannot represent a value of type builtins.set ...
     """
     _validate(tree, (), file, 0)
 
@@ -147,38 +172,3 @@ def map_leaves(tree: Any, fn: Any, path: tuple[str | int, ...] = ()) -> Any:
     if kind is list or kind is tuple:
         return kind(map_leaves(value, fn, (*path, index)) for index, value in enumerate(tree))
     return fn(path, tree)
-
-
-def parse_select(text: str) -> tuple[str, ...]:
-    """Split a ``--select`` path (``optimizer_state_dict/state``) into its segments."""
-    return tuple(segment for segment in text.split("/") if segment)
-
-
-def select(tree: Any, segments: TreePath, *, file: Path | str | None = None) -> Any:
-    """The sub-tree at ``segments``; a segment matches a str key, or an int key/index it spells."""
-    node = tree
-    walked: list[str | int] = []
-    for segment in segments:
-        node, key = _child(node, segment, walked, file)
-        walked.append(key)
-    return node
-
-
-def _child(node: Any, segment: str | int, walked: list[str | int], file: Any) -> tuple[Any, str | int]:
-    if isinstance(node, dict):
-        if segment in node:
-            return node[segment], segment
-        if isinstance(segment, str) and _is_int(segment) and int(segment) in node:
-            return node[int(segment)], int(segment)
-        keys = ", ".join(repr(k) for k in list(node)[:10])
-        raise ConverterError(f"no key {segment!r} (keys: {keys})", file=file, path=walked)
-    if isinstance(node, (list, tuple)) and _is_int(str(segment)):
-        index = int(segment)
-        if 0 <= index < len(node):
-            return node[index], index
-        raise ConverterError(f"index {index} out of range (length {len(node)})", file=file, path=walked)
-    raise ConverterError(f"cannot select {segment!r} inside a {type(node).__name__}", file=file, path=walked)
-
-
-def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()

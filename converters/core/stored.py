@@ -1,4 +1,5 @@
-"""Small helpers every format module shares."""
+"""What formats share about the trees and digests they store: strict JSON, digest maps, and the
+stored tree (a manifest node) rebuilt around a format's tensors."""
 
 from __future__ import annotations
 
@@ -6,13 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import manifests
-from ..errors import ConverterError, CorruptFileError, UnsupportedValueError
-from ..tree import Checkpoint, TensorRef
-
-# Options every writer takes: a progress callback (bytes done), whether to fsync, and whether to
-# re-hash tensors that carry a digest from their source (see converters.integrity).
-WRITE_OPTIONS = ("progress", "fsync", "check")
+from . import manifests
+from .errors import CorruptFileError
+from .tree import TensorRef
 
 
 def read_digests(text: bytes | str, file: Path, what: str) -> dict[str, str]:
@@ -23,23 +20,6 @@ def read_digests(text: bytes | str, file: Path, what: str) -> dict[str, str]:
     ):
         raise CorruptFileError(f"{what} must map keys to 64-digit hex BLAKE3 digests", file=file)
     return digests
-
-
-def reject_options(format_name: str, options: dict[str, Any], accepted: tuple[str, ...] = ()) -> None:
-    unknown = sorted(set(options) - set(accepted) - set(WRITE_OPTIONS))
-    if unknown:
-        takes = f"takes only {', '.join(accepted)}" if accepted else "takes no options"
-        raise ConverterError(f"the {format_name} writer {takes}; got {', '.join(unknown)}")
-
-
-def require_dtypes(checkpoint: Checkpoint, format_name: str, supported: frozenset[str]) -> None:
-    """Refuse, naming the tensor, any dtype the format cannot hold (never convert it silently)."""
-    for path, ref in checkpoint.tensors():
-        if ref.dtype not in supported:
-            raise UnsupportedValueError(
-                f"{format_name} cannot hold dtype {ref.dtype}; formats that can: see `sdconvert formats`",
-                path=path,
-            )
 
 
 def tree_from_stored(

@@ -18,33 +18,60 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .. import dtypes, manifests
-from ..atomic import atomic_output, overwrite
-from ..errors import CorruptFileError, UnsupportedValueError
-from ..integrity import needs_hashing, settle
-from ..sources import FileRange
-from ..transfer import Checks, copy_into
-from ..tree import Checkpoint, TensorRef, validate
+from ...core import manifests
+from ...core.atomic import atomic_output
+from ...core.contract import FormatBase, WriteContext, option
+from ...core.dtypes import itemsize, numel
+from ...core.errors import CorruptFileError, UnsupportedValueError
+from ...core.sources import FileRange
+from ...core.stored import loads_json_strict, read_digests, tree_from_stored
+from ...core.tree import Checkpoint, TensorRef
+from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from . import sharded
-from .common import loads_json_strict, read_digests, reject_options, require_dtypes, tree_from_stored
 
 MAX_HEADER_BYTES = 100_000_000
 TREE_KEY = "sdconvert.tree"
 VERSION_KEY = "sdconvert.version"
 DIGESTS_KEY = "sdconvert.blake3"
-PLACEHOLDER = "0" * 64
 HEADER_ALIGN = 64  # the format needs 8; 64 starts the data where torch would align a tensor
 
 
-class SafetensorsFormat:
+# torch dtype name -> the safetensors header's "dtype" code.
+DTYPE_CODES: dict[str, str] = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ", "float8_e8m0fnu": "F8_E8M0",
+    "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
+    "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "bool": "BOOL", "complex64": "C64",
+}  # fmt: skip
+BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class SafetensorsOptions:
+    max_shard_size: int | None = option(
+        None,
+        "write DST as a folder of shards + index, e.g. 5GB or 512MiB",
+        metavar="SIZE",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_shard_size is not None:
+            object.__setattr__(self, "max_shard_size", sharded.parse_size(self.max_shard_size))
+
+
+class SafetensorsFormat(FormatBase):
     name = "safetensors"
     suffixes: tuple[str, ...] = (".safetensors", sharded.INDEX_SUFFIX)
     description = "safetensors (Hugging Face): Python, Rust, JS, transformers, candle, MLX"
-    dtypes = frozenset(name for name, row in dtypes.DTYPES.items() if row.safetensors)
+    dtype_codes: ClassVar[Mapping[str, Any]] = DTYPE_CODES
+    Options = SafetensorsOptions
 
     def __init__(self, max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self.max_header_bytes = max_header_bytes
@@ -72,10 +99,9 @@ class SafetensorsFormat:
         refs = _tensor_refs(path, header, data_start)
         if metadata and DIGESTS_KEY in metadata:
             digests = read_digests(metadata[DIGESTS_KEY], path, f"__metadata__[{DIGESTS_KEY!r}]")
-            refs = {key: replace(ref, digest=digests.get(key)) for key, ref in refs.items()}
+            refs = {key: ref.with_stored_digest(digests.get(key)) for key, ref in refs.items()}
         # Without our tree (a file from another tool) the tensors form a flat dict in header order.
         tree = _tree_from_metadata(path, metadata, refs) if metadata and TREE_KEY in metadata else dict(refs)
-        validate(tree, file=path)
         return Checkpoint(tree, path)
 
     def _read_header(self, path: Path) -> tuple[dict[str, Any], int]:
@@ -102,20 +128,18 @@ class SafetensorsFormat:
             raise CorruptFileError("header is not a JSON object", file=path)
         return header, 8 + length
 
-    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
-        reject_options(self.name, options, ("max_shard_size",))
-        require_dtypes(checkpoint, self.name, self.dtypes)
-        if options.get("max_shard_size") is not None:
-            limit = sharded.parse_size(options.pop("max_shard_size"))
-            sharded.write_sharded(self, checkpoint, Path(path), limit, options)
+    def replaceable(self, path: Path) -> bool:
+        return sharded.replaceable(path)
+
+    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: SafetensorsOptions) -> None:
+        if options.max_shard_size is not None:
+            sharded.write_sharded(self, checkpoint, Path(path), options.max_shard_size, context)
             return
-        options.pop("max_shard_size", None)
-        progress = options.get("progress")
         keys = manifests.storage_keys(checkpoint.tree)
         tensors = checkpoint.unique_tensors()  # a tied tensor is stored once; the tree names it twice
         # Widest elements first keeps every tensor aligned to its element size (the header is
         # padded to 8), as the reference writer does; ties keep tree order.
-        order = sorted(tensors, key=lambda item: -dtypes.DTYPES[item[1].dtype].itemsize)
+        order = sorted(tensors, key=lambda item: -itemsize(item[1].dtype))
         metadata = {
             "format": "pt",
             VERSION_KEY: str(manifests.MANIFEST_VERSION),
@@ -125,29 +149,25 @@ class SafetensorsFormat:
         offset = 0
         for tensor_path, ref in order:
             header[keys[tensor_path]] = {
-                "dtype": dtypes.DTYPES[ref.dtype].safetensors,
+                "dtype": DTYPE_CODES[ref.dtype],
                 "shape": list(ref.shape),
                 "data_offsets": [offset, offset + ref.nbytes],
             }
             offset += ref.nbytes
-        # Digests are known only once the bytes went by: the header is written with placeholders
-        # of the same length and rewritten in place at the end.
-        digests = {keys[tensor_path]: PLACEHOLDER for tensor_path, _ in order}
+        digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in order}
 
         def encode_header() -> bytes:
             metadata[DIGESTS_KEY] = json.dumps(digests, separators=(",", ":"))
             encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
             return encoded + b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
 
-        first = encode_header()
-        with atomic_output(Path(path), fsync=options.get("fsync", True)) as out:
-            out.write(struct.pack("<Q", len(first)))
-            out.write(first)
+        tensor_writer = TensorWriter(context, checkpoint.origin)
+        with atomic_output(Path(path), fsync=context.fsync) as out:
+            out.write(struct.pack("<Q", len(encode_header())))
+            reserved = Reserved(out, encode_header)
             for tensor_path, ref in order:
-                checks = Checks.make(digest=needs_hashing(ref, options.get("check", False)))
-                copy_into(out, ref.source, checks, progress)
-                digests[keys[tensor_path]] = settle(ref, checks.hexdigest(), tensor_path, checkpoint.origin)
-            overwrite(out, 8, encode_header(), len(first))
+                digests[keys[tensor_path]] = tensor_writer.copy(out, ref, tensor_path).digest
+            reserved.rewrite()
 
 
 def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[str, TensorRef]:
@@ -159,8 +179,8 @@ def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[st
                 f"tensor {key!r}: header entry must have exactly dtype, shape, data_offsets", file=path
             )
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        row = dtypes.BY_SAFETENSORS.get(code) if type(code) is str else None
-        if row is None:
+        name = BY_CODE.get(code) if type(code) is str else None
+        if name is None:
             raise UnsupportedValueError(f"tensor {key!r}: unknown safetensors dtype {code!r}", file=path)
         if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
             raise CorruptFileError(
@@ -176,13 +196,13 @@ def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[st
                 f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r:.60}",
                 file=path,
             )
-        expected = dtypes.numel(tuple(shape)) * row.itemsize
+        expected = numel(tuple(shape)) * itemsize(name)
         if offsets[1] - offsets[0] != expected:
             raise CorruptFileError(
                 f"tensor {key!r}: {code}{shape} needs {expected} bytes, data_offsets span {offsets[1] - offsets[0]}",
                 file=path,
             )
-        spans.append((offsets[0], offsets[1], key, row, tuple(shape)))
+        spans.append((offsets[0], offsets[1], key, name, tuple(shape)))
     position = 0
     for begin, end, key, _, _ in sorted(spans, key=lambda s: (s[0], s[1])):
         if begin != position:
@@ -197,11 +217,14 @@ def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[st
             f"{problem} the tensor data (header says {data_start + position} bytes, file has {size})", file=path
         )
     return {
-        key: TensorRef(row.name, shape, FileRange(path, data_start + begin, end - begin))
-        for begin, end, key, row, shape in spans
+        key: TensorRef(name, shape, FileRange(path, data_start + begin, end - begin))
+        for begin, end, key, name, shape in spans
     }
 
 
 def _tree_from_metadata(path: Path, metadata: dict[str, str], refs: dict[str, TensorRef]) -> Any:
     what = f"__metadata__[{TREE_KEY!r}]"
     return tree_from_stored(metadata[TREE_KEY], refs, path, what, holder="the header", unused_name="header tensor")
+
+
+FORMAT = SafetensorsFormat()

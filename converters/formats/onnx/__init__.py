@@ -22,21 +22,21 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
-from .. import dtypes, manifests
-from ..atomic import atomic_output, overwrite
-from ..errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
-from ..integrity import needs_hashing, settle
-from ..sources import BufferSource, ByteSource, FileRange
-from ..transfer import Checks, Progress, copy_into
-from ..tree import Checkpoint, TensorRef, validate, walk
-from . import protowire as wire
-from .common import loads_json_strict, read_digests, reject_options
-from .onnx_graph import ExportedGraph, export
+from ...codecs import protowire as wire
+from ...core import dtypes, manifests
+from ...core.atomic import atomic_output
+from ...core.contract import FormatBase, WriteContext, option
+from ...core.errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
+from ...core.sources import BufferSource, ByteSource, FileRange
+from ...core.stored import loads_json_strict, read_digests
+from ...core.tree import Checkpoint, TensorRef, walk
+from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
+from .graph import ExportedGraph, export
 
 IR_VERSION = 10
 OPSET = 21
@@ -46,7 +46,7 @@ EXTERNAL_ALIGN = 4096
 MODEL_KEYS = ("model_state_dict", "model", "state_dict", "net")
 TREE_KEY, VERSION_KEY = "sdconvert.tree", "sdconvert.version"
 CONSTANTS_KEY, FALLBACK_KEY = "sdconvert.graph_constants", "sdconvert.fallback"
-DIGESTS_KEY, DIGEST_PLACEHOLDER = "sdconvert.blake3", "0" * 64
+DIGESTS_KEY = "sdconvert.blake3"
 EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 
 # TensorProto fields
@@ -60,6 +60,40 @@ TYPED_FIELDS = {
     INT64_DATA: "varint",
     UINT64_DATA: "varint",
 }
+
+
+# torch dtype name -> onnx.TensorProto.DataType. complex32 has none: it is written as its bytes
+# (uint8) with the real dtype in metadata (the documented fallback), so ONNX holds every dtype.
+ONNX_TYPES: dict[str, int] = {
+    "float64": 11, "float32": 1, "float16": 10, "bfloat16": 16,
+    "float8_e4m3fn": 17, "float8_e5m2": 19, "float8_e4m3fnuz": 18, "float8_e5m2fnuz": 20, "float8_e8m0fnu": 24,
+    "int8": 3, "int16": 5, "int32": 6, "int64": 7, "uint8": 2, "uint16": 4, "uint32": 12, "uint64": 13,
+    "bool": 9, "complex64": 14, "complex128": 15,
+}  # fmt: skip
+FALLBACK_TYPE = ONNX_TYPES["uint8"]
+BY_ONNX_TYPE = {code: name for name, code in ONNX_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    model: Any = option(
+        None,
+        "add the model's forward graph: 'recipe' or 'package.module:Class' (no-arg ctor)",
+        kind="model",
+        metavar="SPEC",
+    )
+    example_input: Any = option(
+        None,
+        "example input shape traced by the export (a tensor, or a shape in the library)",
+        kind="shape",
+        metavar="N,C,H,W",
+        flag="--input-shape",
+    )
+    external_data: bool | None = option(None, "store tensors in DST.data (automatic past 2 GB)", kind="flag")
+
+    def __post_init__(self) -> None:
+        if (self.model is None) != (self.example_input is None):
+            raise ConverterError("the onnx writer needs model and example_input together")
 
 
 @dataclass
@@ -82,11 +116,12 @@ class _Planned:
         return len(self.header) + inline
 
 
-class OnnxFormat:
+class OnnxFormat(FormatBase):
     name = "onnx"
     suffixes: tuple[str, ...] = (".onnx",)
     description = "ONNX initializers (+ the model's graph with --model): onnx, onnxruntime, every ONNX tool"
-    dtypes = frozenset(dtypes.DTYPES)  # complex32 through the documented uint8 fallback
+    dtype_codes: ClassVar[Mapping[str, Any]] = {name: ONNX_TYPES.get(name, FALLBACK_TYPE) for name in dtypes.DTYPES}
+    Options = OnnxOptions
 
     def __init__(
         self,
@@ -109,17 +144,13 @@ class OnnxFormat:
 
     # ------------------------------------------------------------------------------- writing
 
-    def write(self, checkpoint: Checkpoint, path: Path, **options: Any) -> None:
-        reject_options(self.name, options, ("model", "example_input", "external_data"))
+    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: OnnxOptions) -> None:
         path = Path(path)
-        model, example = options.get("model"), options.get("example_input")
-        if (model is None) != (example is None):
-            raise ConverterError("the onnx writer needs model and example_input together")
         names = initializer_names(checkpoint.tree)
-        graph = export(model, example) if model is not None else None
+        graph = export(options.model, options.example_input) if options.model is not None else None
         planned = [_plan(names[tensor_path], ref, tensor_path) for tensor_path, ref in checkpoint.unique_tensors()]
         main, rest, constants = _partition(planned, graph, checkpoint.tree, names)
-        external = options.get("external_data")
+        external = options.external_data
         total = sum(p.ref.nbytes for p in planned)
         if external is None:
             external = total + (1 << 20) > self.protobuf_limit  # leave room for the graph and headers
@@ -152,30 +183,27 @@ class OnnxFormat:
                 f"{total} bytes of tensors exceed protobuf's 2 GB limit; write with external data "
                 "(external_data=True / --external-data)"
             )
-        fsync, progress, check = options.get("fsync", True), options.get("progress"), options.get("check", False)
+        tensors = TensorWriter(context, checkpoint.origin)
         if external:
             outside = [p for p in planned if p.external_offset is not None]
-            digests.update(_write_external_data(data_path, outside, fsync, progress, check))
+            digests.update(_write_external_data(data_path, outside, tensors))
             # The data file is in place; remove the old model so no reader pairs it with new data.
             path.unlink(missing_ok=True)
-        with atomic_output(path, fsync=fsync) as out:
+        with atomic_output(path, fsync=context.fsync) as out:
             out.write(head)
-            metadata_offset = out.tell()
-            out.write(metadata)
+            reserved = Reserved(out, lambda: _metadata(checkpoint.tree, names, planned, constants, digests))
             out.write(wire.len_header(7, graph_length) + graph_fields)
             for proto in constant_protos:
                 out.write(wire.len_header(5, len(proto)) + proto)
             for item in main:
-                _write_tensor(out, item, digests, progress, check)
+                _write_tensor(out, item, digests, tensors)
             if rest:
                 init_length = len(wire.string_field(2, "sdconvert_state")) + sum(_embedded(p.length) for p in rest)
                 out.write(wire.len_header(20, _embedded(init_length)) + wire.len_header(1, init_length))
                 out.write(wire.string_field(2, "sdconvert_state"))
                 for item in rest:
-                    _write_tensor(out, item, digests, progress, check)
-            overwrite(
-                out, metadata_offset, _metadata(checkpoint.tree, names, planned, constants, digests), len(metadata)
-            )
+                    _write_tensor(out, item, digests, tensors)
+            reserved.rewrite()
 
     # ------------------------------------------------------------------------------- reading
 
@@ -191,7 +219,6 @@ class OnnxFormat:
             tree = _tree_from_metadata(path, metadata, tensors)
         else:
             tree = {name: ref for name, (ref, _) in tensors.items()}
-        validate(tree, file=path)
         return Checkpoint(tree, path)
 
 
@@ -251,10 +278,10 @@ def initializer_names(tree: Any) -> dict[tuple[str | int, ...], str]:
 
 
 def _plan(name: str, ref: TensorRef, tensor_path: tuple[str | int, ...]) -> _Planned:
-    row = dtypes.DTYPES[ref.dtype]
-    if row.onnx is None:  # the documented fallback: the bytes as uint8, the real dtype in metadata
-        return _Planned(name, ref, dtypes.DTYPES["uint8"].onnx or 2, (ref.nbytes,), tensor_path)
-    return _Planned(name, ref, row.onnx, ref.shape, tensor_path)
+    onnx_type = ONNX_TYPES.get(ref.dtype)
+    if onnx_type is None:  # the documented fallback: the bytes as uint8, the real dtype in metadata
+        return _Planned(name, ref, FALLBACK_TYPE, (ref.nbytes,), tensor_path)
+    return _Planned(name, ref, onnx_type, ref.shape, tensor_path)
 
 
 def _partition(
@@ -281,9 +308,9 @@ def _partition(
 def _check_matches(name: str, proto: bytes, item: _Planned) -> None:
     info = _Reader(proto, Path("<exported graph>"), len(proto)).tensor_info(0, len(proto))
     if (info.onnx_type, info.dims) != (item.onnx_type, item.dims):
-        row = dtypes.BY_ONNX.get(info.onnx_type)
+        expected = BY_ONNX_TYPE.get(info.onnx_type, info.onnx_type)
         raise ConverterError(
-            f"the model's graph expects {name!r} as {row.name if row else info.onnx_type}{list(info.dims)}, "
+            f"the model's graph expects {name!r} as {expected}{list(info.dims)}, "
             f"the checkpoint holds {item.ref.dtype}{list(item.ref.shape)}"
         )
 
@@ -302,19 +329,11 @@ def _tensor_header(item: _Planned, data_name: str) -> bytes:
     return header
 
 
-def _write_tensor(
-    out: BinaryIO, item: _Planned, digests: dict[str, str], progress: Progress | None, check: bool
-) -> None:
+def _write_tensor(out: BinaryIO, item: _Planned, digests: dict[str, str], tensors: TensorWriter) -> None:
     out.write(wire.len_header(5, item.length) + item.header)
     if item.external_offset is None:
         out.write(wire.len_header(RAW_DATA, item.ref.nbytes))
-        checks = Checks.make(digest=needs_hashing(item.ref, check))
-        copy_into(out, item.ref.source, checks, progress)
-        digests[item.name] = settle(item.ref, checks.hexdigest(), item.path, _origin(item.ref))
-
-
-def _origin(ref: TensorRef) -> Path | None:
-    return ref.source.path if isinstance(ref.source, FileRange) else None
+        digests[item.name] = tensors.copy(out, item.ref, item.path).digest
 
 
 def _embedded(length: int) -> int:
@@ -357,9 +376,7 @@ def _metadata(
         TREE_KEY: json.dumps(manifests.encode_tree(tree, names), separators=(",", ":")),
     }
     fallback = {
-        p.name: {"dtype": p.ref.dtype, "shape": list(p.ref.shape)}
-        for p in planned
-        if dtypes.DTYPES[p.ref.dtype].onnx is None
+        p.name: {"dtype": p.ref.dtype, "shape": list(p.ref.shape)} for p in planned if p.ref.dtype not in ONNX_TYPES
     }
     if fallback:
         entries[FALLBACK_KEY] = json.dumps(fallback, separators=(",", ":"))
@@ -369,19 +386,15 @@ def _metadata(
     return b"".join(wire.bytes_field(14, wire.string_field(1, k) + wire.string_field(2, v)) for k, v in entries.items())
 
 
-def _write_external_data(
-    data_path: Path, items: list[_Planned], fsync: bool, progress: Progress | None, check: bool
-) -> dict[str, str]:
+def _write_external_data(data_path: Path, items: list[_Planned], tensors: TensorWriter) -> dict[str, str]:
     """The external data file, written atomically: each tensor at its aligned offset."""
     digests = {}
-    with atomic_output(data_path, fsync=fsync) as out:
+    with atomic_output(data_path, fsync=tensors.context.fsync) as out:
         position = 0
         for item in items:
             assert item.external_offset is not None
             out.write(bytes(item.external_offset - position))
-            checks = Checks.make(digest=needs_hashing(item.ref, check))
-            copy_into(out, item.ref.source, checks, progress)
-            digests[item.name] = settle(item.ref, checks.hexdigest(), item.path, _origin(item.ref))
+            digests[item.name] = tensors.copy(out, item.ref, item.path).digest
             position = item.external_offset + item.ref.nbytes
     return digests
 
@@ -461,12 +474,13 @@ class _Reader:
 
     def _tensor(self, proto: wire.Field) -> tuple[str, TensorRef]:
         info = self.tensor_info(proto.offset, proto.end)
-        row = dtypes.BY_ONNX.get(info.onnx_type)
-        if row is None:
+        dtype_name = BY_ONNX_TYPE.get(info.onnx_type)
+        if dtype_name is None:
             raise UnsupportedValueError(
                 f"initializer {info.name!r} has ONNX data type {info.onnx_type}, which has no torch dtype",
                 file=self.path,
             )
+        row = dtypes.DTYPES[dtype_name]
         expected = dtypes.numel(info.dims) * row.itemsize
         raw: wire.Field | None = None
         typed: list[wire.Field] = []
@@ -620,7 +634,7 @@ def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str,
             )
         used.add(key)
         if key not in restored:  # once per key, so a tied tensor stays one tensor
-            ref = replace(tensors[key][0], digest=digests.get(key))
+            ref = tensors[key][0].with_stored_digest(digests.get(key))
             restored[key] = _from_fallback(path, key, ref, fallback[key], tree_path) if key in fallback else ref
         return restored[key]
 
@@ -644,4 +658,7 @@ def _from_fallback(path: Path, key: str, ref: TensorRef, spec: Any, tree_path: T
         raise CorruptFileError(
             f"{FALLBACK_KEY} entry for {key!r} does not match its {ref.nbytes} bytes", file=path, path=tree_path
         )
-    return TensorRef(row.name, shape, ref.source, ref.digest)
+    return TensorRef(row.name, shape, ref.source).with_stored_digest(ref.digest)
+
+
+FORMAT = OnnxFormat()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import DestinationError
 
 
 @contextmanager
@@ -44,11 +46,11 @@ def atomic_output(destination: Path, *, fsync: bool = True) -> Iterator[BinaryIO
 
 
 @contextmanager
-def atomic_folder(destination: Path, *, fsync: bool = True) -> Iterator[Path]:
+def atomic_folder(destination: Path, replaceable: Callable[[Path], bool], *, fsync: bool = True) -> Iterator[Path]:
     """Yield an empty staging folder that becomes ``destination`` when the block completes.
 
-    An existing destination is replaced only if it holds nothing but what a sharded checkpoint
-    holds (shards and an index), so a mistaken destination never deletes a user's folder.
+    An existing destination is replaced only if ``replaceable`` (the format's word) accepts every
+    entry in it, so a mistaken destination never deletes a user's folder.
     """
     destination = Path(destination)
     parent = destination.parent if str(destination.parent) else Path(".")
@@ -58,7 +60,7 @@ def atomic_folder(destination: Path, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             _fsync_folder(staging)
         if destination.exists():
-            _require_replaceable(destination)
+            _require_replaceable(destination, replaceable)
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=parent))
             os.rename(destination, retired / destination.name)
             os.rename(staging, destination)
@@ -72,31 +74,14 @@ def atomic_folder(destination: Path, *, fsync: bool = True) -> Iterator[Path]:
         _fsync_folder(parent)
 
 
-def _require_replaceable(destination: Path) -> None:
-    from .errors import DestinationError
-
+def _require_replaceable(destination: Path, replaceable: Callable[[Path], bool]) -> None:
     if not destination.is_dir():
         raise DestinationError("exists and is not a folder; this checkpoint is written as a folder", file=destination)
-    # What sharded safetensors and DCP folders hold; anything else is someone's data.
-    ours = (".safetensors", ".index.json", ".distcp", ".metadata")
-    strangers = [p.name for p in destination.iterdir() if not (p.name.endswith(ours) and p.is_file())]
+    strangers = [p.name for p in destination.iterdir() if not replaceable(p)]
     if strangers:
         raise DestinationError(
             f"is a folder holding other files ({strangers[0]!r}); refusing to replace it", file=destination
         )
-
-
-def overwrite(out: BinaryIO, offset: int, data: bytes, placeholder_length: int) -> None:
-    """Rewrite bytes written earlier (a header whose digests are known only now), in place.
-
-    Writers reserve the room with placeholders of the final length, so nothing after moves.
-    """
-    if len(data) != placeholder_length:
-        raise AssertionError(f"rewritten header is {len(data)} bytes, its placeholder {placeholder_length}")
-    end = out.tell()
-    out.seek(offset)
-    out.write(data)
-    out.seek(end)
 
 
 def _umask() -> int:

@@ -1,0 +1,313 @@
+"""``sdconvert``: convert, inspect and verify PyTorch checkpoints across formats.
+
+Exit codes: 0 ok, 1 ``verify`` found differences, 2 bad usage or bad input (one line on stderr),
+3 an internal error (a bug: one line on stderr; set SDCONVERT_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .core.contract import OptionSpec
+from .core.errors import ConverterError
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    """Bad command-line usage; reported like bad input (exit 2, one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser:
+    """The argument parser; ``convert``'s format flags come from what each format declares
+    (building them imports every format, so commands other than ``convert`` skip it)."""
+    parser = _Parser(prog="sdconvert", description="Convert PyTorch checkpoints between formats, bit for bit.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    convert = commands.add_parser("convert", help="convert SRC to DST (format from suffix or --from/--to)")
+    convert.add_argument("src", type=Path)
+    convert.add_argument("dst", type=Path)
+    convert.add_argument("--from", dest="src_format", metavar="FMT", help="format of SRC")
+    convert.add_argument("--to", dest="dst_format", metavar="FMT", help="format of DST")
+    convert.add_argument("--select", metavar="PATH", help="write only this sub-tree, e.g. model_state_dict")
+    convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument("--check", action="store_true", help="re-hash tensors against the digests SRC stores")
+    convert.add_argument(
+        "--no-fsync", action="store_true", help="skip fsync before the atomic rename (faster, not crash-durable)"
+    )
+    if with_format_options:
+        _add_format_options(convert)
+
+    inspect = commands.add_parser("inspect", help="list keys, dtypes and shapes, then the other values")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--from", dest="format", metavar="FMT")
+    inspect.add_argument("--json", action="store_true", help="print the manifest instead")
+
+    schema = commands.add_parser("schema", help="write the manifest (JSON schema of keys, dtypes, shapes)")
+    schema.add_argument("file", type=Path)
+    schema.add_argument("--from", dest="format", metavar="FMT")
+    schema.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+
+    verify = commands.add_parser(
+        "verify", help="exit 0 if A and B are bit-identical (and, with --deep, match their stored digests), else 1"
+    )
+    verify.add_argument("a", type=Path)
+    verify.add_argument("b", type=Path, nargs="?", help="omit with --deep to check A alone")
+    verify.add_argument("--deep", action="store_true", help="also re-hash every tensor against its stored BLAKE3")
+
+    commands.add_parser("formats", help="the registered formats, their suffixes and dtypes")
+
+    demo = commands.add_parser("demo", help="the recipe Net + SGD through every format and back")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the files (default: demo-out)")
+    demo.add_argument("--steps", type=int, default=3, help="SGD steps before saving (default: 3)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import converters
+
+    if args.command == "convert":
+        if args.dst.exists() and not args.force:
+            raise converters.DestinationError("exists; pass --force to replace it", file=args.dst)
+        options = _writer_options(args)
+        bar = None if args.quiet or not sys.stderr.isatty() else _ProgressBar(args.dst.name)
+        try:
+            converters.convert(
+                args.src,
+                args.dst,
+                src_format=args.src_format,
+                dst_format=args.dst_format,
+                select=args.select,
+                progress=bar,
+                fsync=not args.no_fsync,
+                check=args.check,
+                **options,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if not args.quiet:
+            print(f"wrote {args.dst}")
+    elif args.command == "inspect":
+        if args.json:
+            print(json.dumps(converters.manifest(args.file, args.format), indent=2))
+        else:
+            _inspect(args.file, args.format)
+    elif args.command == "schema":
+        text = json.dumps(converters.manifest(args.file, args.format), indent=2) + "\n"
+        if args.output:
+            from converters.core.atomic import atomic_output
+
+            with atomic_output(args.output) as out:
+                out.write(text.encode())
+            print(f"wrote {args.output}")
+        else:
+            sys.stdout.write(text)
+    elif args.command == "verify":
+        if args.b is None and not args.deep:
+            raise UsageError("sdconvert verify: give two files, or --deep to check one against its digests")
+        problems = converters.verify(args.a, args.b, deep=args.deep)
+        subject = f"{args.a} and {args.b}" if args.b else str(args.a)
+        if problems:
+            print(
+                f"{len(problems)} difference(s) in {subject}:"
+                if args.b is None
+                else f"{len(problems)} difference(s) between {subject}:"
+            )
+            for line in problems:
+                print(f"  {line}")
+            return EXIT_DIFFERENT
+        if args.b is None:
+            print(f"intact: every stored digest of {args.a} matches its tensor bytes")
+        else:
+            print(f"bit-identical: {subject}" + (" (stored digests checked)" if args.deep else ""))
+    elif args.command == "formats":
+        _formats()
+    elif args.command == "demo":
+        from converters import demo
+
+        return EXIT_OK if demo.run(args.out, steps=args.steps) else EXIT_DIFFERENT
+    return EXIT_OK
+
+
+def _format_options() -> dict[str, tuple[OptionSpec, list[str]]]:
+    """Every write option any format declares, by flag: (its spec, the formats that take it)."""
+    from converters.api import registry
+    from converters.core.contract import option_specs
+
+    by_flag: dict[str, tuple[OptionSpec, list[str]]] = {}
+    for fmt in registry:
+        for spec in option_specs(fmt.Options):
+            known = by_flag.get(spec.flag)
+            if known is not None and (known[0].name, known[0].kind) != (spec.name, spec.kind):
+                raise ConverterError(f"formats {known[1][0]} and {fmt.name} declare the flag {spec.flag} differently")
+            by_flag.setdefault(spec.flag, (spec, []))[1].append(fmt.name)
+    return by_flag
+
+
+def _add_format_options(convert: argparse.ArgumentParser) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (spec, owners) in _format_options().items():
+        title = f"{' / '.join(owners)} output"
+        group = groups.setdefault(title, convert.add_argument_group(title))
+        dest = f"option:{spec.name}"  # absent unless given (SUPPRESS), so "not given" is clear
+        if spec.kind == "flag":
+            group.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=spec.help)
+        else:
+            group.add_argument(flag, dest=dest, metavar=spec.metavar, default=argparse.SUPPRESS, help=spec.help)
+
+
+def _writer_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The destination format's options from the flags given, parsed by the kind each declares.
+
+    A flag of another format is refused (it would be silently ignored otherwise).
+    """
+    from converters import models
+    from converters.api import registry
+    from converters.core.contract import option_specs
+
+    given = {name.removeprefix("option:"): value for name, value in vars(args).items() if name.startswith("option:")}
+    if not given:
+        return {}
+    fmt = registry.resolve(args.dst, args.dst_format, for_write=True)
+    specs = {spec.name: spec for spec in option_specs(fmt.Options)}
+    flags = {spec.name: spec.flag for spec, _ in _format_options().values()}
+    for name in given:
+        if name not in specs:
+            raise UsageError(f"sdconvert convert: {flags[name]} is not an option of the {fmt.name} writer")
+    options: dict[str, Any] = {}
+    for name, value in given.items():
+        kind = specs[name].kind
+        if kind == "int":
+            try:
+                options[name] = int(value)
+            except ValueError:
+                raise UsageError(f"sdconvert convert: {specs[name].flag} takes a number, got {value!r}") from None
+        elif kind == "model":
+            options[name] = models.resolve_model(value)
+        elif kind == "shape":
+            options[name] = models.parse_shape(value)
+        else:
+            options[name] = value
+    # A shape option describes the input of the format's model option (it is traced by an export).
+    model = next((spec for spec in specs.values() if spec.kind == "model"), None)
+    shape = next((spec for spec in specs.values() if spec.kind == "shape"), None)
+    if model is not None and shape is not None:
+        if shape.name in options and model.name not in options:
+            raise UsageError(f"sdconvert convert: {shape.flag} goes with {model.flag}")
+        if model.name in options and shape.name not in options:
+            default = models.default_input_shape(options[model.name])
+            if default is None:
+                raise UsageError(f"sdconvert convert: {model.flag} needs {shape.flag} (e.g. 1,3,32,32)")
+            options[shape.name] = default
+    return options
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr, shown only for conversions big enough to wait for."""
+
+    MIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if total < self.MIN_BYTES:
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.label, leave=False)
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _inspect(path: Path, format: str | None) -> None:
+    import converters
+    from converters.api import stored_size
+    from converters.core.report import describe, human_bytes
+
+    checkpoint = converters.read(path, format)
+    tensors = checkpoint.unique_tensors()
+    tied = len(list(checkpoint.tensors())) - len(tensors)
+    total = sum(ref.nbytes for _, ref in tensors)
+    also = f", {tied} more paths tied to them" if tied else ""
+    size = human_bytes(stored_size(path))
+    print(f"{path}: {checkpoint.format}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
+    for line in describe(checkpoint.tree):
+        print(line)
+
+
+def _formats() -> None:
+    from converters.api import registry
+    from converters.core.contract import option_specs
+    from converters.core.dtypes import DTYPES
+
+    formats = list(registry)
+    print(f"{'format':<12} {'suffixes':<22} description")
+    for fmt in formats:
+        print(f"{fmt.name:<12} {' '.join(fmt.suffixes) or '(a folder)':<22} {fmt.description}")
+    print()
+    print("write options (sdconvert convert ... FLAG; the library takes the name as a keyword):")
+    for fmt in formats:
+        for spec in option_specs(fmt.Options):
+            print(f"  {fmt.name:<12} {spec.flag:<20} {spec.name:<16} {spec.help}")
+    print()
+    print(f"{'dtype':<16}" + "".join(f"{fmt.name:<12}" for fmt in formats))
+    for name in DTYPES:
+        print(f"{name:<16}" + "".join(f"{'yes' if name in fmt.dtype_codes else '-':<12}" for fmt in formats))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # Only `convert` (and help) needs the format flags, which import every format.
+        convert = not arguments or arguments[0] in ("convert", "-h", "--help")
+        return run(build_parser(with_format_options=convert).parse_args(arguments))
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ConverterError, OSError) as exc:
+        print(f"sdconvert: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("sdconvert: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `sdconvert formats | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:
+        if os.environ.get("SDCONVERT_DEBUG"):
+            raise
+        print(
+            f"sdconvert: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(a bug; SDCONVERT_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(str(exc).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

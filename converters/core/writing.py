@@ -1,0 +1,109 @@
+"""The one writer primitive: copy a tensor's bytes into the output and get the digest to store.
+
+Every writer moves tensor bytes with :class:`TensorWriter`. It copies with the kernel where it can
+(``transfer.copy_into``), hashes with BLAKE3 only when the tensor has no digest to carry over (or
+when the context asks to check), refuses bytes that do not match the digest their file stores, and
+reports progress. Digests are known only once the bytes went by, so formats that store them in a
+header reserve it with :class:`Reserved` and rewrite it in place at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .contract import WriteContext
+from .errors import CorruptFileError, TreePath
+from .integrity import mismatch_message, verify_bytes
+from .sources import ByteSource
+from .transfer import Checks, copy_into
+from .tree import Checkpoint, TensorRef
+
+DIGEST_PLACEHOLDER = "0" * 64
+
+
+@dataclass(frozen=True)
+class Copied:
+    digest: str  # the BLAKE3 digest to store for the bytes just written
+    crc32: int | None  # their zip CRC-32, when asked for
+
+
+class TensorWriter:
+    """Copies tensors into outputs under one :class:`WriteContext`.
+
+    ``origin`` (the source checkpoint's path) only names the file in error messages.
+    """
+
+    def __init__(self, context: WriteContext, origin: object = None) -> None:
+        self.context = context
+        self.origin = origin
+
+    def copy(self, out: BinaryIO, ref: TensorRef, path: TreePath, *, crc32: bool = False) -> Copied:
+        """Append ``ref``'s bytes to ``out`` at its position; the digest to store for them."""
+        piecewise = self.piecewise(ref, path, crc32=crc32)
+        piecewise.write(out, ref.source)
+        return piecewise.finish()
+
+    def piecewise(self, ref: TensorRef, path: TreePath, *, crc32: bool = False) -> PiecewiseCopy:
+        """For layouts that split one tensor's bytes (flax's chunked arrays): write its pieces in
+        order with ``write``, then ``finish`` for the digest of the whole."""
+        return PiecewiseCopy(self, ref, path, crc32)
+
+    def check_sources(self, checkpoint: Checkpoint) -> None:
+        """For writers that hand bytes to another library: with ``check``, re-hash stored digests first."""
+        if self.context.check:
+            verify_bytes(checkpoint, self.origin)
+
+    def progress(self, count: int) -> None:
+        """For writers that move bytes by other means: report ``count`` more bytes written."""
+        if self.context.progress is not None and count:
+            self.context.progress(count)
+
+
+class PiecewiseCopy:
+    def __init__(self, writer: TensorWriter, ref: TensorRef, path: TreePath, crc32: bool) -> None:
+        self._writer, self._ref, self._path = writer, ref, path
+        self._checks = Checks.make(crc=crc32, digest=writer.context.check or ref.digest is None)
+        self._written = 0
+
+    def write(self, out: BinaryIO, source: ByteSource) -> None:
+        copy_into(out, source, self._checks, self._writer.context.progress)
+        self._written += source.nbytes
+
+    def finish(self) -> Copied:
+        ref, computed = self._ref, self._checks.hexdigest()
+        if self._written != ref.nbytes:
+            raise AssertionError(f"wrote {self._written} of the tensor's {ref.nbytes} bytes")
+        if computed is not None and ref.digest is not None and computed != ref.digest:
+            origin = self._writer.origin
+            raise CorruptFileError(
+                mismatch_message(ref, computed), file=str(origin) if origin else None, path=self._path
+            )
+        digest = computed or ref.digest
+        assert digest is not None  # hashed whenever there was no digest to carry over
+        return Copied(digest, self._checks.crc)
+
+
+class Reserved:
+    """A header whose final bytes are known only after the tensors: write a same-length
+    placeholder now, rewrite it in place at the end (nothing after it moves).
+
+    ``encode()`` must give the same length each time it is called (digests are fixed-length hex).
+    """
+
+    def __init__(self, out: BinaryIO, encode: Callable[[], bytes]) -> None:
+        self._out, self._encode = out, encode
+        self.offset = out.tell()
+        first = encode()
+        self.length = len(first)
+        out.write(first)
+
+    def rewrite(self) -> None:
+        data = self._encode()
+        if len(data) != self.length:
+            raise AssertionError(f"rewritten header is {len(data)} bytes, its placeholder {self.length}")
+        end = self._out.tell()
+        self._out.seek(self.offset)
+        self._out.write(data)
+        self._out.seek(end)
