@@ -3,6 +3,8 @@
     python bench/bench.py                      # the README table: 1 GiB, every pair, 3 rounds
     python bench/bench.py --size 256M --rounds 5
     python bench/bench.py --scaling            # 64 MiB, 256 MiB, 1 GiB for pt -> safetensors
+    git worktree add /tmp/base HEAD~5 && python bench/bench.py --size 256M --baseline /tmp/base/cli.py
+                                               # every pair against an earlier version, interleaved
 
 Every measured command runs as its own process, so its wall time includes start-up and imports,
 and its peak RSS comes from wait4(). Rounds interleave all commands, and the tables give medians.
@@ -96,7 +98,7 @@ def python() -> list[str]:
 
 
 def measure_pairs(
-    folder: Path, sources: dict[str, Path], rounds: int, pairs: list[tuple[str, str]]
+    folder: Path, sources: dict[str, Path], rounds: int, pairs: list[tuple[str, str]], baseline: Path | None = None
 ) -> dict[str, Samples]:
     results: dict[str, Samples] = {}
     out = folder / "out"
@@ -118,6 +120,10 @@ def measure_pairs(
                     "--no-fsync",
                 ],
             }
+            if baseline is not None:  # the same command run by another version of the converter
+                commands[f"baseline {src}->{dst}"] = [
+                    sys.executable, str(baseline), "convert", str(source), str(target), "--quiet", "--force"
+                ]  # fmt: skip
             for label, command in commands.items():
                 for leftover in folder.glob("out*"):
                     leftover.unlink()
@@ -163,6 +169,14 @@ def pair_table(results: dict[str, Samples], pairs: list[tuple[str, str]]) -> lis
     return lines
 
 
+def baseline_table(results: dict[str, Samples], pairs: list[tuple[str, str]]) -> list[str]:
+    lines = ["| conversion | this version | baseline | ratio |", "|---|---|---|---|"]
+    for src, dst in pairs:
+        ours, base = results[f"ours {src}->{dst}"], results[f"baseline {src}->{dst}"]
+        lines.append(f"| {src} → {dst} | {ours.time:.2f} s | {base.time:.2f} s | {ours.time / base.time:.2f}× |")
+    return lines
+
+
 def inspect_table(results: dict[str, Samples], names: list[str]) -> list[str]:
     lines = ["| file | inspect | schema (manifest with digests) | peak RSS |", "|---|---|---|---|"]
     for name in names:
@@ -194,6 +208,9 @@ def main() -> None:
         "--scaling", action="store_true", help="64M, 256M, 1G for pt -> safetensors and msgpack -> onnx"
     )
     parser.add_argument("--folder", type=Path, default=None, help="where to put the files (default: a temp folder)")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="cli.py of another checkout: its conversions are timed alongside"
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sdconvert-bench-", dir=args.folder))
     try:
@@ -212,7 +229,11 @@ def main() -> None:
         size = sources["pt"].stat().st_size / 2**20
         print(f"checkpoint: {size:.0f} MiB, {LAYERS * 4} float32 tensors, {args.rounds} rounds, medians\n")
         pairs = [(a, b) for a in FORMATS for b in FORMATS if a != b]
-        print("\n".join(pair_table(measure_pairs(folder, sources, args.rounds, pairs), pairs)), flush=True)
+        results = measure_pairs(folder, sources, args.rounds, pairs, args.baseline)
+        print("\n".join(pair_table(results, pairs)), flush=True)
+        if args.baseline is not None:
+            print(f"\nagainst {args.baseline} (both with fsync, same rounds, interleaved):\n")
+            print("\n".join(baseline_table(results, pairs)), flush=True)
         print()
         print("\n".join(inspect_table(measure_inspect(sources, args.rounds), list(FORMATS))))
     finally:

@@ -48,6 +48,8 @@ def write_seeds(corpus: Path) -> None:
     corpus.mkdir(parents=True, exist_ok=True)
     tree = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "epoch": 1, "betas": (0.9, 0.99)}
     for index, fmt in enumerate(BUILTIN_FORMATS):
+        if fmt.folder:  # the fuzzer writes one file per input; folder formats have their own tests
+            continue
         path = FOLDER / f"seed{fmt.suffixes[0]}"
         converters.save(tree, path)
         (corpus / f"seed-{fmt.name}").write_bytes(bytes([index]) + path.read_bytes())
