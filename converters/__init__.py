@@ -40,11 +40,13 @@ _EXPORTS = {
     "WriteContext": "converters.core.contract",
     "option": "converters.core.contract",
     "TensorWriter": "converters.core.writing",
+    "Budget": "converters.core.budget",
     "Checkpoint": "converters.core.tree",
     "TensorRef": "converters.core.tree",
 }
 
 __all__ = [
+    "Budget",
     "Checkpoint",
     "ConverterError",
     "CorruptFileError",
@@ -90,6 +92,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .api import convert, load, manifest, read, save, verify, write
+    from .core.budget import Budget
     from .core.contract import Format, FormatBase, NoOptions, WriteContext, option
     from .core.errors import (
         ConverterError,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .core import compare, integrity, manifests
+from .core.budget import Budget
 from .core.contract import Format, WriteContext, make_options
 from .core.errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnsupportedValueError
 from .core.registry import registry
@@ -43,7 +44,7 @@ def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Tran
     fmt = registry.resolve(source, format)
     if format is None:
         registry.check_contents(source, fmt)
-    checkpoint = fmt.read(source)
+    checkpoint = fmt.read(source, Budget.for_path(source))
     validate(checkpoint.tree, file=source)
     checkpoint = Checkpoint(checkpoint.tree, checkpoint.origin or source, fmt.name)
     return apply(checkpoint, transforms)

@@ -170,3 +170,18 @@ def export_onnx(model: Any, example_input: Any, *, opset: int) -> tuple[bytes, f
         except Exception as exc:  # the exporter raises many types; the user needs the message
             raise ConverterError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     return buffer.getvalue(), frozenset(model.state_dict())
+
+
+def dcp_save(checkpoint: Checkpoint, folder: Path, *, fsync: bool, progress: Callable[[int], None] | None) -> None:
+    """Write ``checkpoint`` into ``folder`` with ``torch.distributed.checkpoint.save`` (one process,
+    no process group); ``fsync`` is passed to its file writer."""
+    import warnings
+
+    import_torch()
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    obj = to_torch(checkpoint, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        save(obj, storage_writer=FileSystemWriter(str(folder), sync_files=fsync), no_dist=True)

@@ -114,7 +114,7 @@ class _SetReader(converters.FormatBase):
     description = "returns a set"
     dtype_codes: ClassVar[dict[str, str]] = {"float32": "f4"}
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Any) -> Checkpoint:
         return Checkpoint({"bad": {1, 2}}, path)
 
     def write(self, checkpoint: Checkpoint, path: Path, context: Any, options: Any) -> None:

@@ -35,7 +35,7 @@ class HexJsonFormat:
     def reads_folder(self, path: Path) -> bool:
         return False
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Any) -> Checkpoint:
         data = json.loads(Path(path).read_text())["hexjson"]
         tree = {
             k: TensorRef("float32", tuple(v["shape"]), BufferSource.of(bytes.fromhex(v["hex"])))

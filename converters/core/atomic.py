@@ -18,7 +18,7 @@ from .errors import DestinationError
 
 
 @contextmanager
-def atomic_output(destination: Path, *, fsync: bool = True) -> Iterator[BinaryIO]:
+def atomic_output(destination: Path, *, fsync: bool = True, overwrite: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file that becomes ``destination`` only when the block completes.
 
     Example::
@@ -46,7 +46,9 @@ def atomic_output(destination: Path, *, fsync: bool = True) -> Iterator[BinaryIO
 
 
 @contextmanager
-def atomic_folder(destination: Path, replaceable: Callable[[Path], bool], *, fsync: bool = True) -> Iterator[Path]:
+def atomic_folder(
+    destination: Path, replaceable: Callable[[Path], bool], *, fsync: bool = True, overwrite: bool = True
+) -> Iterator[Path]:
     """Yield an empty staging folder that becomes ``destination`` when the block completes.
 
     An existing destination is replaced only if ``replaceable`` (the format's word) accepts every

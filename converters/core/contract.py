@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .budget import Budget
 from .errors import ConverterError
 from .tree import Checkpoint
 
@@ -30,12 +31,14 @@ class WriteContext:
 
     ``progress(n)`` is called as ``n`` more tensor bytes are written; ``fsync`` makes the output
     durable before it becomes visible; ``check`` re-hashes tensors that carry a stored digest and
-    refuses to write bytes that no longer match it.
+    refuses to write bytes that no longer match it; ``overwrite`` says whether an existing
+    destination may be replaced (writers pass it to ``atomic_output``/``atomic_folder``).
     """
 
     progress: Progress | None = None
     fsync: bool = True
     check: bool = False
+    overwrite: bool = True  # False: an existing destination (even one that appears while writing) is kept
 
 
 # How the CLI turns a flag's text into an option value, by the ``kind`` an option declares.
@@ -98,8 +101,9 @@ class Format(Protocol):
     """What a format declares and does.
 
     The converter calls ``sniff`` (only when neither a name nor a suffix chose the format) or
-    ``reads_folder`` (for a folder), then ``read`` on the source; it validates the tree ``read``
-    returns, so a reader need not. Before ``write`` it checks every tensor's dtype against
+    ``reads_folder`` (for a folder), then ``read`` on the source with the read's resource budget
+    (``converters.core.budget``: charge it before creating what the input asks for); it validates
+    the tree ``read`` returns, so a reader need not. Before ``write`` it checks every tensor's dtype against
     ``dtype_codes`` and builds ``options`` from the keyword arguments. ``write`` must be atomic
     (``converters.core.atomic``), must honour every field of ``context``, and copies tensor bytes
     with ``converters.core.writing.TensorWriter`` (which hashes and checks digests).
@@ -116,7 +120,7 @@ class Format(Protocol):
 
     def reads_folder(self, path: Path) -> bool: ...
 
-    def read(self, path: Path) -> Checkpoint: ...
+    def read(self, path: Path, budget: Budget) -> Checkpoint: ...
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: Any) -> None: ...
 

@@ -10,7 +10,8 @@ report the tensor.
 from __future__ import annotations
 
 from .errors import CorruptFileError, format_tree_path
-from .transfer import blake3_hex
+from .sources import ByteSource, ConcatSource, FileRange, Record
+from .transfer import blake3_hex, crc32_of
 from .tree import Checkpoint, TensorRef
 
 
@@ -19,10 +20,15 @@ def mismatch_message(ref: TensorRef, actual: str) -> str:
 
 
 def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
-    """(problems, tensors without a stored digest): every stored digest re-computed from the bytes."""
+    """(problems, tensors without a stored digest): every stored digest re-computed from the bytes,
+    and every container checksum (zip CRC-32) the tensors' bytes lie in."""
     problems = []
     unchecked = 0
     for path, ref in checkpoint.unique_tensors():
+        for record in records_of(ref.source):
+            problem = record_problem(record)
+            if problem is not None:
+                problems.append(f"{format_tree_path(path)}: {problem}")
         if ref.digest is None:
             unchecked += 1
             continue
@@ -35,7 +41,44 @@ def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
 def verify_bytes(checkpoint: Checkpoint, origin: object = None) -> None:
     """Raise ``CorruptFileError`` naming the first tensor whose bytes do not match their stored digest."""
     for path, ref in checkpoint.unique_tensors():
+        for record in records_of(ref.source):
+            verify_record(record)
         if ref.digest is not None:
             actual = blake3_hex(ref.source)
             if actual != ref.digest:
                 raise CorruptFileError(mismatch_message(ref, actual), file=str(origin) if origin else None, path=path)
+
+
+# Records already checked in this process (a file checked once is not re-read for each view of it).
+_checked_records: set[tuple[str, int, int, int]] = set()
+
+
+def records_of(source: ByteSource) -> list[Record]:
+    """The checksummed records a source's bytes lie in."""
+    if isinstance(source, ConcatSource):
+        return [record for part in source.parts for record in records_of(part)]
+    if isinstance(source, FileRange) and source.record is not None:
+        return [source.record]
+    return []
+
+
+def verify_record(record: Record) -> None:
+    """Raise ``CorruptFileError`` when a record's bytes do not match the CRC-32 its container stores."""
+    problem = record_problem(record)
+    if problem is not None:
+        raise CorruptFileError(problem, file=record.path)
+
+
+def record_problem(record: Record) -> str | None:
+    key = (str(record.path), record.offset, record.length, record.crc32)
+    if key in _checked_records:
+        return None
+    actual = crc32_of(FileRange(record.path, record.offset, record.length))
+    if actual != record.crc32:
+        return crc_message(record, actual)
+    _checked_records.add(key)
+    return None
+
+
+def crc_message(record: Record, actual: int) -> str:
+    return f"{record.name} does not match its CRC-32 (stored {record.crc32:08x}, bytes give {actual:08x})"

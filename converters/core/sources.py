@@ -63,16 +63,40 @@ class BufferSource:
 
 
 @dataclass(frozen=True)
+class Record:
+    """A checksummed unit of a container file that holds tensor bytes (a zip record): its extent
+    and the CRC-32 the container stores for it. Checked whenever its bytes are used (a conversion,
+    ``verify --deep``), so a flipped bit is never laundered into a fresh digest."""
+
+    path: Path
+    offset: int
+    length: int
+    crc32: int
+    name: str  # for messages: "zip record 'archive/data/0'"
+
+
+@dataclass(frozen=True)
 class FileRange:
     """``length`` bytes of the file at ``path`` starting at ``offset``.
 
     Readers create these only after checking the range lies inside the file. Reading re-checks the
     count actually returned, so a file truncated after it was opened gives an error, not short data.
+    ``record``: the checksummed record holding the range, when the container has one.
     """
 
     path: Path
     offset: int
     length: int
+    record: Record | None = field(default=None, compare=False)
+
+    @property
+    def is_whole_record(self) -> bool:
+        record = self.record
+        return record is not None and (record.path, record.offset, record.length) == (
+            self.path,
+            self.offset,
+            self.length,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -137,7 +161,7 @@ def slice_source(source: ByteSource, offset: int, length: int) -> ByteSource:
     if not 0 <= offset <= offset + length <= source.nbytes:
         raise ValueError(f"slice [{offset}, {offset + length}) outside a {source.nbytes}-byte source")
     if isinstance(source, FileRange):
-        return FileRange(source.path, source.offset + offset, length)
+        return FileRange(source.path, source.offset + offset, length, source.record)
     if isinstance(source, BufferSource):
         return BufferSource(source.buffer[offset : offset + length], source.owner)
     if isinstance(source, ConcatSource):

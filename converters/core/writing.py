@@ -15,8 +15,8 @@ from typing import BinaryIO
 
 from .contract import WriteContext
 from .errors import CorruptFileError, TreePath
-from .integrity import mismatch_message, verify_bytes
-from .sources import ByteSource
+from .integrity import crc_message, mismatch_message, records_of, verify_bytes, verify_record
+from .sources import ByteSource, FileRange
 from .transfer import Checks, copy_into
 from .tree import Checkpoint, TensorRef
 
@@ -64,7 +64,16 @@ class TensorWriter:
 class PiecewiseCopy:
     def __init__(self, writer: TensorWriter, ref: TensorRef, path: TreePath, crc32: bool) -> None:
         self._writer, self._ref, self._path = writer, ref, path
-        self._checks = Checks.make(crc=crc32, digest=writer.context.check or ref.digest is None)
+        # A tensor that is exactly one checksummed record of its container (a zip record) has its
+        # CRC-32 computed on the way; one that is part of a record has the record checked first.
+        source = ref.source
+        self._record = source.record if isinstance(source, FileRange) and source.is_whole_record else None
+        for record in records_of(source):
+            if record is not self._record:
+                verify_record(record)
+        self._checks = Checks.make(
+            crc=crc32 or self._record is not None, digest=writer.context.check or ref.digest is None
+        )
         self._written = 0
 
     def write(self, out: BinaryIO, source: ByteSource) -> None:
@@ -75,6 +84,10 @@ class PiecewiseCopy:
         ref, computed = self._ref, self._checks.hexdigest()
         if self._written != ref.nbytes:
             raise AssertionError(f"wrote {self._written} of the tensor's {ref.nbytes} bytes")
+        if self._record is not None and self._checks.crc != self._record.crc32:
+            raise CorruptFileError(
+                crc_message(self._record, self._checks.crc or 0), file=self._record.path, path=self._path
+            )
         if computed is not None and ref.digest is not None and computed != ref.digest:
             origin = self._writer.origin
             raise CorruptFileError(

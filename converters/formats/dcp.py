@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import itertools
 import pickle
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +28,7 @@ from ..codecs.torch_archive import read_archive
 from ..codecs.torch_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
 from ..core import dtypes
 from ..core.atomic import atomic_folder
+from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ..core.sources import BufferSource, ConcatSource
@@ -123,7 +123,7 @@ class DcpFormat(FormatBase):
     def sniff(self, head: bytes) -> bool:
         return False
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Budget) -> Checkpoint:
         folder = Path(path)
         metadata_path = folder / METADATA
         if not metadata_path.is_file():
@@ -152,18 +152,12 @@ class DcpFormat(FormatBase):
         # handed over, and asking torch's writer to fsync (or not) before our atomic rename.
         if not isinstance(checkpoint.tree, dict) or not all(type(k) is str for k in checkpoint.tree):
             raise UnsupportedValueError("a DCP checkpoint's root must be a dict with str keys (FQNs)")
-        from ..torch_bridge import import_torch, to_torch
-
-        import_torch()
-        from torch.distributed.checkpoint.filesystem import FileSystemWriter
-        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+        from ..torch_bridge import dcp_save  # torch is reached only through the bridge
 
         tensor_writer = TensorWriter(context, checkpoint.origin)
         tensor_writer.check_sources(checkpoint)
-        obj = to_torch(checkpoint, progress=tensor_writer.progress)
-        with atomic_folder(Path(path), self.replaceable, fsync=context.fsync) as staging, warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
-            dcp_save(obj, storage_writer=FileSystemWriter(str(staging), sync_files=context.fsync), no_dist=True)
+        with atomic_folder(Path(path), self.replaceable, fsync=context.fsync, overwrite=context.overwrite) as staging:
+            dcp_save(checkpoint, staging, fsync=context.fsync, progress=tensor_writer.progress)
 
 
 class _Assembler:

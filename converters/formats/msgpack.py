@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, ClassVar
 from ..codecs import msgpack as codec
 from ..core import dtypes, manifests
 from ..core.atomic import atomic_output
+from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
@@ -83,7 +84,7 @@ class MsgpackFormat(FormatBase):
             meta = {"version": META_VERSION, "wrapped": wrapped, "tree": node, "blake3": digests}
             return codec.pack_plain(meta, bigint_ext=EXT_BIGINT)
 
-        with atomic_output(Path(path), fsync=context.fsync) as out:
+        with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
             out.write(codec.map_header(1 + (1 if wrapped else len(tree))))
             out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(pack_meta())))
             reserved = Reserved(out, pack_meta)
@@ -98,7 +99,7 @@ class MsgpackFormat(FormatBase):
 
     # ------------------------------------------------------------------------------- reading
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
         size = path.stat().st_size
         if size == 0:

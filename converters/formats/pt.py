@@ -22,6 +22,7 @@ from ..codecs.torch_archive import DIGESTS_RECORD, read_archive
 from ..codecs.torch_pickle import PickleWriter
 from ..codecs.zip import ZipWriter
 from ..core.atomic import atomic_output
+from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.dtypes import DTYPES
 from ..core.errors import TreePath
@@ -41,7 +42,7 @@ class PtFormat(FormatBase):
     def sniff(self, head: bytes) -> bool:
         return head.startswith(b"PK\x03\x04")
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
         return Checkpoint(read_archive(path), path)
 
@@ -51,7 +52,7 @@ class PtFormat(FormatBase):
         key_of = {id(ref): str(index) for index, (_, ref) in enumerate(unique)}
         pickled = PickleWriter(lambda _path, ref: key_of[id(ref)]).dumps(checkpoint.tree)
         tensor_writer = TensorWriter(context, checkpoint.origin)
-        with atomic_output(Path(path), fsync=context.fsync) as out:
+        with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
             archive = ZipWriter(out)
             archive.add(f"{ARCHIVE}/data.pkl", pickled)
             archive.add(f"{ARCHIVE}/byteorder", b"little")

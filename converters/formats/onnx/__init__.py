@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, ClassVar
 from ...codecs import protowire as wire
 from ...core import dtypes, manifests
 from ...core.atomic import atomic_output
+from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
 from ...core.errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ...core.sources import BufferSource, ByteSource, FileRange
@@ -189,7 +190,7 @@ class OnnxFormat(FormatBase):
             digests.update(_write_external_data(data_path, outside, tensors))
             # The data file is in place; remove the old model so no reader pairs it with new data.
             path.unlink(missing_ok=True)
-        with atomic_output(path, fsync=context.fsync) as out:
+        with atomic_output(path, fsync=context.fsync, overwrite=context.overwrite) as out:
             out.write(head)
             reserved = Reserved(out, lambda: _metadata(checkpoint.tree, names, planned, constants, digests))
             out.write(wire.len_header(7, graph_length) + graph_fields)
@@ -207,7 +208,7 @@ class OnnxFormat(FormatBase):
 
     # ------------------------------------------------------------------------------- reading
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
         size = path.stat().st_size
         if size == 0:
@@ -389,7 +390,7 @@ def _metadata(
 def _write_external_data(data_path: Path, items: list[_Planned], tensors: TensorWriter) -> dict[str, str]:
     """The external data file, written atomically: each tensor at its aligned offset."""
     digests = {}
-    with atomic_output(data_path, fsync=tensors.context.fsync) as out:
+    with atomic_output(data_path, fsync=tensors.context.fsync, overwrite=tensors.context.overwrite) as out:
         position = 0
         for item in items:
             assert item.external_offset is not None

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from ...core import manifests
 from ...core.atomic import atomic_output
+from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
 from ...core.dtypes import itemsize, numel
 from ...core.errors import CorruptFileError, UnsupportedValueError
@@ -85,11 +86,11 @@ class SafetensorsFormat(FormatBase):
         (length,) = struct.unpack("<Q", head[:8])
         return 2 <= length <= self.max_header_bytes and head[8:9] == b"{"
 
-    def read(self, path: Path) -> Checkpoint:
+    def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
         index = sharded.index_in(path) if path.is_dir() else path if path.name.endswith(sharded.INDEX_SUFFIX) else None
         if index is not None:
-            return sharded.read_sharded(self, index)
+            return sharded.read_sharded(self, index, budget)
         if path.is_dir():
             raise CorruptFileError(f"the folder holds no {sharded.INDEX_NAME}", file=path)
         header, data_start = self._read_header(path)
@@ -162,7 +163,7 @@ class SafetensorsFormat(FormatBase):
             return encoded + b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
 
         tensor_writer = TensorWriter(context, checkpoint.origin)
-        with atomic_output(Path(path), fsync=context.fsync) as out:
+        with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
             out.write(struct.pack("<Q", len(encode_header())))
             reserved = Reserved(out, encode_header)
             for tensor_path, ref in order:

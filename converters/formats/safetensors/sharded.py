@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ...core import manifests
-from ...core.atomic import atomic_folder
+from ...core.atomic import atomic_folder, atomic_output
+from ...core.budget import Budget
 from ...core.contract import WriteContext
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
 from ...core.stored import loads_json_strict, tree_from_stored
@@ -86,13 +87,16 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         },
         "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key, _ in shard},
     }
-    with atomic_folder(folder, replaceable, fsync=context.fsync) as staging:
+    with atomic_folder(folder, replaceable, fsync=context.fsync, overwrite=context.overwrite) as staging:
         for name, shard in zip(names, shards, strict=True):
             fmt.write(Checkpoint(dict(shard), checkpoint.origin), staging / name, context, fmt.Options())
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        # Written like the shards (fsynced when asked): atomic_folder makes the folder's entries
+        # durable, not the bytes of the files in it.
+        with atomic_output(staging / INDEX_NAME, fsync=context.fsync) as out:
+            out.write((json.dumps(index, indent=2) + "\n").encode())
 
 
-def read_sharded(fmt: Any, index_path: Path) -> Checkpoint:
+def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
     folder = index_path.parent
     if index_path.stat().st_size > MAX_INDEX_BYTES:
         raise CorruptFileError(f"the index is larger than {MAX_INDEX_BYTES} bytes", file=index_path)
@@ -110,7 +114,7 @@ def read_sharded(fmt: Any, index_path: Path) -> Checkpoint:
     refs: dict[str, TensorRef] = {}
     for shard_name in dict.fromkeys(weight_map.values()):
         shard = _shard_path(folder, shard_name, index_path)
-        for key, ref in fmt.read(shard).unique_tensors():
+        for key, ref in fmt.read(shard, budget).unique_tensors():
             name = str(key[0]) if len(key) == 1 else None
             if name is None or weight_map.get(name) != shard_name:
                 raise CorruptFileError(
