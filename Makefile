@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test lint check clean bench fuzz
+.PHONY: venv demo test lint check clean bench fuzz wheel-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ bench: $(STAMP)
 fuzz: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt atheris
 	$(PY) fuzz/fuzz_readers.py -max_total_time=600 fuzz/corpus
+
+# Build the wheel, check its files, install it in a fresh venv and run `sdconvert demo` from it.
+wheel-check: $(STAMP)
+	PYTHON="$(PYTHON)" bash .ci/wheel-check

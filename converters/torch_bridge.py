@@ -139,14 +139,19 @@ def export_onnx(model: Any, example_input: Any, *, opset: int) -> tuple[bytes, f
     """``model``'s forward pass on ``example_input`` (a tensor, or a shape for a zero float32 input)
     as a serialized ONNX ModelProto, and the model's state_dict keys.
 
-    ``torch.onnx.export`` runs with ``dynamo=False`` (the TorchScript exporter): it needs no extra
-    package and names initializers by ``state_dict`` keys. Constant folding is off so that every
-    parameter stays an initializer under its own name (folding would rename transposed weights).
+    ``torch.onnx.export`` runs with ``dynamo=False`` (the TorchScript exporter): unlike the default
+    dynamo exporter it needs no ``onnxscript`` (only ``onnx``, a dependency of this package), and it
+    names initializers by ``state_dict`` keys. Constant folding is off so that every parameter stays
+    an initializer under its own name (folding would rename transposed weights).
     """
     import io
     import warnings
 
     torch = import_torch()
+    try:
+        import onnx  # noqa: F401  torch's exporter imports it; say so before a confusing export error
+    except ImportError:
+        raise MissingDependencyError("exporting a model's graph needs the onnx package: pip install onnx") from None
     if not isinstance(model, torch.nn.Module):
         raise ConverterError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor):

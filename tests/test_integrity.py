@@ -73,7 +73,12 @@ def test_cli_verify_deep(tmp_path: Path, recipe_pt: Path) -> None:
     assert usage.returncode == 2 and "give two files, or --deep" in usage.stderr
 
 
-def test_files_without_stored_digests_verify_by_comparison_only(recipe_pt: Path) -> None:
-    # torch.save wrote recipe_pt: nothing to check it against, so nothing is reported.
-    assert converters.verify(recipe_pt, deep=True) == []
-    assert converters.verify(recipe_pt, recipe_pt, deep=True) == []
+def test_files_without_stored_digests_are_never_called_intact(recipe_pt: Path) -> None:
+    # torch.save wrote recipe_pt: there is nothing to check its bytes against, and verify says so.
+    cannot = f"{recipe_pt}: no stored digests for 20 of 20 tensors: cannot check them"
+    [problem] = converters.verify(recipe_pt, deep=True)
+    assert problem.startswith(cannot)
+    assert [p for p in converters.verify(recipe_pt, recipe_pt, deep=True) if not p.startswith(cannot)] == []
+    assert converters.verify(recipe_pt, recipe_pt) == []  # comparing two files needs no digests
+    result = subprocess.run([sys.executable, str(CLI), "verify", "--deep", recipe_pt], capture_output=True, text=True)
+    assert result.returncode == 1 and cannot in result.stdout

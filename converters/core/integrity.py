@@ -35,7 +35,25 @@ def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
         actual = blake3_hex(ref.source)
         if actual != ref.digest:
             problems.append(f"{format_tree_path(path)}: {mismatch_message(ref, actual)}")
+    problem = tree_problem(checkpoint)
+    if problem is not None:
+        problems.append(problem)
     return problems, unchecked
+
+
+def tree_problem(checkpoint: Checkpoint) -> str | None:
+    """A message when the tree as read does not match the tree digest its file stores."""
+    if checkpoint.tree_digest is None:
+        return None
+    from .manifests import recomputed_tree_digest
+
+    actual = recomputed_tree_digest(checkpoint)
+    if actual != checkpoint.tree_digest:
+        return (
+            "the tree (keys, types, values, dtypes, shapes, digests) does not match its stored BLAKE3 digest "
+            f"(stored {checkpoint.tree_digest}, the tree as read gives {actual})"
+        )
+    return None
 
 
 def verify_bytes(checkpoint: Checkpoint, origin: object = None) -> None:
@@ -47,6 +65,9 @@ def verify_bytes(checkpoint: Checkpoint, origin: object = None) -> None:
             actual = blake3_hex(ref.source)
             if actual != ref.digest:
                 raise CorruptFileError(mismatch_message(ref, actual), file=str(origin) if origin else None, path=path)
+    problem = tree_problem(checkpoint)
+    if problem is not None:
+        raise CorruptFileError(problem, file=str(origin) if origin else None)
 
 
 # Records already checked in this process (a file checked once is not re-read for each view of it).

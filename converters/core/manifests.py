@@ -16,11 +16,14 @@ Tree nodes are one-key objects naming their type, so no type is ever guessed fro
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
+
+from blake3 import blake3
 
 from .errors import CorruptFileError, TreePath
 from .transfer import blake3_hex
@@ -206,3 +209,34 @@ def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
         "tree": encode_tree(checkpoint.tree, keys),
         "tensors": tensors,
     }
+
+
+def tree_digest(tree: Any, digests: Callable[[tuple[str | int, ...], TensorRef], str | None]) -> str | None:
+    """BLAKE3 of everything a checkpoint says besides its tensor bytes: the tree (keys, key order,
+    container types, values) and each tensor's key, dtype, shape and digest, in a canonical JSON.
+
+    ``digests(path, ref)`` gives each tensor's digest (a writer: the one it stores; a reader: the
+    one the file stores); None when a tensor has none, since then the digest cannot cover it.
+    Writers store it beside the tree; ``verify --deep`` recomputes it from what was read, so a flip
+    that changes a key, a dtype, a shape or a value (epoch 3 → 7) is found, not only tensor bytes.
+    """
+    keys = storage_keys(tree)
+    tensors = []
+    seen: set[int] = set()
+    for path, leaf in walk(tree):
+        if type(leaf) is not TensorRef or id(leaf) in seen:
+            continue
+        seen.add(id(leaf))
+        digest = digests(path, leaf)
+        if digest is None:
+            return None
+        tensors.append([keys[path], leaf.dtype, list(leaf.shape), digest])
+    canonical = json.dumps(
+        {"tree": encode_tree(tree, keys), "tensors": tensors}, separators=(",", ":"), ensure_ascii=True
+    )
+    return str(blake3(canonical.encode("ascii")).hexdigest())
+
+
+def recomputed_tree_digest(checkpoint: Checkpoint) -> str | None:
+    """The tree digest of a checkpoint as read, from the tensor digests its file stores."""
+    return tree_digest(checkpoint.tree, lambda _path, ref: ref.digest)

@@ -82,6 +82,8 @@ class Checkpoint:
     tree: Any
     origin: Path | None = None
     format: str | None = None  # the name of the format it was read from
+    # The digest of the tree its file stores (see manifests.tree_digest), when it stores one.
+    tree_digest: str | None = None
 
     def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
         """Every tensor with its tree path, in tree order (a tied tensor once per path)."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from . import manifests
 from .contract import WriteContext
 from .errors import CorruptFileError, TreePath
 from .integrity import crc_message, mismatch_message, records_of, verify_bytes, verify_record
@@ -38,6 +39,13 @@ class TensorWriter:
     def __init__(self, context: WriteContext, origin: object = None) -> None:
         self.context = context
         self.origin = origin
+        self._digests: dict[int, str] = {}  # id(TensorRef) -> the digest stored for its bytes
+
+    def tree_digest(self, checkpoint: Checkpoint) -> str:
+        """The tree digest to store (``manifests.tree_digest``) once every tensor was copied;
+        ``DIGEST_PLACEHOLDER`` before that (a header reserved for it keeps its length)."""
+        digest = manifests.tree_digest(checkpoint.tree, lambda _path, ref: self._digests.get(id(ref)))
+        return digest or DIGEST_PLACEHOLDER
 
     def copy(self, out: BinaryIO, ref: TensorRef, path: TreePath, *, crc32: bool = False) -> Copied:
         """Append ``ref``'s bytes to ``out`` at its position; the digest to store for them."""
@@ -95,6 +103,7 @@ class PiecewiseCopy:
             )
         digest = computed or ref.digest
         assert digest is not None  # hashed whenever there was no digest to carry over
+        self._writer._digests[id(ref)] = digest
         return Copied(digest, self._checks.crc)
 
 

@@ -1,9 +1,8 @@
 """A model's forward graph for the ONNX writer: exported with torch, taken apart with ``protowire``.
 
-``torch.onnx.export`` runs with ``dynamo=False`` (the TorchScript exporter): it needs no extra
-package and names initializers by ``state_dict`` keys. Constant folding is off so that every
-parameter stays an initializer under its own name (folding would rename transposed weights). The
-writer then replaces each parameter's bytes with the checkpoint's, so the graph always runs on the
+The export itself is ``torch_bridge.export_onnx`` (``torch.onnx.export`` with ``dynamo=False``,
+which needs ``onnx`` but not ``onnxscript``, and names initializers by ``state_dict`` keys; constant
+folding off, so every parameter stays an initializer under its own name). The writer then replaces each parameter's bytes with the checkpoint's, so the graph always runs on the
 weights in the file, whatever weights the module object had.
 """
 
