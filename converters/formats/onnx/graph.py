@@ -2,8 +2,9 @@
 
 The export itself is ``torch_bridge.export_onnx`` (``torch.onnx.export`` with ``dynamo=False``,
 which needs ``onnx`` but not ``onnxscript``, and names initializers by ``state_dict`` keys; constant
-folding off, so every parameter stays an initializer under its own name). The writer then replaces each parameter's bytes with the checkpoint's, so the graph always runs on the
-weights in the file, whatever weights the module object had.
+folding off, so every parameter stays an initializer under its own name). The writer then replaces
+each parameter's bytes with the checkpoint's, so the graph always runs on the weights in the file,
+whatever weights the module object had.
 """
 
 from __future__ import annotations
