@@ -1,4 +1,6 @@
-"""atheris target: every reader on arbitrary bytes; anything but ConverterError is a finding.
+"""atheris target: every reader on arbitrary bytes; a finding is anything but ConverterError, or an
+input that costs more memory or time than the read budget allows (2 x its size + 100 MB of peak
+RSS, a few seconds of CPU per MiB: see tests/helpers.py `within_resource_bounds`).
 
     make fuzz                                   # 10 minutes, seeds from valid files
     .venv/bin/python fuzz/fuzz_readers.py -max_total_time=3600 fuzz/corpus
@@ -8,18 +10,27 @@ The first input byte picks the format, the rest is the file.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import tempfile
 from pathlib import Path
 
 import atheris
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 with atheris.instrument_imports():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import converters
+    import converters.api
     from converters.core import manifests
     from converters.core.sources import read_all
     from converters.formats import BUILTIN_MODULES
+
+    # Formats are imported on first use; import them here so that their code is instrumented.
+    for _module in BUILTIN_MODULES.values():
+        importlib.import_module(_module)
+from helpers import within_resource_bounds  # noqa: E402
 
 FORMATS = list(BUILTIN_MODULES)
 BUILTIN_FORMATS = [converters.registry.get(name) for name in FORMATS]
@@ -32,13 +43,14 @@ def test_one_input(data: bytes) -> None:
     fmt = FORMATS[data[0] % len(FORMATS)]
     path = FOLDER / "input"
     path.write_bytes(data[1:])
-    try:
-        checkpoint = converters.read(path, fmt)
-        for _, ref in checkpoint.unique_tensors():
-            read_all(ref.source)
-        manifests.build(checkpoint)
-    except converters.ConverterError:
-        pass
+    with within_resource_bounds(len(data) - 1):
+        try:
+            checkpoint = converters.read(path, fmt)
+            for _, ref in checkpoint.unique_tensors():
+                read_all(ref.source)
+            manifests.build(checkpoint)
+        except converters.ConverterError:
+            pass
 
 
 def write_seeds(corpus: Path) -> None:

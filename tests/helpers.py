@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import OrderedDict
 from typing import Any
@@ -79,3 +80,34 @@ def builtin_formats() -> dict[str, str]:
 
     formats = [converters.registry.get(name) for name in BUILTIN_MODULES]
     return {fmt.name: fmt.suffixes[0] for fmt in formats if not fmt.folder}
+
+
+class ResourceBoundExceeded(AssertionError):
+    """A reader spent more memory or time on an input than the read budget allows (issue 12's bar)."""
+
+
+@contextlib.contextmanager
+def within_resource_bounds(input_bytes: int, *, seconds_per_mib: float = 3.0, min_seconds: float = 2.0) -> Any:
+    """The oracle the fuzzers use besides "only ConverterError": reading an input may raise the
+    process's peak RSS to at most its RSS before + 2 x the input's size + 100 MB, and take at most
+    a few seconds of CPU per MiB (``min_seconds`` at least)."""
+    import resource
+    import time
+
+    def rss_now() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+
+    before, peak_before = rss_now(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cpu_before = time.process_time()
+    yield
+    cpu = time.process_time() - cpu_before
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    allowed = before + 2 * input_bytes + 100 * 2**20
+    if peak > peak_before and peak > allowed:
+        raise ResourceBoundExceeded(
+            f"peak RSS rose to {peak >> 20} MiB reading a {input_bytes}-byte input (allowed {allowed >> 20} MiB)"
+        )
+    limit = max(min_seconds, seconds_per_mib * input_bytes / 2**20)
+    if cpu > limit:
+        raise ResourceBoundExceeded(f"{cpu:.1f} s of CPU reading a {input_bytes}-byte input (allowed {limit:.1f} s)")

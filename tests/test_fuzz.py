@@ -1,5 +1,6 @@
 """Fuzzing in the normal suite: valid files of every format, mutated by hypothesis, fed to every
-reader. Only ConverterError may come out; reading the tensors' bytes must not escape either.
+reader. Only ConverterError may come out; reading the tensors' bytes must not escape either; and
+no input may cost more memory or time than the read budget allows (``within_resource_bounds``).
 `make fuzz` runs the same readers under atheris for long, coverage-guided sessions."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import builtin_formats
+from helpers import builtin_formats, within_resource_bounds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,6 +88,7 @@ def read_everything(path: Path, fmt: str) -> None:
 def test_mutated_files_raise_only_converter_errors(valid_files: dict[str, bytes], fmt: str, steps: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"mutated{FORMATS[fmt]}"
-        path.write_bytes(mutate(valid_files[fmt], steps))
-        with contextlib.suppress(converters.ConverterError):  # anything else fails the test
-            read_everything(path, fmt)
+        data = mutate(valid_files[fmt], steps)
+        path.write_bytes(data)
+        with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
+            read_everything(path, fmt)  # anything but a ConverterError fails the test

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# flax is the reference reader and writer of this encoding: `make` installs it (with JAX, CPU).
+import flax.serialization as flax_serialization
 import msgpack
 import numpy as np
 import pytest
@@ -20,13 +22,6 @@ from converters.core.errors import CorruptFileError, UnsupportedValueError
 from converters.core.tree import Checkpoint, TensorRef
 from converters.formats.msgpack import MsgpackFormat
 from converters.torch_bridge import from_torch
-
-try:
-    import flax.serialization as flax_serialization
-except ImportError:  # flax pulls in jax; it is not installed by default (see README)
-    flax_serialization = None
-
-needs_flax = pytest.mark.skipif(flax_serialization is None, reason="flax is not installed (pip install flax)")
 
 
 def flax_style_bytes(tree: Any) -> bytes:
@@ -59,7 +54,6 @@ def numpy_tree() -> dict[str, Any]:
 # ------------------------------------------------------------------------------ flax interop
 
 
-@needs_flax
 def test_flax_msgpack_restore_reads_our_recipe_file(tmp_path: Path, recipe_pt: Path, trained: Any) -> None:
     path = converters.convert(recipe_pt, tmp_path / "recipe.msgpack")
     restored = flax_serialization.msgpack_restore(path.read_bytes())
@@ -74,7 +68,6 @@ def test_flax_msgpack_restore_reads_our_recipe_file(tmp_path: Path, recipe_pt: P
     assert restored["epoch"] == 3 and restored["loss"] == checkpoint["loss"]
 
 
-@needs_flax
 @pytest.mark.parametrize(
     "dtype", ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2", "uint16", "bool", "complex64"]
 )
@@ -89,7 +82,6 @@ def test_flax_reads_ml_dtypes(tmp_path: Path, dtype: str) -> None:
     assert array.tobytes() == tensor_bytes(tensor)
 
 
-@needs_flax
 @pytest.mark.parametrize("writer", ["msgpack_serialize", "to_bytes"])
 def test_we_read_files_flax_writes(tmp_path: Path, writer: str) -> None:
     path = tmp_path / "flax.msgpack"
@@ -148,7 +140,6 @@ def test_big_leaves_are_chunked_like_flax_and_read_back(tmp_path: Path, nbytes: 
         assert list(raw["big"]["chunks"]) == [str(i) for i in range(-(-tensor.numel() // 16))]
 
 
-@needs_flax
 def test_flax_unchunks_our_chunked_leaves(tmp_path: Path) -> None:
     tensor = torch.randn(50, 3)
     path = tmp_path / "chunked.msgpack"
