@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "convert": "converters.api",
+    "plan": "converters.api",
     "load": "converters.api",
     "manifest": "converters.api",
     "read": "converters.api",
@@ -65,6 +66,7 @@ __all__ = [
     "load",
     "manifest",
     "option",
+    "plan",
     "read",
     "registry",
     "save",
@@ -91,7 +93,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from .api import convert, load, manifest, read, save, verify, write
+    from .api import convert, load, manifest, plan, read, save, verify, write
     from .core.budget import Budget
     from .core.contract import Format, FormatBase, NoOptions, WriteContext, option
     from .core.errors import (

@@ -8,11 +8,13 @@ is declared by the format (``converters.core.contract``) and looked up in the re
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .core import compare, integrity, manifests
+from .core.atomic import EXISTS
 from .core.budget import Budget
 from .core.contract import Format, WriteContext, make_options
 from .core.errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnsupportedValueError
@@ -20,7 +22,8 @@ from .core.registry import registry
 
 __all__ = ["convert", "load", "manifest", "read", "registry", "save", "verify", "write"]
 from .core.tree import Checkpoint, validate
-from .transforms import Select, Transform, apply
+from .transforms import Transform, apply, describe_plan
+from .transforms.options import from_options
 
 # Importing the package registers the built-in formats.
 from . import formats  # noqa: F401  isort: skip
@@ -39,8 +42,7 @@ def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Tran
         # [('model_state_dict', 'conv1.weight')]
     """
     source = Path(path)
-    if not source.exists():
-        raise ConverterError("no such file", file=source)
+    require_readable(source)
     fmt = registry.resolve(source, format)
     if format is None:
         registry.check_contents(source, fmt)
@@ -48,6 +50,28 @@ def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Tran
     validate(checkpoint.tree, file=source)
     checkpoint = Checkpoint(checkpoint.tree, checkpoint.origin or source, fmt.name, checkpoint.tree_digest)
     return apply(checkpoint, transforms)
+
+
+NOT_REGULAR = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def require_readable(source: Path) -> None:
+    """Refuse a source that does not exist or is not a regular file or a folder: reading a FIFO,
+    a socket or a device would block or never end (a symlink to a regular file is followed)."""
+    try:
+        mode = os.stat(source).st_mode
+    except FileNotFoundError:
+        raise ConverterError("no such file", file=source) from None
+    except OSError as exc:
+        raise ConverterError(f"cannot read it: {exc.strerror or exc}", file=source) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        what = NOT_REGULAR.get(stat.S_IFMT(mode), "not a regular file")
+        raise ConverterError(f"is {what}, not a regular file or folder; refusing to read it", file=source)
 
 
 def stored_size(path: PathLike) -> int:
@@ -66,22 +90,27 @@ def write(
     progress: Callable[[int], None] | None = None,
     fsync: bool = True,
     check: bool = False,
+    overwrite: bool = True,
     **options: Any,
 ) -> None:
     """Write a neutral tree to ``path`` (atomically) in ``format`` or the one its suffix names.
 
     ``options`` are the format's write options (``sdconvert formats`` lists them); ``progress(n)``
     is told as ``n`` more tensor bytes are written; ``check`` re-hashes tensors that carry a stored
-    digest and refuses bytes that do not match it.
+    digest and refuses bytes that do not match it. An existing destination is replaced atomically;
+    with ``overwrite=False`` it is kept and ``DestinationError`` raised, also when it appears while
+    the file is being written (``sdconvert convert`` without ``--force``).
     """
     destination = Path(path)
     fmt = registry.resolve(destination, format, for_write=True)
-    _write(fmt, checkpoint, destination, WriteContext(progress, fsync, check), options)
+    _write(fmt, checkpoint, destination, WriteContext(progress, fsync, check, overwrite), options)
 
 
 def _write(
     fmt: Format, checkpoint: Checkpoint, destination: Path, context: WriteContext, options: dict[str, Any]
 ) -> None:
+    if not context.overwrite and os.path.lexists(destination):  # before any work; the writer checks again
+        raise DestinationError(EXISTS, file=destination)
     built = make_options(fmt, options)
     for tensor_path, ref in checkpoint.tensors():
         if ref.dtype not in fmt.dtype_codes:
@@ -116,10 +145,11 @@ def load(path: PathLike, format: str | None = None, *, mmap: bool = False, check
     return to_torch(checkpoint, mmap_any=mmap)
 
 
-def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) -> None:
+def save(obj: Any, path: PathLike, format: str | None = None, *, overwrite: bool = True, **options: Any) -> None:
     """Save what ``torch.save`` takes (state_dicts, checkpoint dicts) in any format.
 
-    Takes ``write``'s keyword arguments (``fsync``, ``progress``, the format's options).
+    Takes ``write``'s keyword arguments (``fsync``, ``progress``, ``overwrite``, the format's
+    options).
 
     Example::
 
@@ -127,7 +157,7 @@ def save(obj: Any, path: PathLike, format: str | None = None, **options: Any) ->
     """
     from .torch_bridge import from_torch
 
-    write(from_torch(obj), path, format, **options)
+    write(from_torch(obj), path, format, overwrite=overwrite, **options)
 
 
 def convert(
@@ -136,19 +166,33 @@ def convert(
     *,
     src_format: str | None = None,
     dst_format: str | None = None,
-    select: str | None = None,
+    select: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    strip_prefix: str | Iterable[str] | None = None,
+    rename: str | Iterable[str] | None = None,
+    dtype: str | None = None,
+    dtype_include: str | Iterable[str] | None = None,
+    dtype_exclude: str | Iterable[str] | None = None,
+    ties: str | None = None,
     transforms: Iterable[Transform] = (),
     progress: Callable[[int, int], None] | None = None,
     fsync: bool = True,
     check: bool = False,
+    overwrite: bool = True,
     **options: Any,
 ) -> Path:
-    """Convert ``src`` to ``dst`` bit for bit; ``select`` keeps one sub-tree (``model_state_dict``),
-    ``transforms`` then run in order.
+    """Convert ``src`` to ``dst`` bit for bit, changing on the way only what is asked: ``select``
+    and ``exclude`` (paths or globs: ``model_state_dict``, ``**/*.num_batches_tracked``),
+    ``strip_prefix`` (``"module."``, or ``"auto"`` for DDP's ``module.`` and torch.compile's
+    ``_orig_mod.``), ``rename`` (``"REGEX=REPLACEMENT"`` rules in order), ``dtype`` (cast
+    floating-point tensors exactly as ``tensor.to(dtype)``; ``dtype_include``/``dtype_exclude``
+    globs), ``ties`` (``keep``, ``materialize``, ``drop-aliases``), in that order; then
+    ``transforms`` (``converters.transforms`` objects) run in order.
 
-    The destination is replaced atomically if it exists; it may never be the source itself.
-    ``progress(bytes_done_now, bytes_total)`` is called as tensor bytes are written; ``options``
-    are the destination format's write options.
+    The destination is replaced atomically if it exists (with ``overwrite=False`` it is kept and
+    ``DestinationError`` raised, even if it appears during the conversion); it may never be the
+    source itself, nor a folder holding the source. ``progress(bytes_done_now, bytes_total)`` is
+    called as tensor bytes are written; ``options`` are the destination format's write options.
 
     Example::
 
@@ -156,18 +200,45 @@ def convert(
         # PosixPath('checkpoint.safetensors')
     """
     source, destination = Path(src), Path(dst)
-    if destination.exists() and source.exists() and os.path.samefile(source, destination):
-        raise DestinationError("the destination is the source file; refusing to write over it", file=destination)
+    _refuse_writing_over(source, destination)
     writer = registry.resolve(destination, dst_format, for_write=True)
     make_options(writer, options)  # fail on a bad option before reading anything
-    steps = ([Select(select)] if select else []) + list(transforms)
+    steps = from_options(
+        select=select,
+        exclude=exclude,
+        strip_prefix=strip_prefix,
+        rename=rename,
+        dtype=dtype,
+        dtype_include=dtype_include,
+        dtype_exclude=dtype_exclude,
+        ties=ties,
+        check=check,
+    ) + list(transforms)
     checkpoint = read(source, src_format, transforms=steps)
     report = None
     if progress is not None:
         total = sum(ref.nbytes for _, ref in checkpoint.unique_tensors())
         report = lambda done: progress(done, total)  # noqa: E731
-    _write(writer, checkpoint, destination, WriteContext(report, fsync, check), options)
+    _write(writer, checkpoint, destination, WriteContext(report, fsync, check, overwrite), options)
     return destination
+
+
+def _refuse_writing_over(source: Path, destination: Path) -> None:
+    """The destination may be neither the source (by any name) nor a folder holding it: replacing
+    such a folder (a sharded checkpoint's index converted onto its own folder, a DCP folder onto
+    itself) would delete the source."""
+    real_source, real_destination = source.resolve(), destination.resolve()
+    same = real_source == real_destination
+    if not same and destination.exists() and source.exists():
+        same = os.path.samefile(source, destination)  # hard links: one file, two names
+    if same:
+        what = "folder" if source.is_dir() else "file"
+        raise DestinationError(f"the destination is the source {what}; refusing to write over it", file=destination)
+    if real_destination in real_source.parents:
+        raise DestinationError(
+            f"the destination is a folder holding the source ({source}); replacing it would delete the source",
+            file=destination,
+        )
 
 
 def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint | None = None, *, deep: bool = False) -> list[str]:
@@ -217,3 +288,21 @@ def manifest(path: PathLike, format: str | None = None, *, digests: bool = True)
     result = manifests.build(checkpoint, digests=digests)
     result["file"] = {"name": source.name, "format": checkpoint.format, "bytes": stored_size(source)}
     return result
+
+
+def plan(
+    src: PathLike, *, src_format: str | None = None, transforms: Iterable[Transform] = (), **chosen: Any
+) -> dict[str, Any]:
+    """What ``convert`` with the same transformation options would write, without writing:
+    every tensor's path, dtype, shape and bytes after the transformations, and what was dropped
+    (``sdconvert convert --dry-run``). ``chosen``: ``convert``'s transformation keywords.
+
+    Example::
+
+        plan("ddp.pt", strip_prefix="auto", dtype="bfloat16")["tensors"][0]["path"]
+        # 'model_state_dict/conv1.weight'
+    """
+    steps = from_options(**chosen) + list(transforms)
+    before = read(src, src_format)
+    after = apply(before, steps)
+    return describe_plan(before, after, steps)

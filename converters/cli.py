@@ -1,7 +1,8 @@
 """``sdconvert``: convert, inspect and verify PyTorch checkpoints across formats.
 
 Exit codes: 0 ok, 1 ``verify`` found differences, 2 bad usage or bad input (one line on stderr),
-3 an internal error (a bug: one line on stderr; set SDCONVERT_DEBUG=1 for the traceback).
+3 an internal error (a bug: one line on stderr; set SDCONVERT_DEBUG=1 for the traceback),
+128 + N when stopped by signal N (SIGINT, SIGTERM, SIGHUP: temporary files removed, one line).
 """
 
 from __future__ import annotations
@@ -9,15 +10,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .core.contract import OptionSpec
-from .core.errors import ConverterError
+from .core.errors import ConverterError, shown
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds the stack like ``KeyboardInterrupt`` does for SIGINT, so
+    every atomic writer removes its temporary file or staging folder on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class UsageError(Exception):
@@ -40,13 +54,49 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     convert.add_argument("dst", type=Path)
     convert.add_argument("--from", dest="src_format", metavar="FMT", help="format of SRC")
     convert.add_argument("--to", dest="dst_format", metavar="FMT", help="format of DST")
-    convert.add_argument("--select", metavar="PATH", help="write only this sub-tree, e.g. model_state_dict")
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument("--check", action="store_true", help="re-hash tensors against the digests SRC stores")
     convert.add_argument(
         "--no-fsync", action="store_true", help="skip fsync before the atomic rename (faster, not crash-durable)"
     )
+    changes = convert.add_argument_group(
+        "changes on the way (in this order; a pattern or rule that matches nothing is an error)"
+    )
+    changes.add_argument(
+        "--select",
+        metavar="PATH",
+        action="append",
+        help="keep only these sub-trees (repeatable, globs: model_state_dict/fc*)",
+    )
+    changes.add_argument(
+        "--exclude",
+        metavar="PATH",
+        action="append",
+        help="drop sub-trees (repeatable, globs: '**/*.num_batches_tracked')",
+    )
+    changes.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        action="append",
+        help="remove a key prefix from every state_dict (repeatable); 'auto': module. (DDP), _orig_mod. (compile)",
+    )
+    changes.add_argument(
+        "--rename",
+        metavar="REGEX=REPL",
+        action="append",
+        help="rename state_dict keys (Python re, repeatable, in order)",
+    )
+    changes.add_argument(
+        "--dtype", metavar="DTYPE", help="cast floating-point tensors: bfloat16, float16, float32, float64 (as torch)"
+    )
+    changes.add_argument("--dtype-include", metavar="PATH", action="append", help="cast only these paths (globs)")
+    changes.add_argument("--dtype-exclude", metavar="PATH", action="append", help="do not cast these paths (globs)")
+    changes.add_argument(
+        "--ties", metavar="MODE", help="tied tensors: keep (default), materialize (each path its own), drop-aliases"
+    )
+    changes.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    changes.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     if with_format_options:
         _add_format_options(convert)
 
@@ -79,7 +129,22 @@ def run(args: argparse.Namespace) -> int:
     import converters
 
     if args.command == "convert":
-        if args.dst.exists() and not args.force:
+        changes = {
+            "select": args.select,
+            "exclude": args.exclude,
+            "strip_prefix": args.strip_prefix,
+            "rename": args.rename,
+            "dtype": args.dtype,
+            "dtype_include": args.dtype_include,
+            "dtype_exclude": args.dtype_exclude,
+            "ties": args.ties,
+        }
+        if args.json and not args.dry_run:
+            raise UsageError("sdconvert convert: --json goes with --dry-run")
+        if args.dry_run:
+            _dry_run(args, changes)
+            return EXIT_OK
+        if os.path.lexists(args.dst) and not args.force:  # a dangling symlink is an existing destination
             raise converters.DestinationError("exists; pass --force to replace it", file=args.dst)
         options = _writer_options(args)
         bar = None if args.quiet or not sys.stderr.isatty() else _ProgressBar(args.dst.name)
@@ -89,17 +154,18 @@ def run(args: argparse.Namespace) -> int:
                 args.dst,
                 src_format=args.src_format,
                 dst_format=args.dst_format,
-                select=args.select,
+                **changes,
                 progress=bar,
                 fsync=not args.no_fsync,
                 check=args.check,
+                overwrite=args.force,  # without --force, a destination that appears meanwhile is kept
                 **options,
             )
         finally:
             if bar is not None:
                 bar.close()
         if not args.quiet:
-            print(f"wrote {args.dst}")
+            print(f"wrote {shown(args.dst, 1000)}")
     elif args.command == "inspect":
         if args.json:
             print(json.dumps(converters.manifest(args.file, args.format), indent=2))
@@ -112,25 +178,25 @@ def run(args: argparse.Namespace) -> int:
 
             with atomic_output(args.output) as out:
                 out.write(text.encode())
-            print(f"wrote {args.output}")
+            print(f"wrote {shown(args.output, 1000)}")
         else:
             sys.stdout.write(text)
     elif args.command == "verify":
         if args.b is None and not args.deep:
             raise UsageError("sdconvert verify: give two files, or --deep to check one against its digests")
         problems = converters.verify(args.a, args.b, deep=args.deep)
-        subject = f"{args.a} and {args.b}" if args.b else str(args.a)
+        subject = f"{shown(args.a, 1000)} and {shown(args.b, 1000)}" if args.b else shown(args.a, 1000)
         if problems:
             print(
                 f"{len(problems)} difference(s) in {subject}:"
                 if args.b is None
                 else f"{len(problems)} difference(s) between {subject}:"
             )
-            for line in problems:
-                print(f"  {line}")
+            for line in problems:  # they quote keys from the files: escaped, one line each
+                print(f"  {shown(line, 2000)}")
             return EXIT_DIFFERENT
         if args.b is None:
-            print(f"intact: every stored digest of {args.a} matches its tensor bytes")
+            print(f"intact: every stored digest of {shown(args.a, 1000)} matches its tensor bytes")
         else:
             print(f"bit-identical: {subject}" + (" (stored digests checked)" if args.deep else ""))
     elif args.command == "formats":
@@ -140,6 +206,28 @@ def run(args: argparse.Namespace) -> int:
 
         return EXIT_OK if demo.run(args.out, steps=args.steps) else EXIT_DIFFERENT
     return EXIT_OK
+
+
+def _dry_run(args: argparse.Namespace, changes: dict[str, Any]) -> None:
+    """What the conversion would write (after every change), checked as far as possible without
+    writing: the destination's format, its options and whether it can hold every dtype."""
+    import converters
+    from converters.api import registry
+    from converters.transforms import plan_lines
+
+    fmt = registry.resolve(args.dst, args.dst_format, for_write=True)
+    _writer_options(args)
+    planned = converters.plan(args.src, src_format=args.src_format, check=args.check, **changes)
+    planned["destination"] = {"path": str(args.dst), "format": fmt.name}
+    unsupported = sorted({t["dtype"] for t in planned["tensors"] if t["dtype"] not in fmt.dtype_codes})
+    if unsupported:
+        raise converters.UnsupportedValueError(f"{fmt.name} cannot hold dtype {unsupported[0]}", file=args.dst)
+    if args.json:
+        print(json.dumps(planned, indent=2))
+        return
+    print(f"dry run: {shown(args.src, 1000)} -> {shown(args.dst, 1000)} ({fmt.name}); nothing written")
+    for line in plan_lines(planned):
+        print(line)
 
 
 def _format_options() -> dict[str, tuple[OptionSpec, list[str]]]:
@@ -249,7 +337,7 @@ def _inspect(path: Path, format: str | None) -> None:
     total = sum(ref.nbytes for _, ref in tensors)
     also = f", {tied} more paths tied to them" if tied else ""
     size = human_bytes(stored_size(path))
-    print(f"{path}: {checkpoint.format}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
+    print(f"{shown(path, 1000)}: {checkpoint.format}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
     for line in describe(checkpoint.tree):
         print(line)
 
@@ -277,18 +365,22 @@ def _formats() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        # Only `convert` (and help) needs the format flags, which import every format.
-        convert = not arguments or arguments[0] in ("convert", "-h", "--help")
-        return run(build_parser(with_format_options=convert).parse_args(arguments))
+        with _stopping_signals_unwind():
+            # Only `convert` (and help) needs the format flags, which import every format.
+            convert = not arguments or arguments[0] in ("convert", "-h", "--help")
+            return run(build_parser(with_format_options=convert).parse_args(arguments))
     except UsageError as exc:
-        print(str(exc), file=sys.stderr)
+        print(shown(exc, 2000), file=sys.stderr)
         return EXIT_BAD_INPUT
     except (ConverterError, OSError) as exc:
         print(f"sdconvert: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("sdconvert: interrupted", file=sys.stderr)
-        return 130
+        print("sdconvert: interrupted (SIGINT); temporary files removed", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated as exc:
+        print(f"sdconvert: stopped by {signal.Signals(exc.signum).name}; temporary files removed", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:  # `sdconvert formats | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
@@ -303,10 +395,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+@contextmanager
+def _stopping_signals_unwind() -> Iterator[None]:
+    """While the command runs, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread.
+
+    The first one unwinds the stack (temporary files are removed on the way); further ones are
+    ignored until the command is over, so the clean-up itself is not cut short (SIGKILL still
+    works). A signal the process was started ignoring (``nohup``) stays ignored. Only the main
+    thread can install handlers: elsewhere (``main()`` called from a thread) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.getsignal(number) for number in STOPPING_SIGNALS}
+
+    def stop(signum: int, frame: object) -> None:
+        for number in previous:
+            if signal.getsignal(number) is stop:
+                signal.signal(number, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for number, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    return " ".join(str(exc).split())
+        return f"{shown(os.fsdecode(exc.filename), 1000)}: {shown(exc.strerror or exc, 1000)}"
+    return shown(" ".join(str(exc).split()), 2000)
 
 
 if __name__ == "__main__":

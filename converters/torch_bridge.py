@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .core import dtypes
-from .core.errors import ConverterError, MissingDependencyError, UnsupportedValueError
+from .core.atomic import FULL
+from .core.errors import (
+    ConverterError,
+    CorruptFileError,
+    DestinationError,
+    MissingDependencyError,
+    UnsupportedValueError,
+)
 from .core.sources import BufferSource, FileRange
 from .core.tree import Checkpoint, TensorRef, map_leaves, validate
 
@@ -114,6 +123,11 @@ def make_tensor(
     Bytes at an aligned place of a file are not copied: the tensor views a private (copy-on-write)
     ``mmap`` of the file, as ``safetensors.torch.load_file`` does; writing to it never touches the
     file. Other bytes are read into fresh memory.
+
+    A range past the end of the file (truncated since it was read) is refused before anything is
+    mapped, with a ``CorruptFileError``. What no check can prevent, as with any mapped file
+    (``torch.load(mmap=True)``, ``safetensors``): truncating the file *while* a tensor maps it makes
+    reading the lost pages raise SIGBUS; files are re-checked each time a tensor is made from them.
     """
     dtype = getattr(torch, ref.dtype, None)
     if dtype is None:
@@ -123,16 +137,42 @@ def make_tensor(
     source = ref.source
     alignment = dtypes.DTYPES[ref.dtype].itemsize if mmap_any else MAP_ALIGNMENT
     if mappings is not None and isinstance(source, FileRange) and source.offset % alignment == 0:
+        end = source.offset + source.length
         if source.path not in mappings:
-            with open(source.path, "rb") as handle:
-                mappings[source.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            fd = _open_regular(source.path)
+            try:
+                _require_extent(source, os.fstat(fd).st_size)
+                mappings[source.path] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+        else:
+            _require_extent(source, os.stat(source.path).st_size)  # truncated since it was mapped?
         mapped = mappings[source.path]
-        if source.offset + source.length <= len(mapped):
+        if end <= len(mapped):
             raw = torch.frombuffer(mapped, dtype=torch.uint8, count=source.length, offset=source.offset)
             return raw.view(dtype).reshape(ref.shape)
     raw = torch.empty(ref.nbytes, dtype=torch.uint8)  # torch's allocator: aligned as torch expects
     source.readinto(memoryview(raw.numpy()))
     return raw.view(dtype).reshape(ref.shape)
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, without blocking, refused unless it is a regular file
+    (a FIFO swapped in for a checkpoint's file since it was read would hang the mapping)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptFileError("is no longer a regular file; refusing to map it", file=path)
+    return fd
+
+
+def _require_extent(source: FileRange, size: int) -> None:
+    if source.offset + source.length > size:
+        raise CorruptFileError(
+            f"expected {source.length} bytes at offset {source.offset}, the file has only {size} bytes "
+            "(truncated since it was read?)",
+            file=source.path,
+        )
 
 
 def export_onnx(model: Any, example_input: Any, *, opset: int) -> tuple[bytes, frozenset[str]]:
@@ -183,10 +223,38 @@ def dcp_save(checkpoint: Checkpoint, folder: Path, *, fsync: bool, progress: Cal
     import warnings
 
     import_torch()
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.filesystem import FileSystemWriter
     from torch.distributed.checkpoint.state_dict_saver import save
 
     obj = to_torch(checkpoint, progress=progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
-        save(obj, storage_writer=FileSystemWriter(str(folder), sync_files=fsync), no_dist=True)
+        try:
+            save(obj, storage_writer=FileSystemWriter(str(folder), sync_files=fsync), no_dist=True)
+        except CheckpointException as exc:  # a BaseException: it would escape as a traceback, exit 1
+            raise _dcp_failure(exc, folder) from exc
+
+
+def _dcp_failure(exc: BaseException, folder: Path) -> BaseException:
+    """What ``dcp.save``'s ``CheckpointException`` (each rank's exception, wrapped) stands for: the
+    interruption itself (Ctrl-C, SIGTERM: re-raised as it was), or an error naming the destination
+    (``folder``, the staging folder, which ``atomic_folder`` reports as the destination)."""
+    failures = getattr(exc, "failures", None)
+    items = [item[0] if isinstance(item, tuple) else item for item in (failures or {}).values()]
+    causes: list[BaseException] = [cause for cause in items if isinstance(cause, BaseException)]
+    for cause in causes:
+        if not isinstance(cause, Exception):  # KeyboardInterrupt, the CLI's Terminated, SystemExit
+            return cause
+    for cause in causes:
+        if isinstance(cause, ConverterError):
+            return cause
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in FULL:
+            error = DestinationError(f"{FULL[cause.errno]} (while writing it)", file=folder)
+            error.errno = cause.errno
+            return error
+    if causes and isinstance(causes[0], OSError):
+        return DestinationError(f"cannot write it: {causes[0].strerror or causes[0]}", file=folder)
+    what = f"{type(causes[0]).__name__}: {causes[0]}" if causes else str(exc)
+    return ConverterError(f"torch.distributed.checkpoint.save failed: {what}", file=folder)

@@ -2,9 +2,9 @@
 
 Writing packs headers and scalars here and lets tensor bytes flow straight from their source to
 the file, so memory does not grow with the checkpoint. Reading walks the file through ``mmap``:
-every length and count is checked against the bytes actually present before anything is built,
-nesting is limited, duplicate map keys are refused, and ``bin`` payloads are returned as byte
-ranges of the file (never copied). Spec: https://github.com/msgpack/msgpack/blob/master/spec.md
+every length and count is checked against the bytes actually present and charged to the read's
+budget before anything is built, nesting is limited, duplicate map keys are refused, and ``bin``
+payloads are returned as byte ranges of the file (never copied). Spec: https://github.com/msgpack/msgpack/blob/master/spec.md
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.budget import MAX_DEPTH, Budget
 from ..core.errors import CorruptFileError, UnsupportedValueError
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
@@ -52,9 +53,9 @@ def pack_float(value: float) -> bytes:
 
 def pack_str(value: str) -> bytes:
     encoded = value.encode("utf-8")  # lone surrogates raise UnicodeEncodeError: callers report the path
-    return (
-        _sized(len(encoded), ((0xD9, ">B", 2**8), (0xDA, ">H", 2**16), (0xDB, ">I", 2**32)), fix=(0xA0, 32)) + encoded
-    )
+    if len(encoded) < 32:  # fixstr: the common case (keys, dtype names, digests are 64: str 8)
+        return _FIX_STR[len(encoded)] + encoded
+    return _sized(len(encoded), ((0xD9, ">B", 2**8), (0xDA, ">H", 2**16), (0xDB, ">I", 2**32))) + encoded
 
 
 def bin_header(length: int) -> bytes:
@@ -69,10 +70,14 @@ def map_header(count: int) -> bytes:
     return _sized(count, ((0xDE, ">H", 2**16), (0xDF, ">I", 2**32)), fix=(0x80, 16))
 
 
+_FIX_STR = [bytes([0xA0 | n]) for n in range(32)]
+_FIXEXT_CODES = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
+
+
 def ext_header(code: int, length: int) -> bytes:
-    fixed = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
-    if length in fixed:
-        return bytes([fixed[length], code])
+    fixed = _FIXEXT_CODES.get(length)
+    if fixed is not None:
+        return bytes([fixed, code])
     return _sized(length, ((0xC7, ">B", 2**8), (0xC8, ">H", 2**16), (0xC9, ">I", 2**32))) + bytes([code])
 
 
@@ -133,16 +138,34 @@ class Ext:
     length: int
 
 
-class Parser:
-    """Parses one msgpack value from ``buffer[start:end]``; offsets in results are absolute."""
+# What a parsed value costs, in the budget's units (NODE_COST bytes each), measured with
+# tracemalloc over the msgpack reader as a whole (the parsed value, the checked tree built from it
+# and, for our files, the metadata tree decoded beside it): an array item or a map entry's value is
+# charged ITEM_UNITS and a map entry's key KEY_UNITS when the container's header is read, before
+# any of them is built; a str longer than SHORT_STR bytes is charged its decoded size besides.
+ITEM_UNITS = 2
+KEY_UNITS = 1
+SHORT_STR = 32
 
-    def __init__(self, buffer: Any, file: Path, *, max_depth: int = 256) -> None:
+
+class Parser:
+    """Parses one msgpack value from ``buffer[start:end]``; offsets in results are absolute.
+
+    Every value is charged to ``budget`` before it is created (by default a budget sized for the
+    buffer) and nesting is limited to ``max_depth`` (the budget's ``MAX_DEPTH``). Map keys are
+    shared: a key spelled the same way twice is one str object.
+    """
+
+    def __init__(self, buffer: Any, file: Path, *, budget: Budget | None = None, max_depth: int = MAX_DEPTH) -> None:
         self.buffer = buffer
         self.file = file
         self.max_depth = max_depth
+        self.budget = Budget(file, len(buffer)) if budget is None else budget
+        self._keys: dict[bytes, str] = {}
 
     def parse(self, start: int, end: int, what: str = "the file") -> Any:
         self._end = end
+        self.budget.nodes(ITEM_UNITS, "msgpack values")
         value, position = self._value(start, 0, ())
         if position != end:
             raise CorruptFileError(
@@ -163,28 +186,25 @@ class Parser:
         return struct.unpack_from(fmt, self.buffer, position)[0], position + size
 
     def _value(self, position: int, depth: int, path: tuple[Any, ...]) -> tuple[Any, int]:
-        if depth > self.max_depth:
-            raise CorruptFileError(
-                f"msgpack nesting deeper than {self.max_depth} levels at byte {position}", file=self.file
-            )
-        self._need(position, 1, "a msgpack value")
+        if position >= self._end:
+            self._need(position, 1, "a msgpack value")
         code = self.buffer[position]
         position += 1
         if code <= 0x7F:
             return code, position
         if code >= 0xE0:
             return code - 0x100, position
-        if 0x80 <= code <= 0x8F:
+        if code <= 0x8F:
             return self._map(code & 0x0F, position, depth, path)
-        if 0x90 <= code <= 0x9F:
+        if code <= 0x9F:
             return self._array(code & 0x0F, position, depth, path)
-        if 0xA0 <= code <= 0xBF:
+        if code <= 0xBF:
             return self._str(code & 0x1F, position)
-        simple = {0xC0: None, 0xC2: False, 0xC3: True}
-        if code in simple:
-            return simple[code], position
-        if code in _SIZED:
-            kind, fmt = _SIZED[code]
+        if code in _SIMPLE:
+            return _SIMPLE[code], position
+        sized = _SIZED.get(code)
+        if sized is not None:
+            kind, fmt = sized
             length, position = self._unpack(fmt, position)
             if kind == "str":
                 return self._str(length, position)
@@ -210,45 +230,74 @@ class Parser:
             f"byte 0x{code:02x} at {position - 1} is not a msgpack type", file=self.file, path=path or None
         )
 
-    def _str(self, length: int, position: int) -> tuple[str, int]:
+    def _raw(self, length: int, position: int) -> bytes:
         self._need(position, length, "a msgpack str")
-        raw = bytes(self.buffer[position : position + length])
+        return bytes(self.buffer[position : position + length])
+
+    def _decode(self, raw: bytes, position: int) -> str:
+        if len(raw) > SHORT_STR:  # short ones are within an item's units; 4 bytes a char at worst
+            self.budget.materialize(len(raw) * (1 if raw.isascii() else 4), "msgpack strings")
         try:
-            return raw.decode("utf-8"), position + length
+            return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorruptFileError(
                 f"msgpack str at byte {position} is not valid UTF-8 ({exc.reason})", file=self.file
             ) from None
 
+    def _str(self, length: int, position: int) -> tuple[str, int]:
+        return self._decode(self._raw(length, position), position), position + length
+
+    def _deeper(self, depth: int, position: int) -> int:
+        if depth >= self.max_depth:
+            raise CorruptFileError(
+                f"msgpack nesting deeper than {self.max_depth} levels at byte {position}", file=self.file
+            )
+        return depth + 1
+
     def _array(self, count: int, position: int, depth: int, path: tuple[Any, ...]) -> tuple[list[Any], int]:
         self._need(position, count, "a msgpack array of that many items")  # each item takes >= 1 byte
+        depth = self._deeper(depth, position)
+        self.budget.nodes(count * ITEM_UNITS, "msgpack values")  # before any item is built
         items = []
         for index in range(count):
-            item, position = self._value(position, depth + 1, (*path, index))
+            item, position = self._value(position, depth, (*path, index))
             items.append(item)
         return items, position
 
     def _map(self, count: int, position: int, depth: int, path: tuple[Any, ...]) -> tuple[Any, int]:
         self._need(position, 2 * count, "a msgpack map of that many entries")  # each entry takes >= 2 bytes
+        depth = self._deeper(depth, position)
+        self.budget.nodes(count * (ITEM_UNITS + KEY_UNITS), "msgpack values")  # before any entry is built
         result: dict[Any, Any] = {}
+        buffer, keys = self.buffer, self._keys
         for _ in range(count):
             key_position = position
-            key, position = self._value(position, depth + 1, path)
-            if type(key) not in (str, int):
-                raise UnsupportedValueError(
-                    f"msgpack map key at byte {key_position} is {type(key).__name__}; "
-                    "only str and int keys are supported",
-                    file=self.file,
-                    path=path or None,
-                )
+            code = buffer[position] if position < self._end else None
+            if code is not None and 0xA0 <= code <= 0xBF:  # a fixstr key: shared with its earlier spellings
+                length = code & 0x1F
+                raw = self._raw(length, position + 1)
+                key = keys.get(raw)
+                if key is None:
+                    key = keys[raw] = self._decode(raw, position + 1)
+                position += 1 + length
+            else:
+                key, position = self._value(position, depth, path)
+                if type(key) is not str and type(key) is not int:
+                    raise UnsupportedValueError(
+                        f"msgpack map key at byte {key_position} is {type(key).__name__}; "
+                        "only str and int keys are supported",
+                        file=self.file,
+                        path=path or None,
+                    )
             if key in result:
                 raise CorruptFileError(
                     f"msgpack map has the key {key!r} twice (byte {key_position})", file=self.file, path=path or None
                 )
-            result[key], position = self._value(position, depth + 1, (*path, key))
+            result[key], position = self._value(position, depth, (*path, key))
         return result, position
 
 
+_SIMPLE = {0xC0: None, 0xC2: False, 0xC3: True}
 _SIZED = {
     0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"),
     0xC7: ("ext", ">B"), 0xC8: ("ext", ">H"), 0xC9: ("ext", ">I"),

@@ -2,7 +2,14 @@
 storage, read without torch and without running pickled code.
 
 Shared by the ``pt`` format (one archive per file) and ``dcp`` (one archive per tensor or value
-inside its data files). Stored records only: a tensor is a plain byte range of the file.
+inside its data files). A stored record is a plain byte range of the file that carries its zip
+CRC-32 (checked whenever its bytes are used: a conversion, ``verify --deep``); a deflated record
+(a zip tool re-compressed the file) is inflated in bounded pieces as it is read and checked too.
+Every other record is read and checked here.
+
+What the archive asks for is charged to the read's budget before it is built: the zip entries, the
+pickle's objects (``torch_pickle``), each tensor, the bytes gathered into memory for strided views,
+and the tensor bytes named beyond what the archive stores (overlapping views, inflated records).
 """
 
 from __future__ import annotations
@@ -11,36 +18,38 @@ from pathlib import Path
 from typing import Any
 
 from ..core import dtypes
+from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ..core.sources import BufferSource, FileRange
+from ..core.sources import BufferSource, ByteSource, FileRange, slice_source
 from ..core.stored import read_digests
 from ..core.tree import TensorRef
-from .torch_pickle import SafeUnpickler, Storage, contiguous_strides, prescan, unpickle
-from .zip import StoredEntry, stored_entries
+from .torch_pickle import SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
+from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_entries
 
 # Our extra record: {storage key: BLAKE3 of its bytes}. torch.load reads records by name and
 # ignores it; the manifest takes its digests from it instead of reading every byte.
 DIGESTS_RECORD = "sdconvert/blake3.json"
-# A strided view is gathered into memory; refuse views that would expand far beyond the file.
-GATHER_LIMIT_FACTOR = 4
+NUMPY_IMPORT_BYTES = 16 << 20  # what importing numpy costs (10 MiB measured), charged once per read
 
 
-def read_archive(path: Path, base: int = 0, length: int | None = None) -> Any:
+def read_archive(path: Path, base: int = 0, length: int | None = None, *, budget: Budget | None = None) -> Any:
     """The tree of the torch zip archive in ``length`` bytes of ``path`` from ``base``.
 
     The whole file by default; a DCP data file holds one such archive per tensor or value.
+    ``budget``: the read's resource budget (by default one for the archive's byte range).
     """
     size = path.stat().st_size - base if length is None else length
+    budget = Budget(path, size) if budget is None else budget
     with open(path, "rb") as handle:
         handle.seek(base)
         head = handle.read(4)
     if head[:1] == b"\x80":
         raise UnsafeFileError(
-            "this is a legacy (pre-1.6, non-zip) torch file; it is read only by unpickling "
-            "arbitrary code, so it is refused. Re-save it with a current torch.save",
+            "this is a legacy (pre-1.6, non-zip) torch file, which is not supported yet; "
+            "re-save it with a current torch.save",
             file=path,
         )
-    entries = stored_entries(path, size, base)
+    entries = stored_entries(path, size, base, budget=budget)
     prefix = _archive_prefix(entries, path)
     if prefix + "constants.pkl" in entries:
         raise UnsupportedValueError(
@@ -48,28 +57,96 @@ def read_archive(path: Path, base: int = 0, length: int | None = None) -> Any:
             "save its state_dict() with torch.save instead",
             file=path,
         )
+    # Every record but the storages is read here and checked against its CRC-32 (the ones used in
+    # memory by read_entry, the others streamed); a storage's bytes are checked when they are used
+    # (each tensor's source carries its record).
+    used = {prefix + "byteorder", prefix + "data.pkl", prefix + DIGESTS_RECORD}
+    for name, entry in entries.items():
+        if not name.startswith(prefix + "data/") and name not in used:
+            check_entry(path, entry, budget)
     byteorder = entries.get(prefix + "byteorder")
-    if byteorder is not None and _read(path, byteorder) != b"little":
+    if byteorder is not None and read_entry(path, byteorder, budget) != b"little":
         raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
-    data = _read(path, entries[prefix + "data.pkl"])
-    prescan(data, path)
+    data = read_entry(path, entries[prefix + "data.pkl"], budget)
+    prescan(data, path, budget=budget)
     record = entries.get(prefix + DIGESTS_RECORD)
-    digests = read_digests(_read(path, record), path, DIGESTS_RECORD) if record else {}
+    digests = read_digests(bytes(read_entry(path, record, budget)), path, DIGESTS_RECORD) if record else {}
+    tensors = _Tensors(path, entries, prefix, digests, budget)
+    return unpickle(SafeUnpickler(data, path, tensors.storage, tensors.view, budget), path)
 
-    def storage_for_key(key: str) -> tuple[int, int]:
-        entry = entries.get(f"{prefix}data/{key}")
+
+class _Tensors:
+    """Storages and the tensors viewing them, each charged to the budget before it is made.
+
+    Tensor bytes the tree names beyond those its storages hold are charged to the budget's output
+    limit: the views of a storage up to its size are what the file stores; every byte past that
+    (overlapping views, a stride-0 expansion) is output the file does not pay for. So are inflated
+    records. Bytes gathered into memory (strided views) are charged to its memory limit.
+    """
+
+    def __init__(
+        self, path: Path, entries: dict[str, StoredEntry], prefix: str, digests: dict[str, str], budget: Budget
+    ) -> None:
+        self._path, self._entries, self._prefix, self._digests, self._budget = path, entries, prefix, digests, budget
+        self._named: dict[str, int] = {}  # storage key -> bytes its views name so far
+        self._numpy_charged = False
+
+    def storage(self, key: str) -> tuple[ByteSource, int]:
+        """The byte source of storage ``key`` (its record) and its size."""
+        entry = self._entries.get(f"{self._prefix}data/{key}")
         if entry is None:
-            raise CorruptFileError(f"data.pkl refers to storage {key!r}, but there is no record data/{key}", file=path)
-        return entry.data_offset, entry.size
+            raise CorruptFileError(
+                f"data.pkl refers to storage {quoted(key)}, but there is no record data/{shown(key)}", file=self._path
+            )
+        if entry.compressed:
+            # Inflated once here (bounded memory, charged first) so that a bad record is refused at
+            # read time (verify --deep included); every later read checks it again.
+            check_entry(self._path, entry, self._budget)
+        return entry.source(self._path), entry.file_size
 
-    def gather(
-        storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+    def view(
+        self, storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
     ) -> TensorRef:
-        ref = _tensor_from_storage(path, size, storage, row, offset, shape, stride)
-        whole = offset == 0 and ref.nbytes == storage.nbytes and isinstance(ref.source, FileRange)
-        return ref.with_stored_digest(digests.get(storage.key)) if whole else ref
+        """A tensor viewing ``storage`` (with the digest the file stores when it is the whole storage)."""
+        nbytes = _check_view(self._path, storage, row, offset, shape, stride)
+        self._budget.tensors(1)
+        before = self._named.get(storage.key, 0)
+        after = self._named[storage.key] = before + nbytes
+        excess = max(0, after - storage.nbytes) - max(0, before - storage.nbytes)
+        if excess:
+            self._budget.output(excess, f"tensor bytes viewed more than once in storage {quoted(storage.key)}")
+        ref = self._tensor(storage, row, offset, shape, stride)
+        return ref.with_stored_digest(self._digests.get(storage.key)) if ref.source is storage.source else ref
 
-    return unpickle(SafeUnpickler(data, path, storage_for_key, gather), path)
+    def _tensor(
+        self, storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+    ) -> TensorRef:
+        count = dtypes.numel(shape)
+        if count == 0:
+            return TensorRef(row.name, shape, BufferSource.of(b""))
+        nbytes = count * row.itemsize
+        start = offset * row.itemsize
+        if _is_contiguous(shape, stride):
+            whole = start == 0 and nbytes == storage.nbytes
+            return TensorRef(row.name, shape, storage.source if whole else _slice(storage.source, start, nbytes))
+        # A strided view (a transposed or sliced tensor saved as is): copy its elements into C order.
+        # The span it reads and the bytes it keeps are charged first (per file, not per view).
+        if not self._numpy_charged:
+            self._budget.materialize(NUMPY_IMPORT_BYTES, "numpy, imported to gather strided views")
+            self._numpy_charged = True
+        last = offset + sum((dim - 1) * step for dim, step in zip(shape, stride, strict=True))
+        span = (last - offset + 1) * row.itemsize
+        self._budget.materialize(span + nbytes, "tensor bytes gathered into memory (strided views)")
+        buffer = bytearray(span)
+        _slice(storage.source, start, span).readinto(memoryview(buffer))
+        import numpy as np  # only strided views need it; keeps start-up fast
+
+        elements = np.frombuffer(buffer, dtype=np.dtype(f"V{row.itemsize}"))
+        view = np.lib.stride_tricks.as_strided(
+            elements, shape=shape, strides=tuple(step * row.itemsize for step in stride), writeable=False
+        )
+        gathered = np.ascontiguousarray(view).view(np.uint8).reshape(-1)  # one copy, kept as the tensor's bytes
+        return TensorRef(row.name, shape, BufferSource.of(gathered.data, owner=gathered))
 
 
 def _archive_prefix(entries: dict[str, StoredEntry], path: Path) -> str:
@@ -79,64 +156,35 @@ def _archive_prefix(entries: dict[str, StoredEntry], path: Path) -> str:
     prefix = pickles[0][: -len("data.pkl")]
     stray = [name for name in entries if not name.startswith(prefix)]
     if stray:
-        raise CorruptFileError(f"zip record {stray[0]!r} lies outside the archive folder {prefix!r}", file=path)
+        raise CorruptFileError(
+            f"zip record {quoted(stray[0])} lies outside the archive folder {quoted(prefix)}", file=path
+        )
     return prefix
 
 
-def _require_stored(entry: StoredEntry, path: Path) -> None:
-    if entry.compressed:
-        raise CorruptFileError(f"zip record {entry.name!r} is compressed; torch stores records uncompressed", file=path)
-
-
-def _read(path: Path, entry: StoredEntry) -> bytes:
-    _require_stored(entry, path)
-    with open(path, "rb") as handle:
-        handle.seek(entry.data_offset)
-        data = handle.read(entry.size)
-    if len(data) != entry.size:
-        raise CorruptFileError(f"record {entry.name!r} is truncated", file=path)
-    return data
-
-
-def _tensor_from_storage(
-    path: Path,
-    file_size: int,
-    storage: Storage,
-    row: dtypes.DType,
-    offset: int,
-    shape: tuple[int, ...],
-    stride: tuple[int, ...],
-) -> TensorRef:
+def _check_view(
+    path: Path, storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+) -> int:
+    """The view's size in bytes, once it is known to lie inside its storage."""
     count = dtypes.numel(shape)
     if count == 0:
-        return TensorRef(row.name, shape, BufferSource.of(b""))
+        return 0
     last = offset + sum((dim - 1) * step for dim, step in zip(shape, stride, strict=True))
     needed = (last + 1) * row.itemsize
     if needed > storage.nbytes:
         raise CorruptFileError(
-            f"a {row.name}{list(shape)} tensor needs {needed} bytes of storage {storage.key!r}, "
+            f"a {row.name}{list(shape)} tensor needs {needed} bytes of storage {quoted(storage.key)}, "
             f"which holds {storage.nbytes}",
             file=path,
         )
-    if _is_contiguous(shape, stride):
-        return TensorRef(row.name, shape, FileRange(path, storage.offset + offset * row.itemsize, count * row.itemsize))
-    # A strided view (a transposed or sliced tensor saved as is): copy its elements into C order.
-    if count * row.itemsize > GATHER_LIMIT_FACTOR * file_size + (1 << 20):
-        raise CorruptFileError(
-            f"a strided {row.name}{list(shape)} tensor would expand to {count * row.itemsize} bytes "
-            f"from a {file_size}-byte file",
-            file=path,
-        )
-    span = FileRange(path, storage.offset + offset * row.itemsize, (last - offset + 1) * row.itemsize)
-    buffer = bytearray(span.nbytes)
-    span.readinto(memoryview(buffer))
-    import numpy as np  # only strided views need it; keeps start-up fast
+    return count * row.itemsize
 
-    elements = np.frombuffer(buffer, dtype=np.dtype(f"V{row.itemsize}"))
-    view = np.lib.stride_tricks.as_strided(
-        elements, shape=shape, strides=tuple(step * row.itemsize for step in stride), writeable=False
-    )
-    return TensorRef(row.name, shape, BufferSource.of(np.ascontiguousarray(view).tobytes()))
+
+def _slice(source: Any, start: int, length: int) -> ByteSource:
+    if isinstance(source, InflatedRecord):
+        return source.window(start, length)  # still inflates and checks the whole record
+    assert isinstance(source, FileRange)
+    return slice_source(source, start, length)  # keeps the record, checked before the bytes are used
 
 
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:

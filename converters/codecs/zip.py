@@ -1,22 +1,33 @@
-"""Just enough ZIP for torch checkpoints: stored (uncompressed) entries, read in place, written streaming.
+"""Just enough ZIP for torch checkpoints: entries read in place (stored) or inflated while they are
+read (deflated), written streaming (stored).
 
 torch's archives store every record uncompressed with its data aligned to 64 bytes, so a tensor is a
-plain byte range of the file. Writing: local header (sizes known up front, CRC patched after the
-data), data, then the central directory, with ZIP64 records when sizes or offsets need them.
+plain byte range of the file. A zip tool may re-deflate the records and ``torch.load`` still reads
+the result: such a record becomes an :class:`InflatedRecord`, inflated in bounded pieces and
+checked against its declared size and CRC-32 whenever its bytes are used. Writing: local header
+(sizes known up front, CRC patched after the data), data, then the central directory, with ZIP64
+records when sizes or offsets need them.
+
+Reading is strict, so that the archive holds exactly what its central directory says and nothing
+else: the end-of-central-directory record (with its comment) ends the archive, the first entry
+starts at its first byte, entries follow each other without gaps or overlaps, and the central
+directory follows the last one. The entry count is taken from the end records and charged to the
+read's budget before any entry is parsed.
 """
 
 from __future__ import annotations
 
-import io
+import os
 import struct
-import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from ..core.errors import CorruptFileError
+from ..core.budget import Budget
+from ..core.errors import CorruptFileError, UnsupportedValueError
+from ..core.sources import CHUNK_SIZE, FileRange, Record
 
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -25,95 +36,372 @@ ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")
 ZIP64_LOCATOR = struct.Struct("<4sIQI")
 PADDING_EXTRA_ID = 0x4246  # "FB": the id torch's writer uses for alignment padding
 ZIP64_EXTRA_ID = 0x0001
+U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF
 UTF8_FLAG = 0x0800
+ENCRYPTED_FLAG = 0x0001
+DATA_DESCRIPTOR_FLAG = 0x0008
+STORED, DEFLATED = 0, 8
+# What may follow an entry's data when its flags announce a data descriptor: CRC-32 and 32- or
+# 64-bit sizes, with or without the optional signature.
+DATA_DESCRIPTOR_SIZES = (12, 16, 20, 24)
+# Memory one parsed entry costs beyond the budget's node (its name, offsets, dict slot), measured.
+ENTRY_BYTES = 400
+INFLATE_INPUT = 1 << 20  # compressed bytes read at a time
+NAME_SHOWN = 100  # characters of an untrusted name shown in a message
+
+
+def shown(name: str) -> str:
+    """An untrusted name for a message: quoted and escaped (``repr``), shortened."""
+    text = repr(name)
+    return text if len(text) <= NAME_SHOWN else text[: NAME_SHOWN - 4] + "...'"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    name: str
+    data_offset: int  # of the entry's data in the file (the archive's base included)
+    size: int  # bytes as stored (the deflate stream's length for a deflated entry)
+    compressed: bool
+    file_size: int  # bytes once inflated (== size for a stored entry)
+    crc32: int  # of the inflated bytes, as the central directory states it
+
+    @property
+    def label(self) -> str:
+        return f"zip record {shown(self.name)}"
+
+    def source(self, path: Path) -> FileRange | InflatedRecord:
+        """The entry's bytes: read in place with the record to check (stored), or inflated (deflated)."""
+        if self.compressed:
+            return InflatedRecord(path, self.data_offset, self.size, self.file_size, self.crc32, self.label)
+        return FileRange(
+            path, self.data_offset, self.size, Record(path, self.data_offset, self.size, self.crc32, self.label)
+        )
+
+
+def stored_entries(
+    path: Path, file_size: int, base: int = 0, *, budget: Budget | None = None
+) -> dict[str, StoredEntry]:
+    """Every entry of the archive with where its bytes are; refuses archives that lie about their layout.
+
+    The archive is the ``file_size`` bytes of ``path`` from ``base`` (0: the whole file; DCP files
+    hold one archive per tensor). Offsets returned are of ``path``. ``budget`` (by default one for
+    the archive's size) is charged for the entries before they are parsed.
+    """
+    budget = Budget(path, file_size) if budget is None else budget
+    with open(path, "rb", buffering=0) as handle:
+        return _ArchiveReader(handle.fileno(), path, base, file_size, budget).entries()
+
+
+class _ArchiveReader:
+    def __init__(self, fd: int, path: Path, base: int, length: int, budget: Budget) -> None:
+        self.fd, self.path, self.base, self.length, self.budget = fd, path, base, length, budget
+
+    def corrupt(self, message: str) -> CorruptFileError:
+        return CorruptFileError(message, file=self.path)
+
+    def unsupported(self, message: str) -> UnsupportedValueError:
+        return UnsupportedValueError(message, file=self.path)
+
+    def read(self, offset: int, count: int) -> bytes:
+        """``count`` bytes at ``offset`` of the archive (fewer at its end)."""
+        count = max(0, min(count, self.length - offset))
+        data = os.pread(self.fd, count, self.base + offset) if count else b""
+        if len(data) != count:
+            raise self.corrupt(f"the file ended while reading {count} bytes at offset {self.base + offset}")
+        return data
+
+    def entries(self) -> dict[str, StoredEntry]:
+        count, cd_offset, cd_size = self._end_records()
+        # Every central directory entry takes its fixed 46 bytes at least: a count that cannot fit is
+        # a lie, refused before anything is allocated for it.
+        if count * CENTRAL_HEADER.size > cd_size:
+            raise self.corrupt(
+                f"the zip archive declares {count} entries in a {cd_size}-byte central directory, "
+                f"which has room for {cd_size // CENTRAL_HEADER.size}"
+            )
+        self.budget.nodes(count, "zip entries")
+        self.budget.materialize(cd_size + count * ENTRY_BYTES, "zip central directory")
+        directory = self.read(cd_offset, cd_size)
+        return self._check_layout(self._central_directory(directory, count), cd_offset)
+
+    def _end_records(self) -> tuple[int, int, int]:
+        """(entry count, central directory offset and size) from the end records, which must end the archive."""
+        if self.length < EOCD.size:
+            raise self.corrupt("not a readable zip archive: File is not a zip file (it is too short)")
+        tail_start = max(0, self.length - EOCD.size - U16_MAX)
+        tail = self.read(tail_start, self.length - tail_start)
+        position = tail.rfind(b"PK\x05\x06")
+        appended = None
+        while position >= 0:
+            if position + EOCD.size <= len(tail):
+                end = position + EOCD.size + struct.unpack_from("<H", tail, position + 20)[0]
+                if end == len(tail):
+                    break
+                if end < len(tail) and appended is None:
+                    appended = len(tail) - end
+            position = tail.rfind(b"PK\x05\x06", 0, position)
+        if position < 0:
+            if appended is not None:
+                raise self.corrupt(
+                    f"{appended} bytes follow the end of the zip archive (its end-of-central-directory "
+                    "record and comment); refusing appended data"
+                )
+            raise self.corrupt(
+                "not a readable zip archive: File is not a zip file (no end-of-central-directory record)"
+            )
+        eocd_at = tail_start + position
+        _, disk, cd_disk, disk_count, count, cd_size, cd_offset, _ = EOCD.unpack_from(tail, position)
+        if disk != 0 or cd_disk != 0 or disk_count != count:
+            raise self.unsupported("multi-disk (split) zip archives are not supported")
+        region_end = eocd_at
+        locator_at = eocd_at - ZIP64_LOCATOR.size
+        if locator_at >= 0 and self.read(locator_at, 4) == b"PK\x06\x07":
+            _, z64_disk, z64_at, disks = ZIP64_LOCATOR.unpack(self.read(locator_at, ZIP64_LOCATOR.size))
+            if z64_disk != 0 or disks > 1:
+                raise self.unsupported("multi-disk (split) zip archives are not supported")
+            if z64_at + ZIP64_EOCD.size > locator_at:
+                raise self.corrupt(f"the ZIP64 end record at offset {z64_at} overlaps its locator")
+            (signature, record_size, _, _, disk64, cd_disk64, disk_count64, count64, cd_size64,
+             cd_offset64) = ZIP64_EOCD.unpack(self.read(z64_at, ZIP64_EOCD.size))  # fmt: skip
+            if signature != b"PK\x06\x06" or z64_at + 12 + record_size != locator_at:
+                raise self.corrupt(f"no ZIP64 end record where its locator says (offset {z64_at})")
+            if disk64 != 0 or cd_disk64 != 0 or disk_count64 != count64:
+                raise self.unsupported("multi-disk (split) zip archives are not supported")
+            pairs = ((count, count64, U16_MAX), (cd_size, cd_size64, U32_MAX), (cd_offset, cd_offset64, U32_MAX))
+            if any(small not in (saturated, wide) for small, wide, saturated in pairs):
+                raise self.corrupt("the zip end record and its ZIP64 end record disagree")
+            count, cd_size, cd_offset, region_end = count64, cd_size64, cd_offset64, z64_at
+        if cd_offset + cd_size != region_end:
+            raise self.corrupt(
+                f"the central directory ({cd_size} bytes at offset {cd_offset}) does not end where the "
+                f"end records start ({region_end}): bytes were added before or inside the archive"
+            )
+        return count, cd_offset, cd_size
+
+    def _central_directory(self, directory: bytes, count: int) -> list[tuple[int, str, bytes, int, int, int, int, int]]:
+        """(local header offset, name, raw name, flags, method, stored size, inflated size, CRC-32) per entry."""
+        rows = []
+        names: set[str] = set()
+        position = 0
+        for index in range(count):
+            if position + CENTRAL_HEADER.size > len(directory):
+                raise self.corrupt(f"the central directory ends after {index} of its {count} entries")
+            (signature, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len,
+             disk, _, _, offset) = CENTRAL_HEADER.unpack_from(directory, position)  # fmt: skip
+            if signature != b"PK\x01\x02":
+                raise self.corrupt(f"central directory entry {index} has no signature")
+            name_at = position + CENTRAL_HEADER.size
+            extra_at = name_at + name_len
+            position = extra_at + extra_len + comment_len
+            if position > len(directory):
+                raise self.corrupt(f"central directory entry {index} runs past the central directory")
+            raw_name = directory[name_at:extra_at]
+            try:
+                name = raw_name.decode("utf-8" if flags & UTF8_FLAG else "cp437")
+            except UnicodeDecodeError:
+                raise self.corrupt(f"central directory entry {index} has a name that is not UTF-8") from None
+            if name in names:
+                raise self.corrupt(f"zip entry {shown(name)} appears twice")
+            names.add(name)
+            if usize == U32_MAX or csize == U32_MAX or offset == U32_MAX or disk == U16_MAX:
+                usize, csize, offset, disk = self._zip64(
+                    name, directory[extra_at : extra_at + extra_len], usize, csize, offset, disk
+                )
+            if disk != 0:
+                raise self.unsupported("multi-disk (split) zip archives are not supported")
+            if flags & ENCRYPTED_FLAG:
+                raise self.unsupported(f"zip record {shown(name)} is encrypted")
+            if method not in (STORED, DEFLATED):
+                raise self.unsupported(
+                    f"zip record {shown(name)} uses compression method {method}; only stored and deflated "
+                    "records are read (as torch.load)"
+                )
+            if method == STORED and csize != usize:
+                raise self.corrupt(f"zip entry {shown(name)} is stored with {csize} bytes but declares {usize}")
+            rows.append((offset, name, raw_name, flags, method, csize, usize, crc))
+        if position != len(directory):
+            raise self.corrupt(f"{len(directory) - position} bytes follow the last central directory entry")
+        return rows
+
+    def _zip64(
+        self, name: str, extra: bytes, usize: int, csize: int, offset: int, disk: int
+    ) -> tuple[int, int, int, int]:
+        """The saturated sizes, offset and disk replaced by the ZIP64 extra field's values (in that order)."""
+        position = 0
+        while position + 4 <= len(extra):
+            field_id, field_len = struct.unpack_from("<HH", extra, position)
+            body = extra[position + 4 : position + 4 + field_len]
+            position += 4 + field_len
+            if field_id != ZIP64_EXTRA_ID:
+                continue
+            values = []
+            for value, size in ((usize, 8), (csize, 8), (offset, 8), (disk, 4)):
+                saturated = U16_MAX if size == 4 else U32_MAX
+                if value != saturated:
+                    values.append(value)
+                    continue
+                if len(body) < size:
+                    raise self.corrupt(f"zip entry {shown(name)} has a truncated ZIP64 extra field")
+                values.append(int.from_bytes(body[:size], "little"))
+                body = body[size:]
+            return values[0], values[1], values[2], values[3]
+        raise self.corrupt(f"zip entry {shown(name)} needs a ZIP64 extra field and has none")
+
+    def _check_layout(
+        self, rows: list[tuple[int, str, bytes, int, int, int, int, int]], cd_offset: int
+    ) -> dict[str, StoredEntry]:
+        """Entries from their local headers, which must tile the archive up to its central directory."""
+        entries: dict[str, StoredEntry] = {}
+        expected = 0  # where the next local header must start
+        slack: tuple[int, ...] = (0,)  # gaps allowed there (a data descriptor after the previous entry)
+        previous = None
+        for offset, name, raw_name, flags, method, csize, usize, crc in sorted(rows):
+            if offset + LOCAL_HEADER.size > self.length:
+                raise self.corrupt(f"zip entry {shown(name)} starts at {offset}, past the end ({self.length})")
+            if offset - expected not in slack:
+                raise self._misplaced(name, previous, offset, expected)
+            header = self.read(offset, LOCAL_HEADER.size + len(raw_name))
+            fields = LOCAL_HEADER.unpack_from(header)
+            if fields[0] != b"PK\x03\x04":
+                raise self.corrupt(f"zip entry {shown(name)} has no local header")
+            if header[LOCAL_HEADER.size :] != raw_name or fields[9] != len(raw_name):
+                raise self.corrupt(f"zip entry {shown(name)}: its local header names another entry")
+            data_offset = offset + LOCAL_HEADER.size + fields[9] + fields[10]
+            if data_offset + csize > self.length:
+                raise self.corrupt(
+                    f"zip entry {shown(name)} declares {csize} bytes at offset {self.base + data_offset}, "
+                    f"beyond the file's {self.base + self.length} bytes"
+                )
+            entries[name] = StoredEntry(name, self.base + data_offset, csize, method == DEFLATED, usize, crc)
+            expected = data_offset + csize
+            slack = DATA_DESCRIPTOR_SIZES if flags & DATA_DESCRIPTOR_FLAG else (0,)
+            previous = name
+        if cd_offset - expected not in slack:
+            raise self._misplaced(None, previous, cd_offset, expected)
+        return {name: entries[name] for _, name, *_ in rows}  # central directory order
+
+    def _misplaced(self, name: str | None, previous: str | None, offset: int, expected: int) -> CorruptFileError:
+        what = f"zip entry {shown(name)}" if name is not None else "the central directory"
+        if previous is None:
+            return self.corrupt(f"{what} starts at offset {offset}: the archive has bytes before its first entry")
+        if offset < expected:
+            return self.corrupt(
+                f"{what} at offset {offset} overlaps zip entry {shown(previous)} (which ends at {expected})"
+            )
+        return self.corrupt(
+            f"{offset - expected} unaccounted bytes lie between zip entry {shown(previous)} "
+            f"and {what} (offset {offset})"
+        )
 
 
 @dataclass(frozen=True)
-class StoredEntry:
-    name: str
-    data_offset: int
-    size: int  # bytes as stored (compressed size for a compressed entry)
-    compressed: bool
+class InflatedRecord:
+    """The bytes of a deflated zip record, inflated as they are read in pieces of at most the chunk size.
 
-
-class _Window(io.RawIOBase):
-    """``length`` bytes of an open file from ``base``, seen as a whole file (an archive inside a file)."""
-
-    def __init__(self, handle: BinaryIO, base: int, length: int) -> None:
-        self._handle, self._base, self._length, self._position = handle, base, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        origin = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
-        self._position = max(0, origin + offset)
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        count = max(0, min(len(buffer), self._length - self._position))
-        self._handle.seek(self._base + self._position)
-        data = self._handle.read(count)
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-
-def stored_entries(path: Path, file_size: int, base: int = 0) -> dict[str, StoredEntry]:
-    """Every entry of the archive with where its bytes are; refuses entries that lie about their place.
-
-    The archive is the ``file_size`` bytes of ``path`` from ``base`` (0: the whole file; DCP files
-    hold one archive per tensor). Offsets returned are of ``path``.
+    Every read inflates the whole record and checks its declared size and CRC-32 at the end (a
+    view of part of it still reads it all), so a corrupted or lying record gives an error, never
+    wrong bytes. ``start``/``length`` select the inflated bytes this source hands out.
     """
-    with open(path, "rb") as handle:
-        window = io.BufferedReader(_Window(handle, base, file_size))
-        try:
-            archive = zipfile.ZipFile(window)
-        except (
-            zipfile.BadZipFile,
-            OSError,
-            ValueError,
-            EOFError,
-            struct.error,
-            OverflowError,
-            NotImplementedError,
-        ) as exc:
-            raise CorruptFileError(f"not a readable zip archive: {exc}", file=path) from None
-        with archive:
-            return _entries(path, archive, window, file_size, base)
+
+    path: Path
+    offset: int  # of the deflate stream in the file
+    compressed_size: int
+    size: int  # inflated, as the central directory declares it
+    crc32: int
+    name: str  # for messages: "zip record 'archive/data/0'"
+    start: int = 0
+    length: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.size - self.start if self.length is None else self.length
+
+    def window(self, start: int, length: int) -> InflatedRecord:
+        """``length`` of its bytes from ``start``, without reading them."""
+        if not 0 <= start <= start + length <= self.nbytes:
+            raise ValueError(f"window [{start}, {start + length}) outside a {self.nbytes}-byte source")
+        return InflatedRecord(
+            self.path, self.offset, self.compressed_size, self.size, self.crc32, self.name, self.start + start, length
+        )
+
+    def readinto(self, buffer: memoryview) -> None:
+        position = 0
+        for chunk in self.chunks():
+            buffer[position : position + len(chunk)] = chunk
+            position += len(chunk)
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        begin, end = self.start, self.start + self.nbytes
+        position = 0
+        for piece in self._inflate(chunk_size):
+            low, high = max(begin, position), min(end, position + len(piece))
+            if low < high:
+                yield piece[low - position : high - position]
+            position += len(piece)
+
+    def _inflate(self, chunk_size: int) -> Iterator[memoryview]:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        produced, crc, pending = 0, 0, b""
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self.offset)
+            remaining = self.compressed_size
+            while not inflater.eof:
+                if not pending:
+                    if not remaining:
+                        raise self._corrupt("its deflate stream ends early")
+                    pending = handle.read(min(remaining, INFLATE_INPUT))
+                    if not pending:
+                        raise self._corrupt("the file ends inside it")
+                    remaining -= len(pending)
+                try:
+                    # At most one byte past the declared size: enough to see a record that lies.
+                    piece = inflater.decompress(pending, min(chunk_size, self.size - produced + 1))
+                except zlib.error as exc:
+                    raise self._corrupt(f"it is not a valid deflate stream ({exc})") from None
+                pending = inflater.unconsumed_tail
+                if piece:
+                    produced += len(piece)
+                    if produced > self.size:
+                        raise self._corrupt(f"it inflates to more than the {self.size} bytes it declares")
+                    crc = zlib.crc32(piece, crc)
+                    yield memoryview(piece)
+        if produced != self.size:
+            raise self._corrupt(f"it inflates to {produced} bytes, not the {self.size} it declares")
+        if crc != self.crc32:
+            raise self._corrupt(f"it does not match its CRC-32 (stored {self.crc32:08x}, bytes give {crc:08x})")
+
+    def _corrupt(self, problem: str) -> CorruptFileError:
+        return CorruptFileError(f"{self.name} (deflated): {problem}", file=self.path)
 
 
-def _entries(path: Path, archive: zipfile.ZipFile, handle: Any, file_size: int, base: int) -> dict[str, StoredEntry]:
-    entries: dict[str, StoredEntry] = {}
-    for info in archive.infolist():
-        if info.filename in entries:
-            raise CorruptFileError(f"zip entry {info.filename!r} appears twice", file=path)
-        if info.header_offset < 0 or info.header_offset + LOCAL_HEADER.size > file_size:
-            raise CorruptFileError(
-                f"zip entry {info.filename!r} starts at {info.header_offset}, past the end ({file_size})",
-                file=path,
-            )
-        handle.seek(info.header_offset)
-        fields = LOCAL_HEADER.unpack(handle.read(LOCAL_HEADER.size))
-        if fields[0] != b"PK\x03\x04":
-            raise CorruptFileError(f"zip entry {info.filename!r} has no local header", file=path)
-        data_offset = info.header_offset + LOCAL_HEADER.size + fields[9] + fields[10]
-        compressed = info.compress_type != zipfile.ZIP_STORED
-        if (not compressed and info.compress_size != info.file_size) or data_offset + info.compress_size > file_size:
-            raise CorruptFileError(
-                f"zip entry {info.filename!r} declares {info.compress_size} bytes at offset "
-                f"{data_offset}, beyond the file's {file_size} bytes",
-                file=path,
-            )
-        entries[info.filename] = StoredEntry(info.filename, base + data_offset, info.compress_size, compressed)
-    return entries
+def read_entry(path: Path, entry: StoredEntry, budget: Budget) -> bytearray:
+    """A small record's bytes, in memory (charged to ``budget``), checked against its CRC-32."""
+    budget.materialize(entry.file_size, f"{entry.label} read into memory")
+    source = entry.source(path)
+    buffer = bytearray(entry.file_size)
+    source.readinto(memoryview(buffer))  # an inflated record checks its own size and CRC-32
+    if not entry.compressed:
+        check_crc(entry, zlib.crc32(buffer), path)
+    return buffer
+
+
+def check_entry(path: Path, entry: StoredEntry, budget: Budget) -> None:
+    """Read a record through (bounded memory) and check it against its CRC-32. What a deflated
+    record inflates to is charged to ``budget``'s output first (the work is proportional to it)."""
+    if entry.compressed:
+        budget.output(entry.file_size, f"data inflated from {entry.label}")
+    crc = 0
+    for chunk in entry.source(path).chunks():
+        crc = zlib.crc32(chunk, crc)
+    check_crc(entry, crc, path)
+
+
+def check_crc(entry: StoredEntry, actual: int, path: Path) -> None:
+    if actual != entry.crc32:
+        raise CorruptFileError(
+            f"{entry.label} does not match its CRC-32 (stored {entry.crc32:08x}, bytes give {actual:08x})", file=path
+        )
 
 
 class ZipWriter:

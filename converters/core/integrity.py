@@ -24,9 +24,10 @@ def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
     and every container checksum (zip CRC-32) the tensors' bytes lie in."""
     problems = []
     unchecked = 0
+    checked: set[Record] = set()
     for path, ref in checkpoint.unique_tensors():
         for record in records_of(ref.source):
-            problem = record_problem(record)
+            problem = record_problem(record, checked)
             if problem is not None:
                 problems.append(f"{format_tree_path(path)}: {problem}")
         if ref.digest is None:
@@ -58,9 +59,10 @@ def tree_problem(checkpoint: Checkpoint) -> str | None:
 
 def verify_bytes(checkpoint: Checkpoint, origin: object = None) -> None:
     """Raise ``CorruptFileError`` naming the first tensor whose bytes do not match their stored digest."""
+    checked: set[Record] = set()
     for path, ref in checkpoint.unique_tensors():
         for record in records_of(ref.source):
-            verify_record(record)
+            verify_record(record, checked)
         if ref.digest is not None:
             actual = blake3_hex(ref.source)
             if actual != ref.digest:
@@ -68,10 +70,6 @@ def verify_bytes(checkpoint: Checkpoint, origin: object = None) -> None:
     problem = tree_problem(checkpoint)
     if problem is not None:
         raise CorruptFileError(problem, file=str(origin) if origin else None)
-
-
-# Records already checked in this process (a file checked once is not re-read for each view of it).
-_checked_records: set[tuple[str, int, int, int]] = set()
 
 
 def records_of(source: ByteSource) -> list[Record]:
@@ -83,23 +81,34 @@ def records_of(source: ByteSource) -> list[Record]:
     return []
 
 
-def verify_record(record: Record) -> None:
-    """Raise ``CorruptFileError`` when a record's bytes do not match the CRC-32 its container stores."""
-    problem = record_problem(record)
+def verify_record(record: Record, checked: set[Record] | None = None) -> None:
+    """Raise ``CorruptFileError`` when a record's bytes do not match the CRC-32 its container stores.
+
+    ``checked``: records this operation already found intact (several views of one record are
+    read once); the caller owns it, so a file changed between two operations is read again.
+    """
+    problem = record_problem(record, checked)
     if problem is not None:
         raise CorruptFileError(problem, file=record.path)
 
 
-def record_problem(record: Record) -> str | None:
-    key = (str(record.path), record.offset, record.length, record.crc32)
-    if key in _checked_records:
+def record_problem(record: Record, checked: set[Record] | None = None) -> str | None:
+    if checked is not None and record in checked:
         return None
     actual = crc32_of(FileRange(record.path, record.offset, record.length))
     if actual != record.crc32:
         return crc_message(record, actual)
-    _checked_records.add(key)
+    if checked is not None:
+        checked.add(record)
     return None
 
 
 def crc_message(record: Record, actual: int) -> str:
     return f"{record.name} does not match its CRC-32 (stored {record.crc32:08x}, bytes give {actual:08x})"
+
+
+def read_tree_digest(value: object, file: object, what: str) -> str:
+    """A stored tree digest, checked for shape: 64 lowercase hex digits."""
+    if type(value) is not str or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise CorruptFileError(f"{what} must be a 64-digit hex BLAKE3 digest", file=str(file))
+    return value

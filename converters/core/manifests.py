@@ -21,6 +21,7 @@ import math
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from blake3 import blake3
@@ -110,8 +111,19 @@ def float_bits(value: float) -> str:
 
 
 def decode_tree(node: Any, tensor: Callable[[str, TreePath], Any], *, file: Any = None) -> Any:
-    """Rebuild the Python tree from its JSON node; ``tensor(key, path)`` supplies each tensor."""
+    """Rebuild the Python tree from its JSON node; ``tensor(key, path)`` supplies each tensor.
+
+    An ``odict``'s ``metadata`` (torch's ``_metadata``) holds plain values only: a tensor node
+    there is refused (``core.tree.validate`` refuses it in any tree)."""
     return _decode(node, (), tensor, file, 0)
+
+
+def _no_tensor(key: str, path: TreePath, *, file: Any = None) -> Any:
+    raise CorruptFileError(
+        "an OrderedDict's _metadata holds a tensor; only plain values (versions) are kept there",
+        file=file,
+        path=path,
+    )
 
 
 def _decode(node: Any, path: tuple[str | int, ...], tensor: Any, file: Any, depth: int) -> Any:
@@ -135,7 +147,8 @@ def _decode(node: Any, path: tuple[str | int, ...], tensor: Any, file: Any, dept
                 raise CorruptFileError(f"duplicate key {key!r}", file=file, path=path)
             out[key] = _decode(item[1], (*path, key), tensor, file, depth + 1)
         if "metadata" in node:
-            out._metadata = _decode(node["metadata"], (*path, "_metadata"), tensor, file, depth + 1)  # type: ignore[attr-defined]
+            metadata = _decode(node["metadata"], (*path, "_metadata"), partial(_no_tensor, file=file), file, depth + 1)
+            out._metadata = metadata  # type: ignore[attr-defined]
         return out
     if tag in ("list", "tuple"):
         items = [

@@ -13,6 +13,8 @@ first bytes; and whatever chose it, ``check_contents`` compares the bytes with t
 from __future__ import annotations
 
 import importlib
+import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,13 +179,19 @@ class FormatRegistry:
 
 
 def read_head(path: Path) -> bytes:
+    """The first bytes of a regular file (opened non-blocking: a FIFO must not hang the sniffing)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(SNIFF_BYTES)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except IsADirectoryError:
         return b""
     except FileNotFoundError:
         raise ConverterError("no such file", file=path) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConverterError("is not a regular file", file=path)
+        return os.pread(fd, SNIFF_BYTES, 0)
+    finally:
+        os.close(fd)
 
 
 registry = FormatRegistry()

@@ -9,6 +9,7 @@ written and hashed directly. Memory stays flat: nothing is read whole.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import zlib
@@ -29,6 +30,8 @@ HASH_CHUNK = 8 * 1024 * 1024  # large enough that hashing releases the GIL for l
 COPY_CHUNK = 1 << 30
 
 Progress = Callable[[int], None]
+# copy_file_range cannot do this copy (but a plain read/write can): anything else is a real error.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.ETXTBSY})
 
 
 def new_digest(*, all_cores: bool = False) -> Any:
@@ -125,7 +128,10 @@ def _kernel_copy(src: int, dst: int, source: FileRange, start: int, progress: Pr
         count = min(COPY_CHUNK, source.length - done)
         try:
             copied = os.copy_file_range(src, dst, count, source.offset + done, start + done)
-        except OSError:  # another filesystem, or a kernel without it: copy through a buffer
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:  # a full disk, a file too large, an I/O error: report it
+                raise
+            # another filesystem, or a kernel without it: copy through a buffer
             copied = _buffered_copy(src, dst, count, source.offset + done, start + done)
         if copied == 0:
             source._check_complete(done)

@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes
-from .errors import ConverterError, UnsupportedValueError
+from .errors import ConverterError, UnsupportedValueError, shown
 from .sources import ByteSource
 
 SCALAR_TYPES = (type(None), bool, int, float, str)
 MAPPING_TYPES = (dict, OrderedDict, Counter)
 CONTAINER_TYPES = (*MAPPING_TYPES, list, tuple)
 MAX_DEPTH = 64
+MAX_DIM = 2**63 - 1  # a dim is an int64 in torch (and in every format that stores one)
+MAX_NDIM = 64  # dims of a tensor: numpy's limit (flax), the .pt reader's; keeps numel's product small
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,31 @@ class TensorRef:
     digest: str | None = field(default=None, compare=False, init=False)
 
     def __post_init__(self) -> None:
-        row = dtypes.lookup(self.dtype)
-        expected = dtypes.numel(self.shape) * row.itemsize
-        if self.source.nbytes != expected:
+        try:
+            itemsize = dtypes.DTYPES[self.dtype].itemsize
+        except (KeyError, TypeError):
+            itemsize = dtypes.lookup(self.dtype).itemsize  # raises, naming the known dtypes
+        # Every dim an int64 that torch, numpy and every format's reader accept: a writer must never
+        # write a shape its own readers refuse ([0, 2**64] has 0 elements, yet no reader takes it).
+        # At most MAX_NDIM dims, so the element count below stays a small (exact) Python int.
+        shape = self.shape
+        count = 1
+        if len(shape) > MAX_NDIM:
+            self._bad_shape()
+        for dim in shape:
+            if type(dim) is not int or dim < 0 or dim > MAX_DIM:
+                self._bad_shape()
+            count *= dim
+        if self.source.nbytes != count * itemsize:
             raise ConverterError(
-                f"tensor {self.dtype}{list(self.shape)} needs {expected} bytes, its source holds {self.source.nbytes}"
+                f"tensor {self.dtype}{list(shape)} needs {count * itemsize} bytes, "
+                f"its source holds {self.source.nbytes}"
             )
+
+    def _bad_shape(self) -> None:
+        raise UnsupportedValueError(
+            f"tensor shape {shown(list(self.shape), 80)}: at most {MAX_NDIM} dims, each an int in [0, 2**63)"
+        )
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +75,8 @@ class TensorRef:
 
     def with_stored_digest(self, digest: str | None) -> TensorRef:
         """The same tensor carrying the digest its file stores for these exact bytes (readers only)."""
-        ref = TensorRef(self.dtype, self.shape, self.source)
+        ref = object.__new__(TensorRef)  # a copy of a checked tensor: not checked again
+        ref.__dict__.update(self.__dict__)
         object.__setattr__(ref, "digest", digest)
         return ref
 
@@ -103,16 +125,32 @@ class Checkpoint:
 
 
 def walk(tree: Any, path: tuple[str | int, ...] = ()) -> Iterator[tuple[tuple[str | int, ...], Any]]:
-    """Yield ``(path, leaf)`` for every leaf in order; the ``_metadata`` of OrderedDicts is skipped."""
+    """Yield ``(path, leaf)`` for every leaf in order; the ``_metadata`` of OrderedDicts is skipped.
+
+    Iterative (a stack of the open containers' iterators), so a leaf costs the same at any depth.
+    """
     kind = type(tree)
     if kind in MAPPING_TYPES:
-        for key, value in tree.items():
-            yield from walk(value, (*path, key))
+        items: Iterator[tuple[Any, Any]] = iter(tree.items())
     elif kind is list or kind is tuple:
-        for index, value in enumerate(tree):
-            yield from walk(value, (*path, index))
+        items = enumerate(tree)
     else:
         yield path, tree
+        return
+    stack = [(path, items)]
+    while stack:
+        prefix, items = stack[-1]
+        for key, value in items:
+            kind = type(value)
+            if kind in MAPPING_TYPES:
+                stack.append(((*prefix, key), iter(value.items())))
+                break
+            if kind is list or kind is tuple:
+                stack.append(((*prefix, key), enumerate(value)))
+                break
+            yield (*prefix, key), value
+        else:
+            stack.pop()
 
 
 def validate(tree: Any, *, file: Path | str | None = None) -> None:
@@ -148,7 +186,7 @@ def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, d
                 path=path,
             )
         if kind is OrderedDict and hasattr(node, "_metadata"):
-            _validate(node._metadata, (*path, "_metadata"), file, depth + 1)
+            _validate_metadata(node._metadata, (*path, "_metadata"), file, depth + 1)
     elif kind is list or kind is tuple:
         for index, value in enumerate(node):
             _validate(value, (*path, index), file, depth + 1)
@@ -161,6 +199,29 @@ def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, d
             file=file,
             path=path,
         )
+
+
+def _validate_metadata(metadata: Any, path: tuple[str | int, ...], file: Path | str | None, depth: int) -> None:
+    """An OrderedDict's ``_metadata``: what torch puts there is ``{module prefix: {"version": int, ...}}``
+    and ``load_state_dict`` calls ``.get(prefix)`` on it. Accepted: a dict or OrderedDict with str
+    keys whose values are plain values (containers and scalars, any depth within the limit); a
+    tensor anywhere in it is refused (torch never puts one there, and writers would store it
+    outside the tree's tensors)."""
+    if type(metadata) not in (dict, OrderedDict) or not all(type(key) is str for key in metadata):
+        found = type(metadata).__name__ + (" with a non-str key" if type(metadata) in (dict, OrderedDict) else "")
+        raise UnsupportedValueError(
+            f"an OrderedDict's _metadata must be a dict with str keys (module prefixes), found {found}",
+            file=file,
+            path=path,
+        )
+    _validate(metadata, path, file, depth)
+    for leaf_path, leaf in walk(metadata, path):
+        if type(leaf) is TensorRef:
+            raise UnsupportedValueError(
+                "an OrderedDict's _metadata holds a tensor; only plain values (versions) are kept there",
+                file=file,
+                path=leaf_path,
+            )
 
 
 def map_leaves(tree: Any, fn: Any, path: tuple[str | int, ...] = ()) -> Any:

@@ -17,7 +17,7 @@ from . import manifests
 from .contract import WriteContext
 from .errors import CorruptFileError, TreePath
 from .integrity import crc_message, mismatch_message, records_of, verify_bytes, verify_record
-from .sources import ByteSource, FileRange
+from .sources import ByteSource, FileRange, Record
 from .transfer import Checks, copy_into
 from .tree import Checkpoint, TensorRef
 
@@ -40,6 +40,7 @@ class TensorWriter:
         self.context = context
         self.origin = origin
         self._digests: dict[int, str] = {}  # id(TensorRef) -> the digest stored for its bytes
+        self.checked_records: set[Record] = set()  # zip records found intact by this write
 
     def tree_digest(self, checkpoint: Checkpoint) -> str:
         """The tree digest to store (``manifests.tree_digest``) once every tensor was copied;
@@ -78,7 +79,7 @@ class PiecewiseCopy:
         self._record = source.record if isinstance(source, FileRange) and source.is_whole_record else None
         for record in records_of(source):
             if record is not self._record:
-                verify_record(record)
+                verify_record(record, writer.checked_records)
         self._checks = Checks.make(
             crc=crc32 or self._record is not None, digest=writer.context.check or ref.digest is None
         )

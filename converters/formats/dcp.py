@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import pickle
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..codecs.torch_archive import read_archive
+from ..codecs.torch_archive import NUMPY_IMPORT_BYTES, read_archive
 from ..codecs.torch_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
 from ..core import dtypes
 from ..core.atomic import atomic_folder
@@ -32,7 +34,7 @@ from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ..core.sources import BufferSource, ConcatSource
-from ..core.tree import Checkpoint, TensorRef
+from ..core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
 from ..core.writing import TensorWriter
 
 METADATA = ".metadata"
@@ -64,15 +66,18 @@ OPCODES = ALLOWED_OPCODES | {"NEWOBJ"}  # dataclasses pickle as NEWOBJ + BUILD
 class _Record:
     """A DCP metadata object as data: its class name and the state pickle gave it. Runs nothing."""
 
-    __slots__ = ("state",)
+    __slots__ = ("_state",)
     name = "record"
 
     def __setstate__(self, state: Any) -> None:
-        self.state = state
+        self._state = state
+
+    def state(self) -> Any:
+        return getattr(self, "_state", None)
 
     def get(self, key: str) -> Any:
-        state = getattr(self, "state", None)
-        return state.get(key) if isinstance(state, dict) else None
+        state = self.state()
+        return state.get(key) if type(state) is dict else None
 
 
 _RECORD_TYPES = {key: type(key[1], (_Record,), {"__slots__": (), "name": key[1]}) for key in RECORDS}
@@ -118,7 +123,8 @@ class DcpFormat(FormatBase):
     }  # torch writes them, so torch's names
 
     def reads_folder(self, path: Path) -> bool:
-        return (Path(path) / METADATA).is_file()
+        metadata = Path(path) / METADATA
+        return metadata.is_symlink() or metadata.is_file()  # a symlinked one is found, then refused
 
     def sniff(self, head: bytes) -> bool:
         return False
@@ -126,12 +132,8 @@ class DcpFormat(FormatBase):
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         folder = Path(path)
         metadata_path = folder / METADATA
-        if not metadata_path.is_file():
-            raise CorruptFileError(f"not a DCP checkpoint folder: no {METADATA}", file=folder)
-        if metadata_path.stat().st_size > MAX_METADATA_BYTES:
-            raise CorruptFileError(f"{METADATA} is larger than {MAX_METADATA_BYTES} bytes", file=metadata_path)
-        data = metadata_path.read_bytes()
-        prescan(data, metadata_path, opcodes=OPCODES, allowed_globals=ALLOWED_GLOBALS, what=METADATA)
+        data = _read_metadata(folder, metadata_path, budget)
+        prescan(data, metadata_path, opcodes=OPCODES, allowed_globals=ALLOWED_GLOBALS, what=METADATA, budget=budget)
         try:
             metadata = _MetadataUnpickler(data, metadata_path).load()
         except ConverterError:
@@ -140,7 +142,8 @@ class DcpFormat(FormatBase):
             raise CorruptFileError(
                 f"{METADATA} could not be read: {type(exc).__name__}: {exc}", file=metadata_path
             ) from None
-        tree = _Assembler(folder, metadata_path, metadata).tree()
+        del data
+        tree = _Assembler(folder, metadata_path, metadata, budget).tree()
         return Checkpoint(tree, folder)
 
     def replaceable(self, path: Path) -> bool:
@@ -160,74 +163,165 @@ class DcpFormat(FormatBase):
             dcp_save(checkpoint, staging, fsync=context.fsync, progress=tensor_writer.progress)
 
 
-class _Assembler:
-    """Turns DCP metadata and its data files into the checkpoint tree."""
+def _read_metadata(folder: Path, metadata_path: Path, budget: Budget) -> bytes:
+    """``.metadata``'s bytes: a regular file of the folder (a symlink is refused, as data files are)."""
+    try:
+        fd = os.open(metadata_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CorruptFileError(f"not a DCP checkpoint folder: no {METADATA}", file=folder) from None
+    except OSError as exc:
+        if metadata_path.is_symlink():
+            raise CorruptFileError(
+                f"{METADATA} is a symbolic link, not a regular file in the checkpoint folder; refusing to follow it",
+                file=metadata_path,
+            ) from None
+        raise CorruptFileError(f"{METADATA} cannot be opened: {exc.strerror}", file=metadata_path) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptFileError(f"{METADATA} is not a regular file", file=metadata_path)
+        if info.st_size > MAX_METADATA_BYTES:
+            raise CorruptFileError(f"{METADATA} is larger than {MAX_METADATA_BYTES} bytes", file=metadata_path)
+        budget.materialize(info.st_size, METADATA)
+        data = handle.read(info.st_size)
+    if len(data) != info.st_size:
+        raise CorruptFileError(f"{METADATA} changed size while it was read", file=metadata_path)
+    return data
 
-    def __init__(self, folder: Path, metadata_path: Path, metadata: Any) -> None:
-        self.folder, self.file = folder, metadata_path
-        if not isinstance(metadata, _Record) or metadata.name != "Metadata":
+
+class _Assembler:
+    """Turns DCP metadata and its data files into the checkpoint tree.
+
+    Every field of DCP's records is checked for its type and range before it is used (anything
+    else is ``CorruptFileError``); data files are regular files of the folder and the byte ranges of
+    ``storage_data`` lie inside them without overlapping, so each stored byte is read once; every
+    value placed in the tree, every list slot the planner's paths ask for and every chunk is
+    charged to the read's budget first.
+    """
+
+    def __init__(self, folder: Path, metadata_path: Path, metadata: Any, budget: Budget) -> None:
+        self.folder, self.file, self.budget = folder, metadata_path, budget
+        if not isinstance(metadata, _Record) or metadata.name != "Metadata" or type(metadata.state()) is not dict:
             raise CorruptFileError(f"{METADATA} does not hold DCP Metadata", file=metadata_path)
         self.entries = self._dict(metadata.get("state_dict_metadata"), "state_dict_metadata")
-        self.planner = self._dict(metadata.get("planner_data") or {}, "planner_data")
+        planner = metadata.get("planner_data")
+        self.planner = {} if planner is None else self._dict(planner, "planner_data")
+        storage_data = self._dict(metadata.get("storage_data"), "storage_data")
+        budget.nodes(len(self.entries) + len(self.planner) + len(storage_data), f"{METADATA} entries")
+        self.files: dict[str, tuple[Path, int]] = {}  # data file name -> (path, size)
         self.storage: dict[tuple[str, tuple[int, ...] | None], tuple[Path, int, int]] = {}
-        for index, info in self._dict(metadata.get("storage_data"), "storage_data").items():
-            if not isinstance(index, _Record) or not isinstance(info, _Record):
-                raise CorruptFileError("storage_data must map MetadataIndex to _StorageInfo", file=metadata_path)
+        ranges: dict[Path, list[tuple[int, int, str]]] = {}
+        for index, info in storage_data.items():
+            fqn, offsets = self._index(index)
+            relative_path = self._field(info, "_StorageInfo", "relative_path")
+            offset = self._int(self._field(info, "_StorageInfo", "offset"), "_StorageInfo.offset")
+            length = self._int(self._field(info, "_StorageInfo", "length"), "_StorageInfo.length")
             if info.get("transform_descriptors"):
                 raise UnsupportedValueError(
                     "DCP storage transforms (compression, ...) are not supported", file=metadata_path
                 )
-            offsets = index.get("offset")
-            key = (index.get("fqn"), tuple(offsets) if offsets is not None else None)
-            self.storage[key] = (
-                self._data_file(info.get("relative_path")),
-                self._int(info.get("offset")),
-                self._int(info.get("length")),
-            )
+            target, size = self._data_file(relative_path)
+            if offset + length > size:
+                raise CorruptFileError(
+                    f"storage_data puts {fqn!r} at bytes [{offset}, {offset + length}) of {relative_path!r}, "
+                    f"which has {size} bytes",
+                    file=metadata_path,
+                )
+            self.storage[(fqn, offsets)] = (target, offset, length)
+            ranges.setdefault(target, []).append((offset, offset + length, fqn))
+        for target, spans in ranges.items():  # each byte stored once: no range read twice
+            spans.sort()
+            for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+                if begin < end:
+                    raise CorruptFileError(
+                        f"storage_data gives {first!r} and {second!r} overlapping bytes of {target.name!r}",
+                        file=metadata_path,
+                    )
 
     def tree(self) -> Any:
         root: dict[str, Any] = {}
         for fqn, entry in self.entries.items():
+            if type(fqn) is not str:
+                raise CorruptFileError(f"state_dict_metadata has the key {fqn!r:.60}; FQNs are str", file=self.file)
             path = self.planner.get(fqn, (fqn,))
-            if not isinstance(path, tuple) or not path or not all(type(p) in (str, int) for p in path):
+            if type(path) is not tuple or not path or not all(type(p) in (str, int) for p in path):
                 raise CorruptFileError(f"planner_data gives {fqn!r} the malformed path {path!r:.60}", file=self.file)
-            _set_element(root, path, self._value(fqn, entry), self.file)
+            self.budget.nodes(len(path), "containers of planner_data paths")  # at most one per step
+            _set_element(root, path, self._value(fqn, entry), self.file, self.budget)
         return root
 
     def _value(self, fqn: str, entry: Any) -> Any:
         if isinstance(entry, _Record) and entry.name == "BytesStorageMetadata":
-            return read_archive(*self._blob(fqn, None))
+            return read_archive(*self._blob(fqn, None), budget=self.budget)
         if not isinstance(entry, _Record) or entry.name != "TensorStorageMetadata":
             raise CorruptFileError(f"{fqn!r} has unknown storage metadata", file=self.file)
-        properties = entry.get("properties")
-        state = getattr(properties, "state", None)
-        dtype = state[0] if isinstance(state, tuple) and state else properties.get("dtype") if properties else None
-        if not isinstance(dtype, DTypeMarker):
-            raise CorruptFileError(f"{fqn!r} has no dtype in its TensorProperties", file=self.file)
-        size = entry.get("size")
-        chunks = entry.get("chunks")
-        if not isinstance(size, tuple) or not isinstance(chunks, list) or not chunks:
-            raise CorruptFileError(f"{fqn!r} needs a size and chunks", file=self.file)
+        dtype = self._dtype(fqn, self._field(entry, "TensorStorageMetadata", "properties"))
+        size = self._shape(self._field(entry, "TensorStorageMetadata", "size"), f"{fqn!r}: size", dims=None)
+        chunks = self._field(entry, "TensorStorageMetadata", "chunks")
+        if type(chunks) is not list or not chunks:
+            raise CorruptFileError(f"{fqn!r}: chunks must be a non-empty list", file=self.file)
+        self.budget.tensors(len(chunks))
         pieces = []
+        seen: set[tuple[int, ...]] = set()
         for chunk in chunks:
-            offsets, sizes = chunk.get("offsets"), chunk.get("sizes")
-            if (
-                not isinstance(offsets, tuple)
-                or not isinstance(sizes, tuple)
-                or not len(offsets) == len(sizes) == len(size)
-            ):
-                raise CorruptFileError(f"{fqn!r} has a malformed chunk", file=self.file)
+            if not isinstance(chunk, _Record) or chunk.name != "ChunkStorageMetadata":
+                raise CorruptFileError(f"{fqn!r}: a chunk is not a ChunkStorageMetadata", file=self.file)
+            offsets = self._shape(chunk.get("offsets"), f"{fqn!r}: a chunk's offsets", dims=len(size))
+            sizes = self._shape(chunk.get("sizes"), f"{fqn!r}: a chunk's sizes", dims=len(size))
             if any(o + s > d for o, s, d in zip(offsets, sizes, size, strict=True)):
                 raise CorruptFileError(
                     f"{fqn!r}: chunk at {list(offsets)} of {list(sizes)} lies outside {list(size)}", file=self.file
                 )
-            ref = read_archive(*self._blob(fqn, offsets))
-            if not isinstance(ref, TensorRef) or ref.dtype != dtype.name or ref.shape != sizes:
+            if offsets in seen:
+                raise CorruptFileError(f"{fqn!r}: two chunks at {list(offsets)}", file=self.file)
+            seen.add(offsets)
+            ref = read_archive(*self._blob(fqn, offsets), budget=self.budget)
+            if not isinstance(ref, TensorRef) or ref.dtype != dtype or ref.shape != sizes:
                 raise CorruptFileError(
-                    f"{fqn!r}: the chunk at {list(offsets)} is not a {dtype.name}{list(sizes)} tensor", file=self.file
+                    f"{fqn!r}: the chunk at {list(offsets)} is not a {dtype}{list(sizes)} tensor", file=self.file
                 )
+            self.budget.output(ref.nbytes, "tensor bytes of .metadata chunks")
             pieces.append((offsets, ref))
-        return _join(fqn, dtype.name, size, pieces, self.file)
+        return _join(fqn, dtype, size, pieces, self.file, self.budget)
+
+    def _dtype(self, fqn: str, properties: Any) -> str:
+        if not isinstance(properties, _Record) or properties.name != "TensorProperties":
+            raise CorruptFileError(f"{fqn!r}: properties must be TensorProperties", file=self.file)
+        state = properties.state()
+        # torch pickles TensorProperties as a tuple (dtype, layout, ...); a dict state is older.
+        dtype = state[0] if type(state) is tuple and state else properties.get("dtype")
+        if not isinstance(dtype, DTypeMarker):
+            raise CorruptFileError(f"{fqn!r} has no dtype in its TensorProperties", file=self.file)
+        return dtype.name
+
+    def _shape(self, value: Any, what: str, *, dims: int | None) -> tuple[int, ...]:
+        """A torch.Size of DCP (sizes and offsets): ints in [0, 2**63), at most MAX_NDIM of them."""
+        if (
+            type(value) is not tuple
+            or len(value) > MAX_NDIM
+            or (dims is not None and len(value) != dims)
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in value)
+        ):
+            rank = f"{dims} " if dims is not None else f"at most {MAX_NDIM} "
+            raise CorruptFileError(
+                f"{what} must be a torch.Size of {rank}ints in [0, 2**63), found {value!r:.60}", file=self.file
+            )
+        return value
+
+    def _index(self, index: Any) -> tuple[str, tuple[int, ...] | None]:
+        if not isinstance(index, _Record) or index.name != "MetadataIndex":
+            raise CorruptFileError("storage_data must map MetadataIndex to _StorageInfo", file=self.file)
+        fqn = self._field(index, "MetadataIndex", "fqn")
+        if type(fqn) is not str:
+            raise CorruptFileError(f"MetadataIndex.fqn must be a str, found {fqn!r:.60}", file=self.file)
+        offset = index.get("offset")
+        return fqn, None if offset is None else self._shape(offset, f"{fqn!r}: MetadataIndex.offset", dims=None)
+
+    def _field(self, record: Any, name: str, key: str) -> Any:
+        if not isinstance(record, _Record) or record.name != name or type(record.state()) is not dict:
+            kind = record.name if isinstance(record, _Record) else type(record).__name__
+            raise CorruptFileError(f"{METADATA} has a {kind} where a {name} belongs", file=self.file)
+        return record.get(key)
 
     def _blob(self, fqn: str, offsets: tuple[int, ...] | None) -> tuple[Path, int, int]:
         key = (fqn, offsets)
@@ -235,31 +329,48 @@ class _Assembler:
             raise CorruptFileError(f"storage_data has no entry for {fqn!r} at {offsets}", file=self.file)
         return self.storage[key]
 
-    def _data_file(self, name: Any) -> Path:
+    def _data_file(self, name: Any) -> tuple[Path, int]:
+        if type(name) is str and name in self.files:
+            return self.files[name]
         if type(name) is not str or Path(name).is_absolute() or len(Path(name).parts) != 1 or name in (".", ".."):
             raise UnsafeFileError(
-                f"data file name {name!r} must be a plain file name in the checkpoint folder", file=self.file
+                f"data file name {name!r:.60} must be a plain file name in the checkpoint folder", file=self.file
             )
         target = self.folder / name
-        if target.is_symlink() or not target.is_file():
+        try:
+            info = target.lstat()
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):  # a symlink, a folder, a FIFO, or missing
             raise CorruptFileError(f"data file {name!r} is not a regular file in the checkpoint folder", file=self.file)
-        return target
+        self.files[name] = (target, info.st_size)
+        return self.files[name]
 
     def _dict(self, value: Any, what: str) -> dict[Any, Any]:
         if type(value) is not dict:
             raise CorruptFileError(f"{METADATA}: {what} must be a dict", file=self.file)
         return value
 
-    def _int(self, value: Any) -> int:
-        if type(value) is not int or value < 0:
-            raise CorruptFileError(f"{METADATA}: a storage offset or length is {value!r:.40}", file=self.file)
+    def _int(self, value: Any, what: str) -> int:
+        if type(value) is not int or not 0 <= value <= MAX_DIM:
+            raise CorruptFileError(
+                f"{METADATA}: {what} must be an int in [0, 2**63), found {value!r:.40}", file=self.file
+            )
         return value
 
 
 def _join(
-    fqn: str, dtype: str, size: tuple[int, ...], pieces: list[tuple[tuple[int, ...], TensorRef]], file: Path
+    fqn: str,
+    dtype: str,
+    size: tuple[int, ...],
+    pieces: list[tuple[tuple[int, ...], TensorRef]],
+    file: Path,
+    budget: Budget,
 ) -> TensorRef:
-    """One tensor from its chunks: row blocks without copying, any other tiling gathered."""
+    """One tensor from its chunks: row blocks without copying, any other tiling gathered (charged).
+
+    The chunks must tile the tensor exactly: no overlap, no hole (their element counts add up to
+    the tensor's and no element is covered twice)."""
     count = dtypes.numel(size)
     if sum(dtypes.numel(ref.shape) for _, ref in pieces) != count:
         raise CorruptFileError(f"{fqn!r}: chunks hold a different number of elements than {list(size)}", file=file)
@@ -273,9 +384,12 @@ def _join(
                 raise CorruptFileError(f"{fqn!r}: row chunks leave a gap or overlap at row {position}", file=file)
             position += ref.shape[0]
         return TensorRef(dtype, size, ConcatSource(tuple(ref.source for _, ref in rows)))
+    itemsize = dtypes.DTYPES[dtype].itemsize
+    # The whole tensor, a mask of the elements filled, and one chunk's bytes at a time.
+    largest = max(ref.nbytes for _, ref in pieces)
+    budget.materialize(NUMPY_IMPORT_BYTES + count * itemsize + count + largest, "DCP chunks gathered into memory")
     import numpy as np  # only for chunkings other than row blocks
 
-    itemsize = dtypes.DTYPES[dtype].itemsize
     whole = np.zeros(size, dtype=np.dtype(f"V{itemsize}"))
     filled = np.zeros(size, dtype=bool)
     for offsets, ref in pieces:
@@ -289,33 +403,66 @@ def _join(
     return TensorRef(dtype, size, BufferSource.of(whole.tobytes()))
 
 
-def _set_element(root: dict[str, Any], path: tuple[str | int, ...], value: Any, file: Path) -> None:
-    """Place ``value`` at ``path`` as torch's ``_traverse.set_element`` does for ``dcp.load``."""
+def _set_element(root: dict[str, Any], path: tuple[str | int, ...], value: Any, file: Path, budget: Budget) -> None:
+    """Place ``value`` at ``path`` as torch's ``_traverse.set_element`` does for ``dcp.load``.
+
+    A list grows to the index a path asks for, each new slot charged to ``budget`` first (a list
+    of N Nones costs N nodes); two values at one place are refused."""
     container: Any = root
     for key, following in itertools.pairwise(path):
-        fresh: Any = {} if type(following) is str else []
-        container = _child(container, key, fresh, file)
+        container = _child(container, key, type(following) is str, path, file, budget)
     last = path[-1]
-    if isinstance(container, list):
-        if type(last) is not int or last > 1_000_000:
-            raise CorruptFileError(f"planner_data path {path!r:.60} indexes a list with {last!r}", file=file)
-        container.extend([None] * (last + 1 - len(container)))
-    elif type(last) is not str:
-        raise CorruptFileError(f"planner_data path {path!r:.60} puts an index into a dict", file=file)
+    if type(container) is list:
+        if type(last) is not int:
+            raise CorruptFileError(f"planner_data path {path!r:.60} indexes a list with {last!r:.40}", file=file)
+        _grow(container, last, path, file, budget)
+        occupied = container[last] is not None
+    elif type(container) is dict:
+        if type(last) is not str:
+            raise CorruptFileError(f"planner_data path {path!r:.60} puts an index into a dict", file=file)
+        occupied = last in container
+    else:
+        raise CorruptFileError(
+            f"planner_data path {path!r:.60} goes through a value that is not a container", file=file
+        )
+    if occupied:
+        raise CorruptFileError(f"planner_data puts two values at {path!r:.60}", file=file)
     container[last] = value
 
 
-def _child(container: Any, key: str | int, fresh: Any, file: Path) -> Any:
-    if isinstance(container, dict):
+def _child(container: Any, key: str | int, dict_next: bool, path: tuple[Any, ...], file: Path, budget: Budget) -> Any:
+    if type(container) is dict:
         if type(key) is not str:
-            raise CorruptFileError(f"planner_data puts the index {key!r} into a dict", file=file)
-        return container.setdefault(key, fresh)
-    if type(key) is not int or key > 1_000_000:
-        raise CorruptFileError(f"planner_data indexes a list with {key!r}", file=file)
-    container.extend([None] * (key + 1 - len(container)))
-    if container[key] is None:
-        container[key] = fresh
-    return container[key]
+            raise CorruptFileError(f"planner_data path {path!r:.60} puts the index {key!r:.40} into a dict", file=file)
+        if key not in container:
+            container[key] = {} if dict_next else []
+        child = container[key]
+    elif type(container) is list:
+        if type(key) is not int:
+            raise CorruptFileError(f"planner_data path {path!r:.60} indexes a list with {key!r:.40}", file=file)
+        _grow(container, key, path, file, budget)
+        child = container[key]
+        if child is None:
+            child = container[key] = {} if dict_next else []
+    else:
+        raise CorruptFileError(
+            f"planner_data path {path!r:.60} goes through a value that is not a container", file=file
+        )
+    if type(child) is not (dict if dict_next else list):
+        raise CorruptFileError(
+            f"planner_data path {path!r:.60} asks for a {'dict' if dict_next else 'list'} where another "
+            "entry put something else",
+            file=file,
+        )
+    return child
+
+
+def _grow(container: list[Any], index: int, path: tuple[Any, ...], file: Path, budget: Budget) -> None:
+    if index < 0:
+        raise CorruptFileError(f"planner_data path {path!r:.60} indexes a list with {index}", file=file)
+    if index >= len(container):
+        budget.nodes(index + 1 - len(container), "list slots asked for by planner_data paths")
+        container.extend([None] * (index + 1 - len(container)))
 
 
 FORMAT = DcpFormat()

@@ -18,8 +18,9 @@ metadata tree and refuses a file where they disagree.
 
 from __future__ import annotations
 
-import json
+import functools
 import mmap
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ from typing import Any, BinaryIO, ClassVar
 from ..codecs import msgpack as codec
 from ..core import dtypes, manifests
 from ..core.atomic import atomic_output
-from ..core.budget import Budget
+from ..core.budget import MAX_DEPTH, Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
-from ..core.stored import read_digests
-from ..core.tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
+from ..core.stored import check_digests, check_tree_digest, paused_gc
+from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, walk
 from ..core.writing import DIGEST_PLACEHOLDER, PiecewiseCopy, Reserved, TensorWriter
 
 EXT_NDARRAY = 1  # flax: _MsgpackExtType.ndarray
@@ -57,7 +58,7 @@ class MsgpackFormat(FormatBase):
     # flax's ndarray ext spells the dtype by numpy's name, which is torch's for every dtype.
     dtype_codes: ClassVar[Mapping[str, Any]] = {name: name for name in dtypes.DTYPES}
 
-    def __init__(self, max_leaf_bytes: int = FLAX_MAX_LEAF_BYTES, max_depth: int = 256) -> None:
+    def __init__(self, max_leaf_bytes: int = FLAX_MAX_LEAF_BYTES, max_depth: int = MAX_DEPTH) -> None:
         self.max_leaf_bytes = max_leaf_bytes
         self.max_depth = max_depth
 
@@ -77,24 +78,43 @@ class MsgpackFormat(FormatBase):
             raise UnsupportedValueError(f"the key {META_KEY!r} is reserved by the msgpack format", path=(META_KEY,))
         node = manifests.encode_tree(tree, keys)
         # Digests are known once the bytes went by: the metadata is written with placeholders of
-        # the same length and rewritten in place at the end.
+        # the same length and rewritten in place at the end. The tree is packed once.
         digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in checkpoint.unique_tensors()}
+        tensor_writer = TensorWriter(context, checkpoint.origin)
+        head = (
+            codec.map_header(5)
+            + codec.pack_str("version")
+            + codec.pack_int(META_VERSION)
+            + codec.pack_str("wrapped")
+            + codec.pack_bool(wrapped)
+            + codec.pack_str("tree")
+            + codec.pack_plain(node, bigint_ext=EXT_BIGINT)
+            + codec.pack_str("blake3")
+            + codec.map_header(len(digests))
+        )
+        del node
+        packed_keys = [codec.pack_str(key) for key in digests]
+        tree_digest = [DIGEST_PLACEHOLDER]
 
         def pack_meta() -> bytes:
-            meta = {"version": META_VERSION, "wrapped": wrapped, "tree": node, "blake3": digests}
-            return codec.pack_plain(meta, bigint_ext=EXT_BIGINT)
+            entries = b"".join(
+                packed + codec.pack_str(digest) for packed, digest in zip(packed_keys, digests.values(), strict=True)
+            )
+            return head + entries + codec.pack_str("tree_blake3") + codec.pack_str(tree_digest[0])
 
         with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
             out.write(codec.map_header(1 + (1 if wrapped else len(tree))))
-            out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(pack_meta())))
-            reserved = Reserved(out, pack_meta)
-            emit = _Emitter(self.max_leaf_bytes, out, keys, TensorWriter(context, checkpoint.origin))
+            first = [pack_meta()]  # packed once for its length and its placeholder
+            out.write(codec.pack_str(META_KEY) + codec.ext_header(EXT_METADATA, len(first[0])))
+            reserved = Reserved(out, lambda: first.pop() if first else pack_meta())
+            emit = _Emitter(self.max_leaf_bytes, out, keys, tensor_writer)
             if wrapped:
                 out.write(codec.pack_str(WRAPPED_ROOT_KEY))
                 emit.node(tree, ())
             else:
                 emit.items(tree, ())
             digests.update(emit.digests)
+            tree_digest[0] = tensor_writer.tree_digest(checkpoint)
             reserved.rewrite()
 
     # ------------------------------------------------------------------------------- reading
@@ -105,10 +125,10 @@ class MsgpackFormat(FormatBase):
         if size == 0:
             raise CorruptFileError("the file is empty; a msgpack file holds at least one value", file=path)
         with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            reader = _TreeReader(buffer, path, self.max_depth)
-            native = reader.parse_root(size)
-            tree = reader.resolve(native)
-        return Checkpoint(tree, path)
+            reader = _TreeReader(buffer, path, self.max_depth, budget)
+            with paused_gc():
+                tree = reader.resolve(reader.parse_root(size))
+        return Checkpoint(tree, path, tree_digest=reader.tree_digest)
 
 
 class _Emitter:
@@ -177,12 +197,17 @@ class _Emitter:
         prefix = (
             codec.array_header(3)
             + codec.array_header(len(shape))
-            + b"".join(codec.pack_int(d) for d in shape)
-            + codec.pack_str(dtype)
+            + b"".join([codec.pack_int(d) for d in shape])
+            + _packed_name(dtype)
             + codec.bin_header(source.nbytes)
         )
         self.out.write(codec.ext_header(EXT_NDARRAY, len(prefix) + source.nbytes) + prefix)
         copy.write(self.out, source)
+
+
+@functools.cache
+def _packed_name(dtype: str) -> bytes:
+    return codec.pack_str(dtype)
 
 
 def _require_utf8(node: Any, path: tuple[str | int, ...]) -> None:
@@ -246,12 +271,20 @@ class _Tied:
 
 
 class _TreeReader:
-    def __init__(self, buffer: Any, path: Path, max_depth: int) -> None:
+    """The checkpoint tree from the parsed msgpack value. The parsed containers are reused in place
+    (ext values become tensors and ints where they stand), so the tree costs one copy of the file's
+    values, plus the metadata tree for our files: what the parser's per-value charge covers."""
+
+    def __init__(self, buffer: Any, path: Path, max_depth: int, budget: Budget) -> None:
         self.buffer = buffer
         self.path = path
-        self.parser = codec.Parser(buffer, path, max_depth=max_depth)
+        self.max_depth = max_depth
+        self.budget = budget
+        self.parser = codec.Parser(buffer, path, budget=budget, max_depth=max_depth)
+        self.ext_parser = codec.Parser(buffer, path, budget=budget, max_depth=2)
         self.stored: dict[str, TensorRef] = {}  # storage key -> tensor, for ext 82 to point at
         self.digests: dict[str, str] = {}
+        self.tree_digest: str | None = None
 
     def parse_root(self, size: int) -> Any:
         return self.parser.parse(0, size)
@@ -273,19 +306,19 @@ class _TreeReader:
         ext = native.pop(META_KEY)
         if type(ext) is not codec.Ext or ext.code != EXT_METADATA:
             raise CorruptFileError(f"{META_KEY!r} must hold ext type {EXT_METADATA}", file=self.path)
-        meta = codec.Parser(self.buffer, self.path).parse(ext.offset, ext.offset + ext.length, f"the {META_KEY!r} ext")
-        if type(meta) is not dict or not {"version", "wrapped", "tree"} <= set(meta) <= {
-            "version",
-            "wrapped",
-            "tree",
-            "blake3",
-        }:
-            raise CorruptFileError(f"{META_KEY!r} must be a map of version, wrapped, tree (and blake3)", file=self.path)
+        parser = codec.Parser(self.buffer, self.path, budget=self.budget, max_depth=self.max_depth)
+        meta = parser.parse(ext.offset, ext.offset + ext.length, f"the {META_KEY!r} ext")
+        if type(meta) is not dict or not _META_REQUIRED <= set(meta) <= _META_KEYS:
+            raise CorruptFileError(
+                f"{META_KEY!r} must be a map of version, wrapped, tree (and blake3, tree_blake3)", file=self.path
+            )
         if "blake3" in meta:
-            self.digests = read_digests(json.dumps(meta["blake3"]), self.path, f"{META_KEY!r} blake3")
-        if meta["version"] != META_VERSION:
+            self.digests = check_digests(meta["blake3"], self.path, f"{META_KEY!r} blake3")
+        if "tree_blake3" in meta:
+            self.tree_digest = check_tree_digest(meta["tree_blake3"], self.path, f"{META_KEY!r} tree_blake3")
+        if type(meta["version"]) is not int or meta["version"] != META_VERSION:
             raise UnsupportedValueError(
-                f"{META_KEY!r} version {meta['version']!r} is not one this reader knows ({META_VERSION})",
+                f"{META_KEY!r} version {_short(meta['version'])} is not one this reader knows ({META_VERSION})",
                 file=self.path,
             )
         if meta["wrapped"] is True:
@@ -294,49 +327,69 @@ class _TreeReader:
             native = native[WRAPPED_ROOT_KEY]
         elif meta["wrapped"] is not False:
             raise CorruptFileError(f"{META_KEY!r} 'wrapped' must be a bool", file=self.path)
-        node = self._plain(meta["tree"], ())  # ext 81 big ints become ints
+        node = self._plain(meta.pop("tree"), ())  # ext 81 big ints become ints
+        del meta
         expected = manifests.decode_tree(node, lambda key, _path: _Slot(key), file=self.path)
+        del node
         return self._merge(expected, self._plain(native, ()), ())
 
     def _merge(self, expected: Any, native: Any, path: tuple[str | int, ...]) -> Any:
-        """The metadata tree with its tensors taken from the native tree, after checking they agree."""
+        """The metadata tree (changed in place) with its tensors taken from the native tree, after
+        checking they agree."""
         kind = type(expected)
         if kind is _Slot:
             if type(native) is _Tied and native.key == expected.key and native.key in self.stored:
                 return self.stored[native.key]
             if type(native) is not TensorRef or expected.key in self.stored:
                 self._disagree(path, f"the tensor {expected.key!r}", native)
-            self.stored[expected.key] = native.with_stored_digest(self.digests.get(expected.key))
+            digest = self.digests.get(expected.key)
+            self.stored[expected.key] = native if digest is None else native.with_stored_digest(digest)
             return self.stored[expected.key]
         if kind in MAPPING_TYPES:
             if type(native) is not dict:
                 self._disagree(path, "a map", native)
-            if list(native) != _native_keys(list(expected)):
+            native_keys = _native_keys(list(expected))
+            if list(native) != native_keys:
                 raise CorruptFileError(
                     f"the msgpack map keys {_short(list(native))} disagree with the metadata tree's "
                     f"{_short(list(expected))}",
                     file=self.path,
                     path=path,
                 )
-            merged = kind(
-                {
-                    key: self._merge(value, native[nk], (*path, key))
-                    for (key, value), nk in zip(expected.items(), native, strict=True)
-                }
-            )
-            if hasattr(expected, "_metadata"):
-                merged._metadata = expected._metadata  # type: ignore[union-attr]
-            return merged
+            for (key, value), native_key in zip(expected.items(), native_keys, strict=True):
+                expected[key] = self._merge_item(value, native[native_key], path, key)
+            return expected
         if kind is list or kind is tuple:
             if type(native) is not list or len(native) != len(expected):
                 self._disagree(path, f"an array of {len(expected)}", native)
-            return kind(self._merge(e, n, (*path, i)) for i, (e, n) in enumerate(zip(expected, native, strict=True)))
+            if kind is tuple:
+                return tuple(
+                    self._merge_item(e, n, path, i) for i, (e, n) in enumerate(zip(expected, native, strict=True))
+                )
+            for index, (value, item) in enumerate(zip(expected, native, strict=True)):
+                expected[index] = self._merge_item(value, item, path, index)
+            return expected
+        self._check_same(expected, native, path)
+        return expected
+
+    def _merge_item(self, expected: Any, native: Any, path: tuple[str | int, ...], key: str | int) -> Any:
+        """``_merge`` of one item of a container at ``path``; its path is built only when needed."""
+        kind = type(expected)
+        if kind is _Slot or kind in CONTAINER_TYPES:
+            return self._merge(expected, native, (*path, key))
+        if type(native) is not kind or not (
+            struct.pack(">d", native) == struct.pack(">d", expected) if kind is float else native == expected
+        ):
+            self._check_same(expected, native, (*path, key))
+        return expected
+
+    def _check_same(self, expected: Any, native: Any, path: tuple[str | int, ...]) -> None:
+        kind = type(expected)
         same = type(native) is kind and (
             struct.pack(">d", native) == struct.pack(">d", expected) if kind is float else native == expected
         )
         if not same:
-            self._disagree(path, repr(expected), native)
-        return expected
+            self._disagree(path, _short(expected), native)
 
     def _disagree(self, path: TreePath, expected: str, native: Any) -> None:
         found = {TensorRef: "a tensor", _Tied: "a tied-tensor reference"}.get(type(native)) or _short(native)
@@ -347,14 +400,21 @@ class _TreeReader:
         )
 
     def _plain(self, node: Any, path: tuple[str | int, ...]) -> Any:
-        """The tree a plain msgpack value stands for (flax conventions for tensors)."""
+        """The tree a plain msgpack value stands for (flax conventions for tensors), built in place:
+        ext values are replaced where they stand, so no second copy of the containers is made."""
         kind = type(node)
         if kind is dict:
             if CHUNKED_KEY in node:
                 return self._chunked(node, path)
-            return {key: self._plain(value, (*path, key)) for key, value in node.items()}
+            for key, value in node.items():  # replacing values (not keys) while iterating is safe
+                if type(value) in _NOT_PLAIN:
+                    node[key] = self._plain(value, (*path, key))
+            return node
         if kind is list:
-            return [self._plain(value, (*path, index)) for index, value in enumerate(node)]
+            for index, value in enumerate(node):
+                if type(value) in _NOT_PLAIN:
+                    node[index] = self._plain(value, (*path, index))
+            return node
         if kind is codec.Ext:
             return self._ext(node, path)
         if kind is codec.Bin:
@@ -375,10 +435,11 @@ class _TreeReader:
                     f"ext {EXT_TIED} must hold a UTF-8 storage key", file=self.path, path=path
                 ) from None
         if ext.code == EXT_BIGINT:
-            digits = bytes(self.buffer[ext.offset : ext.offset + ext.length])
-            if not 0 < len(digits) <= MAX_BIGINT_DIGITS or not digits.lstrip(b"-").isdigit():
+            digits = bytes(self.buffer[ext.offset : ext.offset + min(ext.length, MAX_BIGINT_DIGITS + 2)])
+            if ext.length > MAX_BIGINT_DIGITS + 1 or not _BIGINT.fullmatch(digits):
                 raise CorruptFileError(
-                    f"ext {EXT_BIGINT} must hold a decimal integer of at most {MAX_BIGINT_DIGITS} digits",
+                    f"ext {EXT_BIGINT} must hold a decimal integer of at most {MAX_BIGINT_DIGITS} digits "
+                    f"(an optional '-', then the digits 0-9), found {_short(digits)}",
                     file=self.path,
                     path=path,
                 )
@@ -389,21 +450,12 @@ class _TreeReader:
         )
 
     def _ndarray(self, ext: codec.Ext, path: TreePath) -> TensorRef:
-        value = codec.Parser(self.buffer, self.path, max_depth=2).parse(
-            ext.offset, ext.offset + ext.length, "an ndarray ext"
-        )
-        if (
-            type(value) is not list
-            or len(value) != 3
-            or type(value[0]) is not list
-            or any(type(d) is not int or d < 0 for d in value[0])
-            or type(value[1]) is not str
-            or type(value[2]) is not codec.Bin
-        ):
-            raise CorruptFileError(
-                "an ndarray ext must hold [shape (non-negative ints), dtype name, bin]", file=self.path, path=path
-            )
-        shape, name, data = tuple(value[0]), value[1], value[2]
+        fast = self._canonical_ndarray(ext)
+        if fast is not None:
+            shape, name, data = fast
+        else:
+            shape, name, data = self._ndarray_fields(ext, path)
+        _check_shape(shape, self.path, path, "an ndarray ext's shape")
         if name not in dtypes.DTYPES:
             raise UnsupportedValueError(f"unknown dtype {name!r} in an ndarray ext", file=self.path, path=path)
         if ext.code == EXT_NPSCALAR and shape:
@@ -417,7 +469,63 @@ class _TreeReader:
                 file=self.path,
                 path=path,
             )
+        self.budget.tensors(1)
         return TensorRef(name, shape, FileRange(self.path, data.offset, data.length))
+
+    def _canonical_ndarray(self, ext: codec.Ext) -> tuple[tuple[int, ...], str, codec.Bin] | None:
+        """The payload as flax and our writer lay it out (fixarray of 3, a fixarray shape of unsigned
+        ints, a fixstr dtype name, a bin), decoded without the generic parser; None for any other
+        layout, which the generic parser then reads (and refuses, if it must)."""
+        buffer, position, end = self.buffer, ext.offset, ext.offset + ext.length
+        if ext.length < 4 or buffer[position] != 0x93 or not 0x90 <= buffer[position + 1] <= 0x9F:
+            return None
+        ndim = buffer[position + 1] & 0x0F
+        position += 2
+        dims = []
+        for _ in range(ndim):
+            if position >= end:
+                return None
+            code = buffer[position]
+            if code < 0x80:
+                dims.append(code)
+                position += 1
+                continue
+            width = _UINT_WIDTHS.get(code)
+            if width is None or position + 1 + width > end:
+                return None
+            dims.append(int.from_bytes(buffer[position + 1 : position + 1 + width], "big"))
+            position += 1 + width
+        if position >= end or not 0xA0 <= buffer[position] <= 0xBF:
+            return None
+        length = buffer[position] & 0x1F
+        name = _DTYPE_NAMES.get(bytes(buffer[position + 1 : position + 1 + length]))
+        position += 1 + length
+        if name is None or position >= end or buffer[position] not in _BIN_WIDTHS:
+            return None
+        width = _BIN_WIDTHS[buffer[position]]
+        if position + 1 + width > end:
+            return None
+        size = int.from_bytes(buffer[position + 1 : position + 1 + width], "big")
+        position += 1 + width
+        if position + size != end:
+            return None
+        self.budget.nodes(codec.ITEM_UNITS * (4 + ndim), "msgpack values")  # as the generic parser charges
+        return tuple(dims), name, codec.Bin(position, size)
+
+    def _ndarray_fields(self, ext: codec.Ext, path: TreePath) -> tuple[tuple[int, ...], str, codec.Bin]:
+        value = self.ext_parser.parse(ext.offset, ext.offset + ext.length, "an ndarray ext")
+        if (
+            type(value) is not list
+            or len(value) != 3
+            or type(value[0]) is not list
+            or any(type(d) is not int or d < 0 for d in value[0])
+            or type(value[1]) is not str
+            or type(value[2]) is not codec.Bin
+        ):
+            raise CorruptFileError(
+                "an ndarray ext must hold [shape (non-negative ints), dtype name, bin]", file=self.path, path=path
+            )
+        return tuple(value[0]), value[1], value[2]
 
     def _chunked(self, node: dict[Any, Any], path: TreePath) -> TensorRef:
         if node.get(CHUNKED_KEY) is not True or set(node) != {CHUNKED_KEY, "shape", "chunks"}:
@@ -427,9 +535,10 @@ class _TreeReader:
                 path=path,
             )
         shape = tuple(_indexed(node["shape"], self.path, path, "shape"))
-        chunks = [self._plain(c, tuple(path)) for c in _indexed(node["chunks"], self.path, path, "chunks")]
         if any(type(d) is not int or d < 0 for d in shape):
             raise CorruptFileError("a chunked array's shape must be non-negative ints", file=self.path, path=path)
+        _check_shape(shape, self.path, path, "a chunked array's shape")
+        chunks = [self._plain(c, tuple(path)) for c in _indexed(node["chunks"], self.path, path, "chunks")]
         if not chunks or any(
             type(c) is not TensorRef or len(c.shape) != 1 or c.dtype != chunks[0].dtype for c in chunks
         ):
@@ -443,7 +552,27 @@ class _TreeReader:
                 file=self.path,
                 path=path,
             )
+        self.budget.tensors(1)
         return TensorRef(chunks[0].dtype, shape, ConcatSource(tuple(c.source for c in chunks)))
+
+
+_NOT_PLAIN = (dict, list, codec.Ext, codec.Bin)
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BIN_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_DTYPE_NAMES = {name.encode(): name for name in dtypes.DTYPES}
+_META_REQUIRED = frozenset({"version", "wrapped", "tree"})
+_META_KEYS = _META_REQUIRED | {"blake3", "tree_blake3"}
+_BIGINT = re.compile(rb"-?[0-9]+")
+
+
+def _check_shape(shape: tuple[Any, ...], file: Path, path: TreePath, what: str) -> None:
+    """At most MAX_NDIM dims, each below 2**63: what ``TensorRef`` takes (and torch, and numpy)."""
+    if len(shape) > MAX_NDIM or any(d > MAX_DIM for d in shape):
+        raise CorruptFileError(
+            f"{what} {_short(list(shape))} must have at most {MAX_NDIM} dims, each below 2**63",
+            file=file,
+            path=path,
+        )
 
 
 def _indexed(value: Any, file: Path, path: TreePath, what: str) -> list[Any]:

@@ -44,7 +44,7 @@ class PtFormat(FormatBase):
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
-        return Checkpoint(read_archive(path), path)
+        return Checkpoint(read_archive(path, budget=budget), path)
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
         unique = checkpoint.unique_tensors()

@@ -1,19 +1,68 @@
-"""Transformations: ``Checkpoint -> Checkpoint`` functions applied between reader and writer.
+"""Transformations: ``Checkpoint -> Checkpoint`` callables applied between reader and writer.
 
-A transformation never reads or writes files. It may restructure the tree (keep a sub-tree, drop
-keys, rename) or derive tensors with new bytes; for the latter it maps tensors with
-:func:`map_tensors`, which calls the function once per tensor *object*, so tied tensors stay tied,
-and ``TensorRef.derive``, which drops the digest of the bytes it replaces.
+A transformation never reads or writes files. It may restructure the tree (keep or drop sub-trees,
+rename keys) or derive tensors with new bytes (a cast wraps the tensor's byte source); tensors are
+mapped once per tensor *object* (:func:`map_tensors`), so tied tensors stay tied, and a derived
+tensor drops the digest of the bytes it replaces.
+
+- :class:`Select` / :class:`Exclude` (``--select``/``--exclude``): sub-trees by path or glob.
+- :class:`StripPrefix` (``--strip-prefix``), :class:`Rename` (``--rename``): state_dict keys.
+- :class:`Cast` (``--dtype``, ``--dtype-include``/``--dtype-exclude``): floating-point tensors,
+  bit-identical to torch's ``tensor.to(dtype)``, streamed through :class:`CastSource`.
+- :class:`Ties` (``--ties``): keep, materialize or drop the aliases of tied tensors.
+- :func:`describe_plan` / :func:`plan_lines` (``--dry-run``): what would be written.
+
+Each transformation checks its options when it is made and raises a :class:`TransformError`
+(a ``ConverterError``) whose one-line message starts with the option as given.
 
 Example::
 
-    from converters.transforms import Select
-    api.convert("ckpt.pt", "weights.safetensors", transforms=[Select("model_state_dict")])
+    from converters.transforms import Cast, Exclude, StripPrefix
+    api.convert("ckpt.pt", "weights.safetensors",
+                transforms=[StripPrefix.auto(), Exclude("optimizer_state_dict"), Cast("bfloat16")])
 """
 
 from __future__ import annotations
 
-from .base import Transform, apply, map_tensors
-from .select import Select
+from .base import (
+    InvalidOptionError,
+    KeyCollisionError,
+    NoMatchError,
+    Transform,
+    TransformError,
+    apply,
+    map_tensors,
+)
+from .cast import FLOAT_DTYPES, Cast, CastSource, cast_bits, cast_bytes
+from .keys import Rename, StripPrefix, split_rule
+from .paths import PathPattern, escape_key, format_path
+from .plan import describe_plan
+from .plan import lines as plan_lines
+from .select import Exclude, Select
+from .ties import Ties
 
-__all__ = ["Select", "Transform", "apply", "map_tensors"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "Cast",
+    "CastSource",
+    "Exclude",
+    "InvalidOptionError",
+    "KeyCollisionError",
+    "NoMatchError",
+    "PathPattern",
+    "Rename",
+    "Select",
+    "StripPrefix",
+    "Ties",
+    "Transform",
+    "TransformError",
+    "apply",
+    "cast_bits",
+    "cast_bytes",
+    "describe_plan",
+    "escape_key",
+    "format_path",
+    "map_tensors",
+    "plan_lines",
+    "split_rule",
+]

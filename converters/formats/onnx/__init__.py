@@ -19,9 +19,14 @@ the protobuf in place, so tensor bytes are never copied; ``onnx`` itself is not 
 
 from __future__ import annotations
 
+import array
+import errno
+import itertools
 import json
 import mmap
 import os
+import stat
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +34,11 @@ from typing import Any, BinaryIO, ClassVar
 
 from ...codecs import protowire as wire
 from ...core import dtypes, manifests
-from ...core.atomic import atomic_output
+from ...core.atomic import atomic_outputs
 from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
 from ...core.errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
+from ...core.integrity import read_tree_digest
 from ...core.sources import BufferSource, ByteSource, FileRange
 from ...core.stored import loads_json_strict, read_digests
 from ...core.tree import Checkpoint, TensorRef, walk
@@ -48,6 +54,7 @@ MODEL_KEYS = ("model_state_dict", "model", "state_dict", "net")
 TREE_KEY, VERSION_KEY = "sdconvert.tree", "sdconvert.version"
 CONSTANTS_KEY, FALLBACK_KEY = "sdconvert.graph_constants", "sdconvert.fallback"
 DIGESTS_KEY = "sdconvert.blake3"
+TREE_DIGEST_KEY = "sdconvert.tree_blake3"  # manifests.tree_digest: keys, types, values, dtypes, shapes
 EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 
 # TensorProto fields
@@ -172,7 +179,7 @@ class OnnxFormat(FormatBase):
         graph_fields = graph.graph_fields if graph is not None else _weights_graph_fields(main)
         constant_protos = [graph.initializers[name] for name in constants] if graph is not None else []
         head = model_fields + wire.string_field(2, "statedict-convert") + wire.string_field(3, "1")
-        metadata = _metadata(checkpoint.tree, names, planned, constants, digests)
+        metadata = _metadata(checkpoint.tree, names, planned, constants, digests, DIGEST_PLACEHOLDER)
         graph_length = (
             len(graph_fields) + sum(_embedded(len(p)) for p in constant_protos) + sum(_embedded(p.length) for p in main)
         )
@@ -185,14 +192,21 @@ class OnnxFormat(FormatBase):
                 "(external_data=True / --external-data)"
             )
         tensors = TensorWriter(context, checkpoint.origin)
-        if external:
-            outside = [p for p in planned if p.external_offset is not None]
-            digests.update(_write_external_data(data_path, outside, tensors))
-            # The data file is in place; remove the old model so no reader pairs it with new data.
-            path.unlink(missing_ok=True)
-        with atomic_output(path, fsync=context.fsync, overwrite=context.overwrite) as out:
+        # The model and its data file are published together or not at all (atomic_outputs: the
+        # data file first, so a model is never visible before its data; any failure or interruption
+        # between the two renames puts the old pair back). Without overwrite, an existing data file
+        # is refused like an existing model.
+        destinations = [data_path, path] if external else [path]
+        with atomic_outputs(destinations, fsync=context.fsync, overwrite=context.overwrite) as handles:
+            out = handles[-1]
+            if external:
+                outside = [p for p in planned if p.external_offset is not None]
+                digests.update(_write_external_data(handles[0], outside, tensors))
             out.write(head)
-            reserved = Reserved(out, lambda: _metadata(checkpoint.tree, names, planned, constants, digests))
+            reserved = Reserved(
+                out,
+                lambda: _metadata(checkpoint.tree, names, planned, constants, digests, tensors.tree_digest(checkpoint)),
+            )
             out.write(wire.len_header(7, graph_length) + graph_fields)
             for proto in constant_protos:
                 out.write(wire.len_header(5, len(proto)) + proto)
@@ -210,17 +224,24 @@ class OnnxFormat(FormatBase):
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
-        size = path.stat().st_size
-        if size == 0:
-            raise CorruptFileError("the file is empty; an ONNX model is a non-empty protobuf message", file=path)
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            reader = _Reader(buffer, path, size)
-            tensors, metadata = reader.scan()
+        fd = open_regular(path)  # a FIFO or a device would block: refused before any read
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise CorruptFileError("the file is empty; an ONNX model is a non-empty protobuf message", file=path)
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buffer:
+                reader = _Reader(buffer, path, size, budget, _ExternalFiles(path))
+                tensors, metadata = reader.scan()
+        finally:
+            os.close(fd)
+        tree_digest = None
         if TREE_KEY in metadata:
             tree = _tree_from_metadata(path, metadata, tensors)
+            if TREE_DIGEST_KEY in metadata:
+                tree_digest = read_tree_digest(metadata[TREE_DIGEST_KEY], path, f"metadata_props[{TREE_DIGEST_KEY!r}]")
         else:
             tree = {name: ref for name, (ref, _) in tensors.items()}
-        return Checkpoint(tree, path)
+        return Checkpoint(tree, path, tree_digest=tree_digest)
 
 
 # ----------------------------------------------------------------------------------- naming
@@ -307,7 +328,8 @@ def _partition(
 
 
 def _check_matches(name: str, proto: bytes, item: _Planned) -> None:
-    info = _Reader(proto, Path("<exported graph>"), len(proto)).tensor_info(0, len(proto))
+    where = Path("<exported graph>")
+    info = _Reader(proto, where, len(proto), Budget(where, len(proto)), None).tensor_info(0, len(proto))
     if (info.onnx_type, info.dims) != (item.onnx_type, item.dims):
         expected = BY_ONNX_TYPE.get(info.onnx_type, info.onnx_type)
         raise ConverterError(
@@ -371,6 +393,7 @@ def _metadata(
     planned: list[_Planned],
     constants: list[str],
     digests: dict[str, str],
+    tree_digest: str,
 ) -> bytes:
     entries = {
         VERSION_KEY: str(manifests.MANIFEST_VERSION),
@@ -384,23 +407,88 @@ def _metadata(
     if constants:
         entries[CONSTANTS_KEY] = json.dumps(constants, separators=(",", ":"))
     entries[DIGESTS_KEY] = json.dumps(digests, separators=(",", ":"))
+    entries[TREE_DIGEST_KEY] = tree_digest
     return b"".join(wire.bytes_field(14, wire.string_field(1, k) + wire.string_field(2, v)) for k, v in entries.items())
 
 
-def _write_external_data(data_path: Path, items: list[_Planned], tensors: TensorWriter) -> dict[str, str]:
-    """The external data file, written atomically: each tensor at its aligned offset."""
+def _write_external_data(out: BinaryIO, items: list[_Planned], tensors: TensorWriter) -> dict[str, str]:
+    """The external data file's bytes: each tensor at its aligned offset."""
     digests = {}
-    with atomic_output(data_path, fsync=tensors.context.fsync, overwrite=tensors.context.overwrite) as out:
-        position = 0
-        for item in items:
-            assert item.external_offset is not None
-            out.write(bytes(item.external_offset - position))
-            digests[item.name] = tensors.copy(out, item.ref, item.path).digest
-            position = item.external_offset + item.ref.nbytes
+    position = 0
+    for item in items:
+        assert item.external_offset is not None
+        out.write(bytes(item.external_offset - position))
+        digests[item.name] = tensors.copy(out, item.ref, item.path).digest
+        position = item.external_offset + item.ref.nbytes
     return digests
 
 
 # ----------------------------------------------------------------------------------- reading helpers
+
+# The reader walks the protobuf itself, in place (over ``mmap``). Its bounds, all charged to the
+# read's ``Budget`` before the work or memory is spent:
+# - every field walked, at every level, is one node (``budget.nodes``), kept or skipped: skipping an
+#   unknown field is O(1) Python work (its key and length, never its payload), so a file of a million
+#   tiny unknown fields is refused after about 0.7 M of them instead of taking seconds per MB;
+# - every initializer is one tensor (``budget.tensors``), its dims one node each (counted before
+#   they are decoded), its name and the metadata_props strings their bytes (``budget.materialize``);
+# - typed fields (``float_data`` ...) are decoded with numpy, a bounded piece at a time, after their
+#   value count (known from lengths alone) matched the tensor's and the bytes to be made were charged.
+Fields = Iterator[tuple[int, int, int, int]]  # (field number, wire type, value or length, payload offset)
+CHARGE_EVERY = 1024  # fields walked between two charges of the budget
+DECODE_PIECE = 1 << 16  # bytes of a packed field decoded at a time
+DECODE_MEMORY = 64 * DECODE_PIECE  # what decoding one piece may hold at once (numpy temporaries)
+MAX_ELEMENTS = 1 << 62  # no file holds more elements than this: refuse dims that multiply past it
+
+
+def _walk(buffer: Any, start: int, end: int, file: Path, budget: Budget) -> Fields:
+    """The fields of the message in ``buffer[start:end]``, each checked to lie inside it (the checks
+    of ``protowire.fields``, with one-byte keys and values read inline: most fields have them)."""
+    position = start
+    walked = 0
+    read_varint = wire.read_varint
+    while position < end:
+        key = buffer[position]
+        if key < 0x80:
+            position += 1
+        else:
+            key, position = read_varint(buffer, position, end, file)
+        number, kind = key >> 3, key & 7
+        if number == 0:
+            raise CorruptFileError(f"protobuf field number 0 at byte {position}", file=file)
+        if kind == wire.LEN or kind == wire.VARINT:
+            if position < end and buffer[position] < 0x80:
+                value, after = buffer[position], position + 1
+            else:
+                value, after = read_varint(buffer, position, end, file)
+            if kind == wire.LEN:
+                if value > end - after:
+                    raise CorruptFileError(
+                        f"protobuf field {number} at byte {after} declares {value} bytes, "
+                        f"its message has {end - after} left",
+                        file=file,
+                    )
+                yield number, kind, value, after
+                position = after + value
+            else:
+                yield number, kind, value, position
+                position = after
+        elif kind == wire.I64 or kind == wire.I32:
+            size = 8 if kind == wire.I64 else 4
+            if position + size > end:
+                raise CorruptFileError(f"protobuf fixed field at byte {position} runs past its message", file=file)
+            yield number, kind, int.from_bytes(buffer[position : position + size], "little"), position
+            position += size
+        else:
+            raise CorruptFileError(
+                f"protobuf wire type {kind} (field {number}) at byte {position} is not supported", file=file
+            )
+        walked += 1
+        if walked == CHARGE_EVERY:
+            budget.nodes(walked, "protobuf fields")
+            walked = 0
+    if walked:
+        budget.nodes(walked, "protobuf fields")
 
 
 @dataclass(frozen=True)
@@ -410,155 +498,224 @@ class _TensorInfo:
     dims: tuple[int, ...]
 
 
+@dataclass
+class _TensorFields:
+    """One TensorProto's fields, gathered in one walk."""
+
+    name: str = ""
+    onnx_type: int = 0
+    dims: list[tuple[int, int, int]] = field(default_factory=list)  # (wire type, value or length, offset)
+    raw: tuple[int, int] | None = None  # (offset, length)
+    typed_numbers: set[int] = field(default_factory=set)  # which typed fields (float_data, ...) appear
+    typed_scalars: array.array[int] = field(default_factory=lambda: array.array("Q"))  # unpacked values
+    typed_packed: list[tuple[int, int, int]] = field(default_factory=list)  # (scalars before it, offset, length)
+    external: dict[str, str] = field(default_factory=dict)
+    location: int = 0
+    unsupported: int = 0  # SEGMENT or STRING_DATA, refused once the type is known
+
+
 class _Reader:
-    def __init__(self, buffer: Any, path: Path, size: int) -> None:
-        self.buffer, self.path, self.size = buffer, path, size
+    def __init__(self, buffer: Any, path: Path, size: int, budget: Budget, external: _ExternalFiles | None) -> None:
+        self.buffer, self.path, self.size, self.budget = buffer, path, size, budget
+        self.external_files = external
+
+    def _walk(self, start: int, end: int) -> Fields:
+        return _walk(self.buffer, start, end, self.path, self.budget)
 
     def scan(self) -> tuple[dict[str, tuple[TensorRef, bool]], dict[str, str]]:
         """Every initializer (name -> (tensor, in the main graph)) and the metadata_props."""
-        graph: wire.Field | None = None
-        training: list[wire.Field] = []
+        graph: tuple[int, int] | None = None
+        training = array.array("Q")  # (start, end) of each training_info graph, 16 bytes each
         metadata: dict[str, str] = {}
-        for item in wire.fields(self.buffer, 0, self.size, self.path):
-            if item.number == 7 and item.wire_type == wire.LEN:
+        for number, kind, value, offset in self._walk(0, self.size):
+            if kind != wire.LEN:
+                continue
+            if number == 7:
                 if graph is not None:
                     raise CorruptFileError("the model has two graph fields", file=self.path)
-                graph = item
-            elif item.number == 14 and item.wire_type == wire.LEN:
-                key, value = self._entry(item, "a metadata_props entry")
+                graph = (offset, offset + value)
+            elif number == 14:
+                key, text = self._entry(offset, offset + value, "a metadata_props entry")
                 if key in metadata:
                     raise CorruptFileError(f"metadata_props has the key {key!r} twice", file=self.path)
-                metadata[key] = value
-            elif item.number == 20 and item.wire_type == wire.LEN:
-                training.extend(f for f in self._fields(item) if f.number == 1 and f.wire_type == wire.LEN)
+                metadata[key] = text
+            elif number == 20:
+                for inner, inner_kind, length, start in self._walk(offset, offset + value):
+                    if inner == 1 and inner_kind == wire.LEN:
+                        training.extend((start, start + length))
         if graph is None:
             raise CorruptFileError("not an ONNX model: no graph field", file=self.path)
         tensors: dict[str, tuple[TensorRef, bool]] = {}
-        for part, in_main in [(graph, True), *((t, False) for t in training)]:
-            for item in self._fields(part):
-                if item.number == 15:
+        parts = [(*graph, True)]
+        parts_of_training = ((training[i], training[i + 1], False) for i in range(0, len(training), 2))
+        for start, end, in_main in itertools.chain(parts, parts_of_training):
+            for number, kind, value, offset in self._walk(start, end):
+                if number == 15:
                     raise UnsupportedValueError("sparse initializers are not supported", file=self.path)
-                if item.number == 5 and item.wire_type == wire.LEN:
-                    name, ref = self._tensor(item)
+                if number == 5 and kind == wire.LEN:
+                    name, ref = self._tensor(offset, offset + value)
                     if name in tensors:
                         raise CorruptFileError(f"two initializers are named {name!r}", file=self.path)
                     tensors[name] = (ref, in_main)
         return tensors, metadata
 
-    def _fields(self, parent: wire.Field) -> Iterator[wire.Field]:
-        return wire.fields(self.buffer, parent.offset, parent.end, self.path)
+    def _text(self, kind: int, offset: int, length: int, what: str) -> str:
+        if kind != wire.LEN:
+            raise CorruptFileError(f"{what} must be a length-delimited string", file=self.path)
+        self.budget.materialize(length + 64, "strings")
+        try:
+            return bytes(self.buffer[offset : offset + length]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptFileError(f"{what} at byte {offset} is not valid UTF-8", file=self.path) from None
 
-    def _entry(self, item: wire.Field, what: str) -> tuple[str, str]:
+    def _entry(self, start: int, end: int, what: str) -> tuple[str, str]:
         key = value = ""
-        for entry in self._fields(item):
-            if entry.number == 1:
-                key = wire.text(self.buffer, entry, self.path, what)
-            elif entry.number == 2:
-                value = wire.text(self.buffer, entry, self.path, what)
+        for number, kind, length, offset in self._walk(start, end):
+            if number == 1:
+                key = self._text(kind, offset, length, what)
+            elif number == 2:
+                value = self._text(kind, offset, length, what)
         return key, value
 
-    def tensor_info(self, start: int, end: int) -> _TensorInfo:
-        name, onnx_type, dims = "", 0, list[int]()
-        for item in wire.fields(self.buffer, start, end, self.path):
-            if item.number == NAME:
-                name = wire.text(self.buffer, item, self.path, "an initializer name")
-            elif item.number == DATA_TYPE and item.wire_type == wire.VARINT:
-                onnx_type = item.value
-            elif item.number == DIMS:
-                values = (
-                    wire.packed_varints(self.buffer, item, self.path) if item.wire_type == wire.LEN else [item.value]
-                )
-                dims.extend(values)
-        if any(d >= 2**63 for d in dims):
-            raise CorruptFileError(f"initializer {name!r} has a negative dimension", file=self.path)
-        return _TensorInfo(name, onnx_type, tuple(dims))
+    def _fields_of(self, start: int, end: int) -> _TensorFields:
+        found = _TensorFields()
+        for number, kind, value, offset in self._walk(start, end):
+            if number == NAME:
+                found.name = self._text(kind, offset, value, "an initializer name")
+            elif number == DATA_TYPE and kind == wire.VARINT:
+                found.onnx_type = value
+            elif number == DIMS:
+                found.dims.append((kind, value, offset))
+            elif number == RAW_DATA and kind == wire.LEN:
+                found.raw = (offset, value)
+            elif number in TYPED_FIELDS:
+                found.typed_numbers.add(number)
+                if kind == wire.LEN:
+                    found.typed_packed.append((len(found.typed_scalars), offset, value))
+                else:  # 8 bytes kept per value (a varint may carry 70 bits: protobuf keeps 64)
+                    found.typed_scalars.append(value & 0xFFFF_FFFF_FFFF_FFFF)
+            elif number == EXTERNAL_DATA and kind == wire.LEN:
+                key, text = self._entry(offset, offset + value, "an external_data entry")
+                found.external[key] = text
+            elif number == DATA_LOCATION and kind == wire.VARINT:
+                found.location = value
+            elif number in (SEGMENT, STRING_DATA):
+                found.unsupported = found.unsupported or number
+        return found
 
-    def _tensor(self, proto: wire.Field) -> tuple[str, TensorRef]:
-        info = self.tensor_info(proto.offset, proto.end)
-        dtype_name = BY_ONNX_TYPE.get(info.onnx_type)
+    def tensor_info(self, start: int, end: int) -> _TensorInfo:
+        found = self._fields_of(start, end)
+        return _TensorInfo(found.name, found.onnx_type, self._dims(found))
+
+    def _dims(self, found: _TensorFields) -> tuple[int, ...]:
+        dims: list[int] = []
+        for kind, value, offset in found.dims:
+            if kind == wire.LEN:
+                dims.extend(self._packed_varints(offset, value, "dims of initializer " + repr(found.name)))
+            else:
+                dims.append(value)
+        if any(d >= 2**63 for d in dims):
+            raise CorruptFileError(f"initializer {found.name!r} has a negative dimension", file=self.path)
+        if 0 not in dims:
+            count = 1
+            for d in dims:
+                count *= d
+                if count > MAX_ELEMENTS:
+                    raise CorruptFileError(
+                        f"initializer {found.name!r} has dims whose product exceeds 2**62 elements", file=self.path
+                    )
+        return tuple(dims)
+
+    def _packed_varints(self, offset: int, length: int, what: str) -> list[int]:
+        """A packed repeated varint field as Python ints; one node each, counted before they exist."""
+        self.budget.nodes(_count_varints(self.buffer, offset, length), what)
+        return [value for piece in _varint_pieces(self.buffer, offset, length, self.path) for value in piece.tolist()]
+
+    def _tensor(self, start: int, end: int) -> tuple[str, TensorRef]:
+        found = self._fields_of(start, end)
+        dims = self._dims(found)
+        name = found.name
+        dtype_name = BY_ONNX_TYPE.get(found.onnx_type)
         if dtype_name is None:
             raise UnsupportedValueError(
-                f"initializer {info.name!r} has ONNX data type {info.onnx_type}, which has no torch dtype",
+                f"initializer {name!r} has ONNX data type {found.onnx_type}, which has no torch dtype",
                 file=self.path,
             )
+        if found.unsupported:
+            raise UnsupportedValueError(
+                f"initializer {name!r} uses {'segments' if found.unsupported == SEGMENT else 'string_data'}",
+                file=self.path,
+            )
+        self.budget.tensors(1)
         row = dtypes.DTYPES[dtype_name]
-        expected = dtypes.numel(info.dims) * row.itemsize
-        raw: wire.Field | None = None
-        typed: list[wire.Field] = []
-        external: dict[str, str] = {}
-        location = 0
-        for item in self._fields(proto):
-            if item.number == RAW_DATA:
-                raw = item
-            elif item.number in TYPED_FIELDS:
-                typed.append(item)
-            elif item.number == EXTERNAL_DATA:
-                key, value = self._entry(item, "an external_data entry")
-                external[key] = value
-            elif item.number == DATA_LOCATION:
-                location = item.value
-            elif item.number in (SEGMENT, STRING_DATA):
-                raise UnsupportedValueError(
-                    f"initializer {info.name!r} uses {'segments' if item.number == SEGMENT else 'string_data'}",
-                    file=self.path,
-                )
-        if location == 1:
-            source: ByteSource = self._external(info.name, external, expected)
-        elif raw is not None:
-            if raw.value != expected:
+        expected = dtypes.numel(dims) * row.itemsize
+        if found.location == 1:
+            source: ByteSource = self._external(name, found.external, expected)
+        elif found.raw is not None:
+            offset, length = found.raw
+            if length != expected:
                 raise CorruptFileError(
-                    f"initializer {info.name!r}: {row.name}{list(info.dims)} needs {expected} bytes, "
-                    f"raw_data holds {raw.value}",
+                    f"initializer {name!r}: {row.name}{list(dims)} needs {expected} bytes, raw_data holds {length}",
                     file=self.path,
                 )
-            source = FileRange(self.path, raw.offset, raw.value)
+            source = FileRange(self.path, offset, length)
         else:
-            source = BufferSource.of(self._typed(info, row, typed))
-        return info.name, TensorRef(row.name, info.dims, source)
+            data = self._typed(name, dims, row, found)
+            source = BufferSource.of(data, owner=data)
+        return name, TensorRef(row.name, dims, source)
 
-    def _typed(self, info: _TensorInfo, row: dtypes.DType, typed: list[wire.Field]) -> bytes:
-        """Values stored in float_data/int32_data/... turned into the element bytes, exactly."""
-        count = dtypes.numel(info.dims)
-        values: list[int] = []
-        kinds = {TYPED_FIELDS[item.number] for item in typed}
-        if len({item.number for item in typed}) > 1:
-            raise CorruptFileError(f"initializer {info.name!r} mixes typed data fields", file=self.path)
-        for item in typed:
-            kind = TYPED_FIELDS[item.number]
-            if kind == "varint":
-                values.extend(
-                    wire.packed_varints(self.buffer, item, self.path) if item.wire_type == wire.LEN else [item.value]
-                )
-            else:
-                width = 4 if kind == "fixed32" else 8
-                if item.wire_type == wire.LEN:
-                    if item.value % width:
-                        raise CorruptFileError(
-                            f"initializer {info.name!r}: packed {kind} data of {item.value} bytes", file=self.path
-                        )
-                    chunk = bytes(self.buffer[item.offset : item.end])
-                    values.extend(int.from_bytes(chunk[i : i + width], "little") for i in range(0, len(chunk), width))
-                else:
-                    values.append(item.value)
+    def _typed(self, name: str, dims: tuple[int, ...], row: dtypes.DType, found: _TensorFields) -> Any:
+        """Values stored in float_data/int32_data/... turned into the element bytes, exactly: a
+        numpy array filled a bounded piece at a time (O(1) Python work per piece, not per value)."""
+        import numpy as np  # only typed-field tensors need it; keeps start-up fast
+
+        if len(found.typed_numbers) > 1:
+            raise CorruptFileError(f"initializer {name!r} mixes typed data fields", file=self.path)
+        kind = TYPED_FIELDS[next(iter(found.typed_numbers))] if found.typed_numbers else "varint"
         per_element = 2 if row.name.startswith("complex") else 1
-        if len(values) != count * per_element:
+        wanted = dtypes.numel(dims) * per_element
+        width = 4 if kind == "fixed32" else 8
+        # How many values the fields hold, from their lengths alone (in packed varints one byte
+        # below 0x80 ends each value), before any memory is spent on them.
+        count = len(found.typed_scalars)
+        for _, offset, length in found.typed_packed:
+            if kind == "varint":
+                count += _count_varints(self.buffer, offset, length)
+            elif length % width:
+                raise CorruptFileError(f"initializer {name!r}: packed {kind} data of {length} bytes", file=self.path)
+            else:
+                count += length // width
+        if count != wanted:
             raise CorruptFileError(
-                f"initializer {info.name!r}: {row.name}{list(info.dims)} needs {count * per_element} values, "
-                f"found {len(values)}",
-                file=self.path,
+                f"initializer {name!r}: {row.name}{list(dims)} needs {wanted} values, found {count}", file=self.path
             )
-        kind = next(iter(kinds), "varint")
-        width = row.itemsize // per_element
-        if kind == "varint":
-            # int32_data holds int8..int32, bool and the bits of 16/8-bit floats; int64/uint64_data 64-bit ints.
-            import numpy as np  # only typed-field tensors need it; keeps start-up fast
+        out_width = row.itemsize // per_element
+        self.budget.materialize(wanted * out_width + DECODE_MEMORY, "typed tensor data")
+        # int32_data holds int8..int32, bool and the bits of 16/8-bit floats; int64/uint64_data
+        # 64-bit ints: each value's low bytes are the element (numpy's unsafe cast keeps them).
+        out = np.empty(wanted, dtype=f"<u{out_width}")
+        position = 0
+        scalars = np.frombuffer(found.typed_scalars, dtype=np.uint64) if count else np.zeros(0, np.uint64)
+        taken = 0
 
-            array = np.array(values, dtype=np.uint64)
-            mask = np.uint64((1 << (8 * width)) - 1)
-            return (array & mask).astype(f"<u{width}").tobytes()
-        import numpy as np
+        def put(values: Any) -> None:
+            nonlocal position
+            np.copyto(out[position : position + len(values)], values, casting="unsafe")
+            position += len(values)
 
-        return np.array(values, dtype=np.uint64).astype(f"<u{width}").tobytes()
+        for before, offset, length in found.typed_packed:
+            put(scalars[taken:before])
+            taken = before
+            if kind == "varint":
+                for values in _varint_pieces(self.buffer, offset, length, self.path):
+                    put(values)
+            else:
+                step = DECODE_PIECE - DECODE_PIECE % width
+                for begin in range(offset, offset + length, step):
+                    piece = self.buffer[begin : min(begin + step, offset + length)]
+                    put(np.frombuffer(piece, dtype=f"<u{width}"))
+        put(scalars[taken:])
+        return out
 
     def _external(self, name: str, entries: dict[str, str], expected: int) -> FileRange:
         unknown = set(entries) - EXTERNAL_KEYS
@@ -567,7 +724,9 @@ class _Reader:
                 f"initializer {name!r}: unknown external_data key {sorted(unknown)[0]!r}", file=self.path
             )
         location = entries.get("location", "")
-        target = safe_external_path(self.path, location, name)
+        if self.external_files is None:
+            raise UnsafeFileError(f"initializer {name!r}: external data is not allowed here", file=self.path)
+        target, size = self.external_files.open(location, name)
         try:
             offset = int(entries.get("offset", "0"))
             length = int(entries.get("length", str(expected)))
@@ -575,7 +734,6 @@ class _Reader:
             raise CorruptFileError(
                 f"initializer {name!r}: external offset/length must be integers", file=self.path
             ) from None
-        size = target.stat().st_size
         if offset < 0 or length != expected or offset + length > size:
             raise CorruptFileError(
                 f"initializer {name!r}: external data [{offset}, {offset + length}) of {location!r} must hold "
@@ -585,9 +743,141 @@ class _Reader:
         return FileRange(target, offset, length)
 
 
-def safe_external_path(model_path: Path, location: str, name: str) -> Path:
-    """The external data file, refused unless it is a regular file inside the model's folder."""
-    folder = model_path.resolve().parent
+_LOW_BYTES = bytes(range(0x80))  # deleted from packed varints, what is left counts their continuation bytes
+
+
+def _count_varints(buffer: Any, offset: int, length: int) -> int:
+    """How many varints a packed field holds (its bytes below 0x80), read a bounded piece at a time."""
+    count = 0
+    for begin in range(offset, offset + length, DECODE_PIECE):
+        piece = buffer[begin : min(begin + DECODE_PIECE, offset + length)]
+        count += len(piece) - len(piece.translate(None, _LOW_BYTES))
+    return count
+
+
+def _varint_pieces(buffer: Any, offset: int, length: int, file: Path) -> Iterator[Any]:
+    """The varints of a packed field as numpy uint64 arrays (protobuf keeps the low 64 bits of
+    each), one bounded piece of whole varints at a time."""
+    import numpy as np
+
+    end = offset + length
+    if length and buffer[end - 1] >= 0x80:
+        raise CorruptFileError(f"a packed varint at byte {end - 1} runs past its field", file=file)
+    begin = offset
+    while begin < end:
+        data = np.frombuffer(buffer[begin : min(begin + DECODE_PIECE, end)], dtype=np.uint8)
+        ends = np.flatnonzero(data < 0x80)
+        if not len(ends):
+            raise CorruptFileError(f"a packed varint at byte {begin} is longer than 10 bytes", file=file)
+        data = data[: ends[-1] + 1]  # whole varints only; the rest starts the next piece
+        lengths = np.diff(ends, prepend=-1)
+        if int(lengths.max()) > 10:
+            raise CorruptFileError(f"a packed varint in the field at byte {offset} is longer than 10 bytes", file=file)
+        if len(ends) == len(data):  # one byte each: the common case for small values
+            yield data.astype(np.uint64)
+        else:
+            starts = ends - lengths + 1
+            shifts = (np.arange(len(data)) - np.repeat(starts, lengths)).astype(np.uint64) * np.uint64(7)
+            yield np.add.reduceat((data & 0x7F).astype(np.uint64) << shifts, starts)
+        begin += len(data)
+
+
+class _PinnedPath(type(Path())):  # type: ignore[misc]
+    """The name of a file this process holds open, for ``FileRange``: ``str()`` is the file's name
+    (for messages), while opening it (``os.fspath``: ``open``, ``os.open``, ``mmap``) opens the very
+    file that was checked, through ``/proc/self/fd/N``, whatever was renamed, swapped or symlinked
+    under its name since. The descriptor is closed when the last range referring to it is gone."""
+
+    _opened: str | None = None
+
+    def __fspath__(self) -> str:
+        return self._opened or str(self)
+
+
+def _pin(path: Path, fd: int) -> Path:
+    """``path`` bound to the open ``fd`` (owned from now on), where the platform can reopen an fd."""
+    through = f"/proc/self/fd/{fd}"
+    if not os.path.exists(through):  # no /proc (not Linux): by name, after the checks that were made
+        os.close(fd)
+        return path
+    pinned = _PinnedPath(str(path))
+    pinned._opened = through
+    weakref.finalize(pinned, os.close, fd)
+    return pinned
+
+
+class _ExternalFiles:
+    """The external data files of one model, each opened once (no symlink followed anywhere on its
+    way, regular files only), checked, and then read only through that descriptor."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.model_path = model_path
+        self.folder = model_path.resolve().parent
+        self.opened: dict[tuple[str, ...], tuple[Path, int]] = {}
+
+    def open(self, location: str, name: str) -> tuple[Path, int]:
+        """The (pinned) path of the data file ``location`` names, and its size."""
+        parts = safe_external_parts(self.model_path, location, name)
+        if parts not in self.opened:
+            fd = self._open_beneath(parts, location, name)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                os.close(fd)
+                raise UnsafeFileError(
+                    f"initializer {name!r}: external data location {location!r} is not a regular file",
+                    file=self.model_path,
+                )
+            self.opened[parts] = (_pin(self.folder.joinpath(*parts), fd), info.st_size)
+        return self.opened[parts]
+
+    def _open_beneath(self, parts: tuple[str, ...], location: str, name: str) -> int:
+        """``openat`` one component at a time from the model's folder, each with ``O_NOFOLLOW``: a
+        symlink anywhere (planted before the read or swapped in during it) is refused, not followed."""
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        directory = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                flags = os.O_RDONLY | nofollow | getattr(os, "O_NOCTTY", 0)
+                flags |= getattr(os, "O_NONBLOCK", 0) if last else getattr(os, "O_DIRECTORY", 0)
+                try:
+                    fd = os.open(part, flags, dir_fd=directory)
+                except OSError as exc:
+                    raise self._refusal(exc, directory, part, location, name) from None
+                os.close(directory)
+                directory = fd
+                if last:
+                    os.set_blocking(fd, True)
+                    return fd
+        except BaseException:
+            os.close(directory)
+            raise
+        raise AssertionError("unreachable: a location has at least one part")  # pragma: no cover
+
+    def _refusal(self, exc: OSError, directory: int, part: str, location: str, name: str) -> ConverterError:
+        try:
+            is_link = stat.S_ISLNK(os.lstat(part, dir_fd=directory).st_mode)
+        except OSError:
+            is_link = False
+        if is_link or exc.errno == errno.ELOOP:
+            return UnsafeFileError(
+                f"initializer {name!r}: external data location {location!r} goes through a symlink",
+                file=self.model_path,
+            )
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return CorruptFileError(
+                f"initializer {name!r}: external data file {location!r} does not exist beside the model",
+                file=self.model_path,
+            )
+        return CorruptFileError(
+            f"initializer {name!r}: cannot open external data file {location!r}: {exc.strerror}",
+            file=self.model_path,
+        )
+
+
+def safe_external_parts(model_path: Path, location: str, name: str) -> tuple[str, ...]:
+    """The components of an external data location, refused unless it is a relative path that
+    stays inside the model's folder (no absolute path, no ``..``, no NUL)."""
     relative = Path(location)
     if (
         not location
@@ -595,29 +885,28 @@ def safe_external_path(model_path: Path, location: str, name: str) -> Path:
         or location.startswith(("/", "\\"))
         or ".." in relative.parts
         or "\x00" in location
+        or not relative.parts
     ):
         raise UnsafeFileError(
             f"initializer {name!r}: external data location {location!r} must be a relative path "
             "inside the model's folder",
             file=model_path,
         )
-    target = folder / relative
-    current = folder
-    for part in relative.parts:
-        current = current / part
-        if current.is_symlink():
-            raise UnsafeFileError(
-                f"initializer {name!r}: external data location {location!r} goes through a symlink", file=model_path
-            )
-    if not target.is_file():
-        raise CorruptFileError(
-            f"initializer {name!r}: external data file {location!r} does not exist beside the model", file=model_path
-        )
-    if os.path.commonpath([folder, target.resolve()]) != str(folder):
-        raise UnsafeFileError(
-            f"initializer {name!r}: external data location {location!r} leaves the model's folder", file=model_path
-        )
-    return target
+    return relative.parts
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, refused (without blocking) unless it is a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise CorruptFileError("no such file", file=path) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise UnsafeFileError("is not a regular file; refusing to read it", file=path)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str, tuple[TensorRef, bool]]) -> Any:

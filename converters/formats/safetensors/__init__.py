@@ -7,16 +7,19 @@ the reference reader). Spec of what we add: ``schemas/safetensors.md``. In short
   ``Net().load_state_dict(...)`` works without this project;
 - other trees store tensors under their path keys (``optimizer_state_dict/state/0/momentum_buffer``);
 - ``__metadata__`` holds ``"format": "pt"`` and ``"sdconvert.tree"``, the manifest tree node (types,
-  key order, non-tensor values), so one file round-trips alone.
+  key order, non-tensor values), so one file round-trips alone; ``"sdconvert.blake3"``, every
+  tensor's digest, and ``"sdconvert.tree_blake3"``, the digest of everything else.
 
 Reading follows the rules of the reference implementation: header at most 100 MB and inside the
 file, no duplicate keys, byte ranges contiguous from 0 without gaps or overlaps, each exactly
-shape × itemsize, and nothing after the last tensor.
+shape × itemsize, and nothing after the last tensor. The header's bytes, the values its JSON
+creates and every tensor are charged to the read's budget before they are created.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,11 +30,11 @@ from ...core import manifests
 from ...core.atomic import atomic_output
 from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
-from ...core.dtypes import itemsize, numel
+from ...core.dtypes import itemsize
 from ...core.errors import CorruptFileError, UnsupportedValueError
 from ...core.sources import FileRange
-from ...core.stored import loads_json_strict, read_digests, tree_from_stored
-from ...core.tree import Checkpoint, TensorRef
+from ...core.stored import check_tree_digest, loads_json_strict, paused_gc, read_digests, tree_from_stored
+from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
 from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from . import sharded
 
@@ -39,6 +42,7 @@ MAX_HEADER_BYTES = 100_000_000
 TREE_KEY = "sdconvert.tree"
 VERSION_KEY = "sdconvert.version"
 DIGESTS_KEY = "sdconvert.blake3"
+TREE_DIGEST_KEY = "sdconvert.tree_blake3"  # manifests.tree_digest: keys, types, values, dtypes, shapes, digests
 HEADER_ALIGN = 64  # the format needs 8; 64 starts the data where torch would align a tensor
 
 
@@ -93,21 +97,40 @@ class SafetensorsFormat(FormatBase):
             return sharded.read_sharded(self, index, budget)
         if path.is_dir():
             raise CorruptFileError(f"the folder holds no {sharded.INDEX_NAME}", file=path)
-        header, data_start = self._read_header(path)
+        return self.read_file(path, budget)
+
+    def read_file(self, path: Path, budget: Budget) -> Checkpoint:
+        """One safetensors file, never an index (shards are read with this)."""
+        header, data_start, size = self._read_header(path, budget)
         metadata = header.pop("__metadata__", None)
         if metadata is not None and (type(metadata) is not dict or any(type(v) is not str for v in metadata.values())):
             raise CorruptFileError("__metadata__ must map strings to strings", file=path)
-        refs = _tensor_refs(path, header, data_start)
-        if metadata and DIGESTS_KEY in metadata:
-            digests = read_digests(metadata[DIGESTS_KEY], path, f"__metadata__[{DIGESTS_KEY!r}]")
-            refs = {key: ref.with_stored_digest(digests.get(key)) for key, ref in refs.items()}
+        with paused_gc():
+            refs = _tensor_refs(path, header, data_start, size, budget)
+        del header
+        tree_digest = None
+        if metadata:
+            if DIGESTS_KEY in metadata:
+                digests = read_digests(metadata[DIGESTS_KEY], path, f"__metadata__[{DIGESTS_KEY!r}]", budget)
+                for key, ref in refs.items():
+                    digest = digests.get(key)
+                    if digest is not None:
+                        refs[key] = ref.with_stored_digest(digest)
+            if TREE_DIGEST_KEY in metadata:
+                tree_digest = check_tree_digest(metadata[TREE_DIGEST_KEY], path, f"__metadata__[{TREE_DIGEST_KEY!r}]")
         # Without our tree (a file from another tool) the tensors form a flat dict in header order.
-        tree = _tree_from_metadata(path, metadata, refs) if metadata and TREE_KEY in metadata else dict(refs)
-        return Checkpoint(tree, path)
+        if metadata and TREE_KEY in metadata:
+            what = f"__metadata__[{TREE_KEY!r}]"
+            tree = tree_from_stored(
+                metadata[TREE_KEY], refs, path, what, holder="the header", unused_name="header tensor", budget=budget
+            )
+        else:
+            tree = refs
+        return Checkpoint(tree, path, tree_digest=tree_digest)
 
-    def _read_header(self, path: Path) -> tuple[dict[str, Any], int]:
-        size = path.stat().st_size
+    def _read_header(self, path: Path, budget: Budget) -> tuple[dict[str, Any], int, int]:
         with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CorruptFileError(
@@ -121,13 +144,17 @@ class SafetensorsFormat(FormatBase):
                 )
             if 8 + length > size:
                 raise CorruptFileError(f"header length {length} runs past the end of the {size}-byte file", file=path)
+            budget.materialize(length, "the safetensors header")
             raw = handle.read(length)
+        if len(raw) != length:
+            raise CorruptFileError(f"the file ended inside the {length}-byte header", file=path)
         if not raw.startswith(b"{"):
             raise CorruptFileError("header does not start with '{'", file=path)
-        header = loads_json_strict(raw.rstrip(b" "), path, "the safetensors header")
+        # JSON allows the trailing spaces of the padding: no stripped copy of the header is made.
+        header = loads_json_strict(raw, path, "the safetensors header", budget)
         if type(header) is not dict:
             raise CorruptFileError("header is not a JSON object", file=path)
-        return header, 8 + length
+        return header, 8 + length, size
 
     def replaceable(self, path: Path) -> bool:
         return sharded.replaceable(path)
@@ -136,6 +163,14 @@ class SafetensorsFormat(FormatBase):
         if options.max_shard_size is not None:
             sharded.write_sharded(self, checkpoint, Path(path), options.max_shard_size, context)
             return
+        tensor_writer = TensorWriter(context, checkpoint.origin)
+        self.write_file(checkpoint, Path(path), tensor_writer, fsync=context.fsync, overwrite=context.overwrite)
+
+    def write_file(
+        self, checkpoint: Checkpoint, path: Path, tensor_writer: TensorWriter, *, fsync: bool, overwrite: bool
+    ) -> None:
+        """One safetensors file (a shard too: the shards of a folder share one ``tensor_writer``, so
+        the index can store the digest of the whole tree)."""
         keys = manifests.storage_keys(checkpoint.tree)
         tensors = checkpoint.unique_tensors()  # a tied tensor is stored once; the tree names it twice
         # Widest elements first keeps every tensor aligned to its element size (the header is
@@ -145,6 +180,7 @@ class SafetensorsFormat(FormatBase):
             "format": "pt",
             VERSION_KEY: str(manifests.MANIFEST_VERSION),
             TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
+            TREE_DIGEST_KEY: DIGEST_PLACEHOLDER,  # known once every tensor's digest is: rewritten then
         }
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
@@ -162,50 +198,68 @@ class SafetensorsFormat(FormatBase):
             encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
             return encoded + b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
 
-        tensor_writer = TensorWriter(context, checkpoint.origin)
-        with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
-            out.write(struct.pack("<Q", len(encode_header())))
-            reserved = Reserved(out, encode_header)
+        with atomic_output(path, fsync=fsync, overwrite=overwrite) as out:
+            first = [encode_header()]  # encoded once for its length and its placeholder
+            out.write(struct.pack("<Q", len(first[0])))
+            reserved = Reserved(out, lambda: first.pop() if first else encode_header())
             for tensor_path, ref in order:
                 digests[keys[tensor_path]] = tensor_writer.copy(out, ref, tensor_path).digest
+            metadata[TREE_DIGEST_KEY] = tensor_writer.tree_digest(checkpoint)
             reserved.rewrite()
 
 
-def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[str, TensorRef]:
-    size = path.stat().st_size
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+_ITEMSIZES = {code: itemsize(name) for name, code in DTYPE_CODES.items()}
+
+
+def _tensor_refs(
+    path: Path, header: dict[str, Any], data_start: int, size: int, budget: Budget
+) -> dict[str, TensorRef]:
+    """The header's tensors (``__metadata__`` removed), checked as the reference reader checks them."""
+    budget.tensors(len(header))  # before any is created: a TensorRef, its source, shape and key
     spans = []
+    refs = {}
     for key, info in header.items():
-        if type(info) is not dict or set(info) != {"dtype", "shape", "data_offsets"}:
+        if type(info) is not dict or info.keys() != _ENTRY_FIELDS:
             raise CorruptFileError(
                 f"tensor {key!r}: header entry must have exactly dtype, shape, data_offsets", file=path
             )
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        name = BY_CODE.get(code) if type(code) is str else None
-        if name is None:
-            raise UnsupportedValueError(f"tensor {key!r}: unknown safetensors dtype {code!r}", file=path)
-        if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
+        width = _ITEMSIZES.get(code) if type(code) is str else None
+        if width is None:
+            raise UnsupportedValueError(f"tensor {key!r}: unknown safetensors dtype {code!r:.60}", file=path)
+        if type(shape) is not list:
+            _bad_shape(key, shape, path)
+        if len(shape) > MAX_NDIM:
             raise CorruptFileError(
-                f"tensor {key!r}: shape must be a list of non-negative ints, found {shape!r:.60}", file=path
+                f"tensor {key!r}: shape has {len(shape)} dims, at most {MAX_NDIM} are supported", file=path
             )
+        expected = width
+        for dim in shape:
+            if type(dim) is not int or dim < 0 or dim > MAX_DIM:
+                _bad_shape(key, shape, path)
+            expected *= dim
         if (
             type(offsets) is not list
             or len(offsets) != 2
-            or any(type(o) is not int for o in offsets)
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
             or not 0 <= offsets[0] <= offsets[1]
         ):
             raise CorruptFileError(
-                f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r:.60}",
+                f"tensor {key!r}: data_offsets must be [begin, end] with 0 <= begin <= end, found {_short(offsets)}",
                 file=path,
             )
-        expected = numel(tuple(shape)) * itemsize(name)
-        if offsets[1] - offsets[0] != expected:
+        begin, end = offsets
+        if end - begin != expected:
             raise CorruptFileError(
-                f"tensor {key!r}: {code}{shape} needs {expected} bytes, data_offsets span {offsets[1] - offsets[0]}",
+                f"tensor {key!r}: {code}{shape} needs {expected} bytes, data_offsets span {end - begin}",
                 file=path,
             )
-        spans.append((offsets[0], offsets[1], key, name, tuple(shape)))
+        spans.append((begin, end, key))
+        refs[key] = TensorRef(BY_CODE[code], tuple(shape), FileRange(path, data_start + begin, expected))
     position = 0
-    for begin, end, key, _, _ in sorted(spans, key=lambda s: (s[0], s[1])):
+    for begin, end, key in sorted(spans):
         if begin != position:
             kind = "a gap" if begin > position else "an overlap"
             raise CorruptFileError(
@@ -217,15 +271,28 @@ def _tensor_refs(path: Path, header: dict[str, Any], data_start: int) -> dict[st
         raise CorruptFileError(
             f"{problem} the tensor data (header says {data_start + position} bytes, file has {size})", file=path
         )
-    return {
-        key: TensorRef(name, shape, FileRange(path, data_start + begin, end - begin))
-        for begin, end, key, name, shape in spans
-    }
+    return refs
 
 
-def _tree_from_metadata(path: Path, metadata: dict[str, str], refs: dict[str, TensorRef]) -> Any:
-    what = f"__metadata__[{TREE_KEY!r}]"
-    return tree_from_stored(metadata[TREE_KEY], refs, path, what, holder="the header", unused_name="header tensor")
+def _bad_shape(key: str, shape: Any, path: Path) -> None:
+    raise CorruptFileError(
+        f"tensor {key!r}: shape must be a list of non-negative ints{_below(shape)}, found {_short(shape)}", file=path
+    )
+
+
+def _below(shape: Any) -> str:
+    """The int64 bound, named when a dim is an int past it."""
+    too_big = type(shape) is list and any(type(d) is int and d > MAX_DIM for d in shape)
+    return " below 2**63 (int64)" if too_big else ""
+
+
+def _short(value: Any) -> str:
+    """A value from the header in a message: its repr, cut short (a huge int has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 FORMAT = SafetensorsFormat()

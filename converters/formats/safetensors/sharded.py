@@ -7,31 +7,41 @@ Index::
      "weight_map": {"<tensor key>": "model-00001-of-00003.safetensors", ...}}
 
 Each shard is an ordinary safetensors file of a flat dict (our writer: with its tensors' BLAKE3
-digests). The tree that makes the folder round-trip alone rides in the index's ``metadata``;
-loaders that know only ``total_size`` ignore it. Shards are filled in tree order and a new one
-starts when the next tensor would pass the limit (a tensor bigger than the limit gets its own).
-Bytes stream shard by shard, so memory stays flat.
+digests). The tree that makes the folder round-trip alone rides in the index's ``metadata``, with
+the digest of that tree (``sdconvert.tree_blake3``); loaders that know only ``total_size`` ignore
+them. Shards are filled in tree order and a new one starts when the next tensor would pass the
+limit (a tensor bigger than the limit gets its own). Bytes stream shard by shard, so memory stays
+flat.
+
+Reading: the index and every shard must be regular files in the folder (no symlinks); a shard is
+read as one safetensors file, never as an index (an index naming itself or another index is
+refused, not followed); the index and every shard are charged to the one budget of the read,
+which covers the index and the shards it names.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 from ...core import manifests
 from ...core.atomic import atomic_folder, atomic_output
-from ...core.budget import Budget
+from ...core.budget import MEMORY_FACTOR, OUTPUT_FACTOR, Budget
 from ...core.contract import WriteContext
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
-from ...core.stored import loads_json_strict, tree_from_stored
+from ...core.stored import check_tree_digest, loads_json_strict, tree_from_stored
 from ...core.tree import Checkpoint, TensorRef
+from ...core.writing import TensorWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 TREE_KEY = "sdconvert.tree"
 VERSION_KEY = "sdconvert.version"
+TREE_DIGEST_KEY = "sdconvert.tree_blake3"
 MAX_INDEX_BYTES = 100_000_000
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -55,10 +65,11 @@ def index_in(folder: Path) -> Path | None:
     """The index file of a sharded folder, if ``folder`` is one."""
     if not folder.is_dir():
         return None
+    # A symlinked index is found too, so that reading it refuses it with a clear message.
     preferred = folder / INDEX_NAME
-    if preferred.is_file():
+    if preferred.is_symlink() or preferred.is_file():
         return preferred
-    found = sorted(p for p in folder.iterdir() if p.name.endswith(INDEX_SUFFIX) and p.is_file())
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(INDEX_SUFFIX) and (p.is_symlink() or p.is_file()))
     return found[0] if len(found) == 1 else None
 
 
@@ -79,17 +90,22 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         filled += ref.nbytes
     count = len(shards)
     names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    index = {
-        "metadata": {
-            "total_size": sum(ref.nbytes for _, ref in checkpoint.unique_tensors()),
-            VERSION_KEY: str(manifests.MANIFEST_VERSION),
-            TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
-        },
-        "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key, _ in shard},
-    }
+    # One tensor writer for every shard: it knows every tensor's digest once the last shard is
+    # written, so the index can store the digest of the whole tree.
+    tensor_writer = TensorWriter(context, checkpoint.origin)
     with atomic_folder(folder, replaceable, fsync=context.fsync, overwrite=context.overwrite) as staging:
         for name, shard in zip(names, shards, strict=True):
-            fmt.write(Checkpoint(dict(shard), checkpoint.origin), staging / name, context, fmt.Options())
+            shard_checkpoint = Checkpoint(dict(shard), checkpoint.origin)
+            fmt.write_file(shard_checkpoint, staging / name, tensor_writer, fsync=context.fsync, overwrite=True)
+        index = {
+            "metadata": {
+                "total_size": sum(ref.nbytes for _, ref in checkpoint.unique_tensors()),
+                VERSION_KEY: str(manifests.MANIFEST_VERSION),
+                TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
+                TREE_DIGEST_KEY: tensor_writer.tree_digest(checkpoint),
+            },
+            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key, _ in shard},
+        }
         # Written like the shards (fsynced when asked): atomic_folder makes the folder's entries
         # durable, not the bytes of the files in it.
         with atomic_output(staging / INDEX_NAME, fsync=context.fsync) as out:
@@ -98,9 +114,9 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
 
 def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
     folder = index_path.parent
-    if index_path.stat().st_size > MAX_INDEX_BYTES:
-        raise CorruptFileError(f"the index is larger than {MAX_INDEX_BYTES} bytes", file=index_path)
-    index = loads_json_strict(index_path.read_bytes(), index_path, "the shard index")
+    raw = _read_index(index_path, budget)
+    index = loads_json_strict(raw, index_path, "the shard index", budget)
+    del raw
     weight_map = index.get("weight_map") if type(index) is dict else None
     metadata = index.get("metadata", {}) if type(index) is dict else None
     if (
@@ -111,29 +127,84 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
         raise CorruptFileError(
             "the shard index must hold a weight_map of tensor key to shard file name", file=index_path
         )
+    shards = {name: _shard_path(folder, name, index_path) for name in dict.fromkeys(weight_map.values())}
+    _cover(budget, index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
     refs: dict[str, TensorRef] = {}
-    for shard_name in dict.fromkeys(weight_map.values()):
-        shard = _shard_path(folder, shard_name, index_path)
-        for key, ref in fmt.read(shard, budget).unique_tensors():
+    ours = False  # shards written by this project's writer store a tree digest: so must the index
+    for shard_name, shard in shards.items():
+        # A shard is one safetensors file, never an index: no recursion, whatever the names say.
+        shard_checkpoint = fmt.read_file(shard, budget)
+        ours = ours or shard_checkpoint.tree_digest is not None
+        for key, ref in shard_checkpoint.unique_tensors():
             name = str(key[0]) if len(key) == 1 else None
             if name is None or weight_map.get(name) != shard_name:
                 raise CorruptFileError(
                     f"shard {shard_name!r} holds tensor {name!r}, which the weight_map puts elsewhere", file=index_path
                 )
             refs[name] = ref
-    missing = [key for key in weight_map if key not in refs]
-    if missing:
+    if len(refs) != len(weight_map):
+        missing = next(key for key in weight_map if key not in refs)
         raise CorruptFileError(
-            f"the weight_map lists {missing[0]!r}, which its shard {weight_map[missing[0]]!r} lacks", file=index_path
+            f"the weight_map lists {missing!r}, which its shard {weight_map[missing]!r} lacks", file=index_path
         )
+    if ours and not (TREE_KEY in metadata and TREE_DIGEST_KEY in metadata):
+        # Otherwise a flipped bit in "metadata" (or in a key inside it) would silently drop the tree
+        # and its digest, and the folder would read as a flat dict that verify --deep calls intact.
+        missing = TREE_KEY if TREE_KEY not in metadata else TREE_DIGEST_KEY
+        raise CorruptFileError(
+            f"the shards were written by sdconvert (each stores a tree digest), but the index has no "
+            f"metadata[{missing!r}]",
+            file=index_path,
+        )
+    tree_digest = None
+    if TREE_DIGEST_KEY in metadata:
+        tree_digest = check_tree_digest(metadata[TREE_DIGEST_KEY], index_path, f"metadata[{TREE_DIGEST_KEY!r}]")
     if TREE_KEY in metadata:
         what = f"metadata[{TREE_KEY!r}]"
         tree = tree_from_stored(
-            metadata[TREE_KEY], refs, index_path, what, holder="every shard", unused_name="shard tensor"
+            metadata[TREE_KEY],
+            refs,
+            index_path,
+            what,
+            holder="every shard",
+            unused_name="shard tensor",
+            budget=budget,
         )
     else:
         tree = {key: refs[key] for key in weight_map}
-    return Checkpoint(tree, folder)
+    return Checkpoint(tree, folder, tree_digest=tree_digest)
+
+
+def _read_index(index_path: Path, budget: Budget) -> bytes:
+    """The index's bytes: a regular file of the folder (a symlink is refused, as for shards), charged first."""
+    try:
+        fd = os.open(index_path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if index_path.is_symlink():
+            raise CorruptFileError(
+                "the shard index is a symbolic link, not a regular file in its folder; refusing to follow it",
+                file=index_path,
+            ) from None
+        raise CorruptFileError(f"the shard index cannot be opened: {exc.strerror}", file=index_path) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptFileError("the shard index is not a regular file", file=index_path)
+        if info.st_size > MAX_INDEX_BYTES:
+            raise CorruptFileError(f"the index is larger than {MAX_INDEX_BYTES} bytes", file=index_path)
+        budget.materialize(info.st_size, "the shard index")
+        return handle.read(info.st_size)
+
+
+def _cover(budget: Budget, size: int) -> None:
+    """Widen ``budget`` to a read of ``size`` bytes (the index and its shards) when it was sized for
+    less: a read given the index file is sized for the index alone, a read given the folder for all
+    its files."""
+    # TODO(budget.py owner): a Budget method for this; it sets what Budget.__init__ derives from the size.
+    if size > budget.size:
+        budget.memory_limit += MEMORY_FACTOR * (size - budget.size)
+        budget.output_limit += OUTPUT_FACTOR * (size - budget.size)
+        budget.size = size
 
 
 def _shard_path(folder: Path, name: str, index_path: Path) -> Path:
@@ -141,6 +212,10 @@ def _shard_path(folder: Path, name: str, index_path: Path) -> Path:
     if relative.is_absolute() or len(relative.parts) != 1 or name in ("", ".", ".."):
         raise UnsafeFileError(
             f"shard file name {name!r} must be a plain file name in the index's folder", file=index_path
+        )
+    if name.endswith(".json") or relative.name == index_path.name:
+        raise CorruptFileError(
+            f"shard {name!r} names an index, not a safetensors file; indexes are not followed", file=index_path
         )
     shard = folder / relative
     if shard.is_symlink() or not shard.is_file():
