@@ -20,6 +20,7 @@ from typing import Any
 from ..core import dtypes
 from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..core.integrity import read_tree_digest
 from ..core.sources import BufferSource, ByteSource, FileRange, slice_source
 from ..core.stored import read_digests
 from ..core.tree import TensorRef
@@ -29,6 +30,8 @@ from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_en
 # Our extra record: {storage key: BLAKE3 of its bytes}. torch.load reads records by name and
 # ignores it; the manifest takes its digests from it instead of reading every byte.
 DIGESTS_RECORD = "sdconvert/blake3.json"
+# Our other extra record: the tree digest (manifests.tree_digest), 64 hex digits.
+TREE_DIGEST_RECORD = "sdconvert/tree.blake3"
 NUMPY_IMPORT_BYTES = 16 << 20  # what importing numpy costs (10 MiB measured), charged once per read
 
 
@@ -38,6 +41,13 @@ def read_archive(path: Path, base: int = 0, length: int | None = None, *, budget
     The whole file by default; a DCP data file holds one such archive per tensor or value.
     ``budget``: the read's resource budget (by default one for the archive's byte range).
     """
+    return read_archive_and_tree_digest(path, base, length, budget=budget)[0]
+
+
+def read_archive_and_tree_digest(
+    path: Path, base: int = 0, length: int | None = None, *, budget: Budget | None = None
+) -> tuple[Any, str | None]:
+    """``read_archive``'s tree, and the tree digest the archive stores (our files do)."""
     size = path.stat().st_size - base if length is None else length
     budget = Budget(path, size) if budget is None else budget
     with open(path, "rb") as handle:
@@ -60,7 +70,7 @@ def read_archive(path: Path, base: int = 0, length: int | None = None, *, budget
     # Every record but the storages is read here and checked against its CRC-32 (the ones used in
     # memory by read_entry, the others streamed); a storage's bytes are checked when they are used
     # (each tensor's source carries its record).
-    used = {prefix + "byteorder", prefix + "data.pkl", prefix + DIGESTS_RECORD}
+    used = {prefix + "byteorder", prefix + "data.pkl", prefix + DIGESTS_RECORD, prefix + TREE_DIGEST_RECORD}
     for name, entry in entries.items():
         if not name.startswith(prefix + "data/") and name not in used:
             check_entry(path, entry, budget)
@@ -71,8 +81,13 @@ def read_archive(path: Path, base: int = 0, length: int | None = None, *, budget
     prescan(data, path, budget=budget)
     record = entries.get(prefix + DIGESTS_RECORD)
     digests = read_digests(bytes(read_entry(path, record, budget)), path, DIGESTS_RECORD) if record else {}
+    record = entries.get(prefix + TREE_DIGEST_RECORD)
+    tree_digest = None
+    if record is not None:
+        text = bytes(read_entry(path, record, budget)).decode("ascii", "replace")
+        tree_digest = read_tree_digest(text, path, TREE_DIGEST_RECORD)
     tensors = _Tensors(path, entries, prefix, digests, budget)
-    return unpickle(SafeUnpickler(data, path, tensors.storage, tensors.view, budget), path)
+    return unpickle(SafeUnpickler(data, path, tensors.storage, tensors.view, budget), path), tree_digest
 
 
 class _Tensors:

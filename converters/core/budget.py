@@ -29,7 +29,9 @@ MIB = 1 << 20
 ALLOWANCE = 64 * MIB  # what any input may cost beyond twice its size
 MEMORY_FACTOR = 2  # ... and twice its size
 # Bytes of memory one unit costs, measured by bench/costs.py (rounded up), see README "Safety".
-NODE_COST = 100  # one small value (an empty dict: ~90 B); readers whose values cost more charge more units
+NODE_COST = (
+    250  # one small value read (an empty dict: ~90 B) and written again (encoded, pickled: measured ~150 B more)
+)
 TENSOR_COST = 1600  # a TensorRef, its source, shape, key and its place in the tree, through validation
 OUTPUT_FACTOR = 4  # tensor bytes written may exceed the input's size at most this many times (+ allowance)
 MAX_DEPTH = 256

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from ..codecs.torch_archive import DIGESTS_RECORD, read_archive
+from ..codecs.torch_archive import DIGESTS_RECORD, TREE_DIGEST_RECORD, read_archive_and_tree_digest
 from ..codecs.torch_pickle import PickleWriter
 from ..codecs.zip import ZipWriter
 from ..core.atomic import atomic_output
@@ -44,7 +44,8 @@ class PtFormat(FormatBase):
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
-        return Checkpoint(read_archive(path, budget=budget), path)
+        tree, tree_digest = read_archive_and_tree_digest(path, budget=budget)
+        return Checkpoint(tree, path, tree_digest=tree_digest)
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
         unique = checkpoint.unique_tensors()
@@ -73,6 +74,7 @@ class PtFormat(FormatBase):
             archive.add(f"{ARCHIVE}/.storage_alignment", b"64")
             archive.add(f"{ARCHIVE}/version", b"3\n")
             archive.add(f"{ARCHIVE}/{DIGESTS_RECORD}", json.dumps(digests, separators=(",", ":")).encode())
+            archive.add(f"{ARCHIVE}/{TREE_DIGEST_RECORD}", tensor_writer.tree_digest(checkpoint).encode())
             archive.close()
 
 
