@@ -68,6 +68,8 @@ def run(out_dir: Path, *, steps: int = 3, echo: Callable[[str], None] = print) -
     schema_path.write_text(json.dumps(api.manifest(source), indent=2) + "\n")
     weights = out_dir / "model.safetensors"
     api.convert(source, weights, select="model_state_dict")
+    ddp_path, stripped = out_dir / "ddp.pt", out_dir / "ddp-stripped.safetensors"
+    ddp_note = _strip_ddp_prefix(net, ddp_path, stripped)
 
     echo(f"{'format':<12} {'file':<26} {'size':>10} {'time':>8}  result")
     for row in rows:
@@ -80,10 +82,26 @@ def run(out_dir: Path, *, steps: int = 3, echo: Callable[[str], None] = print) -
         f"{'weights':<12} {weights.name:<26} {human_bytes(weights.stat().st_size):>10}  "
         "model_state_dict only, for safetensors.torch.load_file"
     )
-    ok = all(row.identical for row in rows) and not graph_note.startswith("MISMATCH")
+    echo(f"{'strip-prefix':<12} {stripped.name:<26} {human_bytes(stripped.stat().st_size):>10}  {ddp_note}")
+    ok = all(row.identical for row in rows) and not graph_note.startswith("MISMATCH") and "MISMATCH" not in ddp_note
     echo("")
     echo("every format round-tripped bit-identically" if ok else "SOME FORMATS DID NOT ROUND-TRIP")
     return ok
+
+
+def _strip_ddp_prefix(net: recipe.Net, ddp_path: Path, destination: Path) -> str:
+    """A DistributedDataParallel-style checkpoint (keys ``module.conv1.weight``...) converted with
+    ``strip_prefix="auto"`` loads into a fresh Net, bit for bit."""
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, ddp_path)
+    api.convert(ddp_path, destination, select="model_state_dict", strip_prefix="auto")
+    fresh = recipe.Net()
+    fresh.load_state_dict(api.load(destination))  # "Missing key(s) in state_dict" without the strip
+    same = all(
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        for a, b in zip(fresh.state_dict().values(), net.state_dict().values(), strict=True)
+    )
+    verdict = "loads into a fresh Net, bit-identical" if same else "MISMATCH after loading"
+    return f"module.-prefixed (DDP) checkpoint, --strip-prefix auto: {verdict}"
 
 
 def _onnx_graph(source: Path, destination: Path, net: recipe.Net) -> str:
