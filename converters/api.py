@@ -102,7 +102,7 @@ def write(
     the file is being written (``sdconvert convert`` without ``--force``).
     """
     destination = Path(path)
-    fmt = registry.resolve(destination, format, for_write=True)
+    fmt = registry.resolve(destination, format, for_write=True, options=options)
     _write(fmt, checkpoint, destination, WriteContext(progress, fsync, check, overwrite), options)
 
 
@@ -201,7 +201,7 @@ def convert(
     """
     source, destination = Path(src), Path(dst)
     _refuse_writing_over(source, destination)
-    writer = registry.resolve(destination, dst_format, for_write=True)
+    writer = registry.resolve(destination, dst_format, for_write=True, options=options)
     make_options(writer, options)  # fail on a bad option before reading anything
     steps = from_options(
         select=select,

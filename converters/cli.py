@@ -215,8 +215,8 @@ def _dry_run(args: argparse.Namespace, changes: dict[str, Any]) -> None:
     from converters.api import registry
     from converters.transforms import plan_lines
 
-    fmt = registry.resolve(args.dst, args.dst_format, for_write=True)
-    _writer_options(args)
+    options = _writer_options(args)
+    fmt = registry.resolve(args.dst, args.dst_format, for_write=True, options=options)
     planned = converters.plan(args.src, src_format=args.src_format, check=args.check, **changes)
     planned["destination"] = {"path": str(args.dst), "format": fmt.name}
     unsupported = sorted({t["dtype"] for t in planned["tensors"] if t["dtype"] not in fmt.dtype_codes})
@@ -269,7 +269,7 @@ def _writer_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {name.removeprefix("option:"): value for name, value in vars(args).items() if name.startswith("option:")}
     if not given:
         return {}
-    fmt = registry.resolve(args.dst, args.dst_format, for_write=True)
+    fmt = registry.resolve(args.dst, args.dst_format, for_write=True, options=given)
     specs = {spec.name: spec for spec in option_specs(fmt.Options)}
     flags = {spec.name: spec.flag for spec, _ in _format_options().values()}
     for name in given:

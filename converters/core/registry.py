@@ -12,11 +12,12 @@ first bytes; and whatever chose it, ``check_contents`` compares the bytes with t
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .contract import Format
@@ -106,13 +107,22 @@ class FormatRegistry:
         rivals = [fmt for fmt in self._by_name.values() if longest(fmt) > longest(found)]
         return max(rivals, key=longest) if rivals else found
 
-    def resolve(self, path: Path, explicit: str | None = None, *, for_write: bool = False) -> Format:
-        """The format for ``path``: explicit name, then suffix, then (reading only) its contents."""
+    def resolve(
+        self, path: Path, explicit: str | None = None, *, for_write: bool = False, options: Iterable[str] = ()
+    ) -> Format:
+        """The format for ``path``: explicit name, then suffix, then (reading only) its contents;
+        (writing) a name without a known suffix, with write ``options`` that exactly one format
+        declares, is that format's (``--max-shard-size`` alone means sharded safetensors)."""
         if explicit:
             return self.get(explicit)
         by_suffix = self.for_suffix(path)
         if by_suffix is not None:
             return by_suffix
+        wanted = set(options)
+        if for_write and wanted:
+            declaring = [fmt for fmt in self if wanted <= {f.name for f in dataclasses.fields(fmt.Options)}]
+            if len(declaring) == 1:
+                return declaring[0]
         if not for_write:
             found = self.by_contents(path)
             if found is not None:

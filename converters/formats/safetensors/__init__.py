@@ -31,7 +31,7 @@ from ...core.atomic import atomic_output
 from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
 from ...core.dtypes import itemsize
-from ...core.errors import CorruptFileError, UnsupportedValueError
+from ...core.errors import CorruptFileError, DestinationError, UnsupportedValueError
 from ...core.sources import FileRange
 from ...core.stored import check_tree_digest, loads_json_strict, paused_gc, read_digests, tree_from_stored
 from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
@@ -161,7 +161,15 @@ class SafetensorsFormat(FormatBase):
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: SafetensorsOptions) -> None:
         if options.max_shard_size is not None:
-            sharded.write_sharded(self, checkpoint, Path(path), options.max_shard_size, context)
+            path = Path(path)
+            suffix = next((sfx for sfx in self.suffixes if path.name.lower().endswith(sfx)), None)
+            if suffix is not None:  # a folder named like a file would mislead every tool after us
+                folder = path.with_name(path.name[: -len(suffix)] or "shards")
+                raise DestinationError(
+                    f"--max-shard-size writes a folder of shards; name it without the {suffix} suffix (e.g. {folder})",
+                    file=path,
+                )
+            sharded.write_sharded(self, checkpoint, path, options.max_shard_size, context)
             return
         tensor_writer = TensorWriter(context, checkpoint.origin)
         self.write_file(checkpoint, Path(path), tensor_writer, fsync=context.fsync, overwrite=context.overwrite)
