@@ -160,10 +160,13 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
         "checkpoint.pt",
         "checkpoint.safetensors",
         "checkpoint.schema.json",
+        "ddp-stripped.safetensors",
+        "ddp.pt",
         "model.safetensors",
         "source.pt",
     ]
     assert "matches torch in onnxruntime" in result.stdout
+    assert "--strip-prefix auto: loads into a fresh Net, bit-identical" in result.stdout
     for line in result.stdout.splitlines():
         words = line.split()
         if len(words) > 1 and words[0] in ("pt", "safetensors", "msgpack", "onnx") and words[1] != "graph":
