@@ -83,13 +83,15 @@ def run(command: list[str], cwd: Path | None = None) -> tuple[float, int]:
     return elapsed, usage.ru_maxrss
 
 
-def prepare(folder: Path, width: int) -> dict[str, Path]:
+def prepare(folder: Path, width: int, cli: Path = CLI) -> dict[str, Path]:
+    """The checkpoint in every format; written by ``cli`` (with --baseline: the older version, whose
+    readers may not know fields newer writers add, while newer readers read older files)."""
     sources = {"pt": folder / "source.pt"}
     run([sys.executable, "-c", MAKE_CHECKPOINT, str(width), str(sources["pt"])])
     for name, suffix in FORMATS.items():
         if name != "pt":
             sources[name] = folder / f"source{suffix}"
-            run([sys.executable, str(CLI), "convert", str(sources["pt"]), str(sources[name]), "--quiet", "--no-fsync"])
+            run([sys.executable, str(cli), "convert", str(sources["pt"]), str(sources[name]), "--quiet", "--no-fsync"])
     return sources
 
 
@@ -213,6 +215,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sdconvert-bench-", dir=args.folder))
+    # Byte-compile both checkouts first: where PYTHONDONTWRITEBYTECODE is set (it is on some
+    # machines), every measured process would otherwise compile its modules from source, which
+    # users of an installed package (pip compiles at install) never pay.
+    for tree in {ROOT, (args.baseline or CLI).resolve().parent}:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "converters")], check=False)
     try:
         print(f"machine: {machine()}")
         if args.scaling:
@@ -225,7 +232,7 @@ def main() -> None:
                 for source in sources.values():
                     source.unlink()
             return
-        sources = prepare(folder, SIZES[args.size])
+        sources = prepare(folder, SIZES[args.size], args.baseline or CLI)
         size = sources["pt"].stat().st_size / 2**20
         print(f"checkpoint: {size:.0f} MiB, {LAYERS * 4} float32 tensors, {args.rounds} rounds, medians\n")
         pairs = [(a, b) for a in FORMATS for b in FORMATS if a != b]

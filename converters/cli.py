@@ -39,6 +39,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviated flags: `--ex` must not mean --exclude today and be ambiguous once a format
+        # declares --external-data (format flags are added only when needed, see parse_arguments).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 
@@ -362,13 +368,25 @@ def _formats() -> None:
         print(f"{name:<16}" + "".join(f"{'yes' if name in fmt.dtype_codes else '-':<12}" for fmt in formats))
 
 
+def parse_arguments(arguments: list[str]) -> argparse.Namespace:
+    """The parsed command line. The formats' own flags (``--max-shard-size``, ``--model``...) are
+    built from every format's declaration, which imports every format and scans installed plugins;
+    so they are added only when the command line holds a flag the common parser does not know, or
+    asks for help."""
+    converting = not arguments or arguments[0] == "convert"
+    if not converting or any(arg in ("-h", "--help") for arg in arguments):
+        return build_parser(with_format_options=converting).parse_args(arguments)
+    known, unknown = build_parser(with_format_options=False).parse_known_args(arguments)
+    if not unknown:
+        return known
+    return build_parser(with_format_options=True).parse_args(arguments)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         with _stopping_signals_unwind():
-            # Only `convert` (and help) needs the format flags, which import every format.
-            convert = not arguments or arguments[0] in ("convert", "-h", "--help")
-            return run(build_parser(with_format_options=convert).parse_args(arguments))
+            return run(parse_arguments(arguments))
     except UsageError as exc:
         print(shown(exc, 2000), file=sys.stderr)
         return EXIT_BAD_INPUT

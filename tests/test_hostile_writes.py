@@ -103,10 +103,11 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
-    """A small checkpoint with a tensor big enough for external data, in our safetensors."""
+    """A small checkpoint with a tensor big enough for external data, and for the kernel copy the
+    driver instruments (ranges under transfer.INLINE_COPY are copied inline), in our safetensors."""
     path = tmp_path / "src" / "source.safetensors"
     path.parent.mkdir()
-    converters.save({"w": torch.arange(8192, dtype=torch.float32), "b": torch.ones(3), "epoch": 3}, path)
+    converters.save({"w": torch.arange(1 << 19, dtype=torch.float32), "b": torch.ones(3), "epoch": 3}, path)
     return path
 
 

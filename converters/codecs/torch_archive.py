@@ -80,7 +80,7 @@ def read_archive_and_tree_digest(
     data = read_entry(path, entries[prefix + "data.pkl"], budget)
     prescan(data, path, budget=budget)
     record = entries.get(prefix + DIGESTS_RECORD)
-    digests = read_digests(bytes(read_entry(path, record, budget)), path, DIGESTS_RECORD) if record else {}
+    digests = read_digests(bytes(read_entry(path, record, budget)), path, DIGESTS_RECORD, budget) if record else {}
     record = entries.get(prefix + TREE_DIGEST_RECORD)
     tree_digest = None
     if record is not None:

@@ -32,7 +32,7 @@ MEMORY_FACTOR = 2  # ... and twice its size
 NODE_COST = (
     250  # one small value read (an empty dict: ~90 B) and written again (encoded, pickled: measured ~150 B more)
 )
-TENSOR_COST = 1600  # a TensorRef, its source, shape, key and its place in the tree, through validation
+TENSOR_COST = 500  # a TensorRef with its source and shape (~390 B at peak); its key and header are nodes
 OUTPUT_FACTOR = 4  # tensor bytes written may exceed the input's size at most this many times (+ allowance)
 MAX_DEPTH = 256
 CEILING_NODES = 50_000_000
@@ -60,6 +60,14 @@ class Budget:
         else:
             size = path.stat().st_size
         return cls(path, size)
+
+    def cover(self, size: int) -> None:
+        """Widen the budget to a read of ``size`` input bytes when it was sized for fewer (a
+        sharded checkpoint read through its index file covers the shards it names too)."""
+        if size > self.size:
+            self.memory_limit += MEMORY_FACTOR * (size - self.size)
+            self.output_limit += OUTPUT_FACTOR * (size - self.size)
+            self.size = size
 
     def nodes(self, count: int = 1, what: str = "values") -> None:
         self.node_count += count

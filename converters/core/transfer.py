@@ -28,6 +28,7 @@ from blake3 import blake3 as _blake3
 
 HASH_CHUNK = 8 * 1024 * 1024  # large enough that hashing releases the GIL for long; small enough to stay cached
 COPY_CHUNK = 1 << 30
+INLINE_COPY = 1 << 20  # ranges smaller than this are read and written by Python (see _copy_small)
 
 Progress = Callable[[int], None]
 # copy_file_range cannot do this copy (but a plain read/write can): anything else is a real error.
@@ -86,6 +87,9 @@ def copy_into(
         for part in source.parts:
             copy_into(out, part, checks, progress)
         return
+    if isinstance(source, FileRange) and 0 < source.length < INLINE_COPY:
+        _copy_small(out, source, checks, progress)
+        return
     if isinstance(source, FileRange) and source.length:
         _copy_file_range(out, source, checks, progress)
         return
@@ -94,6 +98,22 @@ def copy_into(
         checks.update(chunk)
         if progress:
             progress(len(chunk))
+
+
+def _copy_small(out: BinaryIO, source: FileRange, checks: Checks, progress: Progress | None) -> None:
+    """A small range read once and written: a hashing thread and a kernel copy per tensor would
+    cost more than the bytes (a checkpoint of many tiny tensors spent most of its time there)."""
+    fd = os.open(source.path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, source.length, source.offset)
+    finally:
+        os.close(fd)
+    if len(data) != source.length:
+        source._check_complete(len(data))
+    out.write(data)
+    checks.update(data)
+    if progress:
+        progress(len(data))
 
 
 def _copy_file_range(out: BinaryIO, source: FileRange, checks: Checks, progress: Progress | None) -> None:

@@ -236,7 +236,7 @@ class OnnxFormat(FormatBase):
             os.close(fd)
         tree_digest = None
         if TREE_KEY in metadata:
-            tree = _tree_from_metadata(path, metadata, tensors)
+            tree = _tree_from_metadata(path, metadata, tensors, budget)
             if TREE_DIGEST_KEY in metadata:
                 tree_digest = read_tree_digest(metadata[TREE_DIGEST_KEY], path, f"metadata_props[{TREE_DIGEST_KEY!r}]")
         else:
@@ -909,11 +909,15 @@ def open_regular(path: Path) -> int:
     return fd
 
 
-def _tree_from_metadata(path: Path, metadata: dict[str, str], tensors: dict[str, tuple[TensorRef, bool]]) -> Any:
-    node = loads_json_strict(metadata[TREE_KEY], path, f"metadata_props[{TREE_KEY!r}]")
-    fallback = loads_json_strict(metadata.get(FALLBACK_KEY, "{}"), path, f"metadata_props[{FALLBACK_KEY!r}]")
-    constants = set(loads_json_strict(metadata.get(CONSTANTS_KEY, "[]"), path, f"metadata_props[{CONSTANTS_KEY!r}]"))
-    digests = read_digests(metadata.get(DIGESTS_KEY, "{}"), path, f"metadata_props[{DIGESTS_KEY!r}]")
+def _tree_from_metadata(
+    path: Path, metadata: dict[str, str], tensors: dict[str, tuple[TensorRef, bool]], budget: Budget
+) -> Any:
+    node = loads_json_strict(metadata[TREE_KEY], path, f"metadata_props[{TREE_KEY!r}]", budget)
+    fallback = loads_json_strict(metadata.get(FALLBACK_KEY, "{}"), path, f"metadata_props[{FALLBACK_KEY!r}]", budget)
+    constants = set(
+        loads_json_strict(metadata.get(CONSTANTS_KEY, "[]"), path, f"metadata_props[{CONSTANTS_KEY!r}]", budget)
+    )
+    digests = read_digests(metadata.get(DIGESTS_KEY, "{}"), path, f"metadata_props[{DIGESTS_KEY!r}]", budget)
     used: set[str] = set()
     restored: dict[str, TensorRef] = {}
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from ...core import manifests
 from ...core.atomic import atomic_folder, atomic_output
-from ...core.budget import MEMORY_FACTOR, OUTPUT_FACTOR, Budget
+from ...core.budget import Budget
 from ...core.contract import WriteContext
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
 from ...core.stored import check_tree_digest, loads_json_strict, tree_from_stored
@@ -128,7 +128,7 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
             "the shard index must hold a weight_map of tensor key to shard file name", file=index_path
         )
     shards = {name: _shard_path(folder, name, index_path) for name in dict.fromkeys(weight_map.values())}
-    _cover(budget, index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
+    budget.cover(index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
     refs: dict[str, TensorRef] = {}
     ours = False  # shards written by this project's writer store a tree digest: so must the index
     for shard_name, shard in shards.items():
@@ -194,17 +194,6 @@ def _read_index(index_path: Path, budget: Budget) -> bytes:
             raise CorruptFileError(f"the index is larger than {MAX_INDEX_BYTES} bytes", file=index_path)
         budget.materialize(info.st_size, "the shard index")
         return handle.read(info.st_size)
-
-
-def _cover(budget: Budget, size: int) -> None:
-    """Widen ``budget`` to a read of ``size`` bytes (the index and its shards) when it was sized for
-    less: a read given the index file is sized for the index alone, a read given the folder for all
-    its files."""
-    # TODO(budget.py owner): a Budget method for this; it sets what Budget.__init__ derives from the size.
-    if size > budget.size:
-        budget.memory_limit += MEMORY_FACTOR * (size - budget.size)
-        budget.output_limit += OUTPUT_FACTOR * (size - budget.size)
-        budget.size = size
 
 
 def _shard_path(folder: Path, name: str, index_path: Path) -> Path:
