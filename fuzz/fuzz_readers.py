@@ -14,6 +14,7 @@ import importlib
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import atheris
 
@@ -67,9 +68,32 @@ def write_seeds(corpus: Path) -> None:
         (corpus / f"seed-{fmt.name}").write_bytes(bytes([index]) + path.read_bytes())
 
 
+def write_hostile_seeds(corpus: Path, limit: int = 1 << 20) -> None:
+    """The hostile tables of the test suite as seeds (each under ``limit`` bytes), so mutation starts
+    from the shapes that once cost gigabytes or crashed: bombs, lying counts, inert-object abuse."""
+    import test_bad_inputs
+    import test_hostile_pt
+    import test_hostile_writes
+
+    tables: list[tuple[str, str, Any]] = [("pt", f"pt-{row[0]}", row[1]) for row in test_hostile_pt.CASES]
+    tables += [("onnx", f"onnx-{name}", build) for name, build in test_hostile_writes.HOSTILE_ONNX.items()]
+    for row in test_bad_inputs.CASES:
+        fmt = converters.registry.for_suffix(Path(row[1]))
+        if fmt is not None:
+            tables.append((fmt.name, f"bad-{row[0]}", row[2]))
+    for fmt_name, name, build in tables:
+        try:
+            data = build()
+        except Exception:  # a row that needs a test fixture: not a seed
+            continue
+        if isinstance(data, bytes) and len(data) < limit:
+            (corpus / f"hostile-{name}").write_bytes(bytes([FORMATS.index(fmt_name)]) + data)
+
+
 if __name__ == "__main__":
     corpora = [Path(arg) for arg in sys.argv[1:] if not arg.startswith("-")]
     for corpus in corpora:
         write_seeds(corpus)
+        write_hostile_seeds(corpus)
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
