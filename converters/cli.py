@@ -110,6 +110,9 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--from", dest="format", metavar="FMT")
     inspect.add_argument("--json", action="store_true", help="print the manifest instead")
+    inspect.add_argument(
+        "--patterns", action="store_true", help="tensor keys that differ only in numbers once: layers.#.w ×32"
+    )
 
     schema = commands.add_parser("schema", help="write the manifest (JSON schema of keys, dtypes, shapes)")
     schema.add_argument("file", type=Path)
@@ -176,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(converters.manifest(args.file, args.format), indent=2))
         else:
-            _inspect(args.file, args.format)
+            _inspect(args.file, args.format, patterns=args.patterns)
     elif args.command == "schema":
         text = json.dumps(converters.manifest(args.file, args.format), indent=2) + "\n"
         if args.output:
@@ -332,10 +335,10 @@ class _ProgressBar:
             self.bar.close()
 
 
-def _inspect(path: Path, format: str | None) -> None:
+def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     import converters
     from converters.api import stored_size
-    from converters.core.report import describe, human_bytes
+    from converters.core.report import describe, dtype_totals, human_bytes
 
     checkpoint = converters.read(path, format)
     tensors = checkpoint.unique_tensors()
@@ -344,8 +347,9 @@ def _inspect(path: Path, format: str | None) -> None:
     also = f", {tied} more paths tied to them" if tied else ""
     size = human_bytes(stored_size(path))
     print(f"{shown(path, 1000)}: {checkpoint.format}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
-    for line in describe(checkpoint.tree):
+    for line in describe(checkpoint.tree, patterns=patterns):
         print(line)
+    print("totals: " + "; ".join(dtype_totals([ref for _, ref in tensors])) if tensors else "totals: no tensors")
 
 
 def _formats() -> None:

@@ -171,3 +171,22 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
         words = line.split()
         if len(words) > 1 and words[0] in ("pt", "safetensors", "msgpack", "onnx") and words[1] != "graph":
             assert "ok: rebuilt Net + SGD bit-identical" in line
+
+
+def test_inspect_totals_per_dtype_and_patterns(tmp_path: Path) -> None:
+    path = tmp_path / "llm.safetensors"
+    state = {f"layers.{i}.attn.q.weight": torch.zeros(4, 4) for i in range(12)}
+    state.update({f"layers.{i}.norm.weight": torch.zeros(4) for i in range(12)})
+    state["embed.weight"] = torch.zeros(10, 4, dtype=torch.bfloat16)
+    state["layers.3.extra"] = torch.zeros(2, dtype=torch.int64)  # alone: listed as itself
+    converters.save(state, path)
+    plain = sdconvert("inspect", path).stdout.splitlines()
+    assert "layers.11.norm.weight    float32   [4]" in plain
+    assert plain[-1] == (
+        "totals: float32: 24 tensors, 240 parameters, 960 B; bfloat16: 1 tensor, 40 parameters, 80 B; "
+        "int64: 1 tensor, 2 parameters, 16 B"
+    )
+    collapsed = sdconvert("inspect", "--patterns", path).stdout.splitlines()
+    assert "layers.#.attn.q.weight  float32   [4, 4]  ×12" in collapsed
+    assert "layers.#.norm.weight    float32   [4]  ×12" in collapsed
+    assert "layers.3.extra          int64     [2]" in collapsed and len(collapsed) == 6

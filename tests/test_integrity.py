@@ -37,9 +37,12 @@ def test_a_flipped_bit_is_reported_with_the_tensor_path(tmp_path: Path, recipe_p
     flip_one_bit(path, TARGET)
 
     problems = converters.verify(path, deep=True)
-    digest_problem = re.escape(
-        f"{path}: optimizer_state_dict/state/4/momentum_buffer: tensor bytes do not match the stored BLAKE3 digest"
-    ) + r" \(stored [0-9a-f]{64}, bytes hash to [0-9a-f]{64}\)"
+    digest_problem = (
+        re.escape(
+            f"{path}: optimizer_state_dict/state/4/momentum_buffer: tensor bytes do not match the stored BLAKE3 digest"
+        )
+        + r" \(stored [0-9a-f]{64}, bytes hash to [0-9a-f]{64}\)"
+    )
     if suffix == ".pt":
         # A zip record also stores a CRC-32 of its bytes: both checks name the tensor.
         crc_problem = re.escape(f"{path}: optimizer_state_dict/state/4/momentum_buffer: zip record ") + r".*CRC-32.*"

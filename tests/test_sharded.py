@@ -169,3 +169,11 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for value in tree for t in _tensors(value)]
     return [tree] if isinstance(tree, torch.Tensor) else []
+
+
+def test_the_index_states_total_size_and_total_parameters(tmp_path: Path, recipe_pt: Path) -> None:
+    folder = converters.convert(recipe_pt, tmp_path / "shards", max_shard_size="100KB")
+    metadata = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]
+    tensors = converters.read(recipe_pt).unique_tensors()
+    assert metadata["total_size"] == sum(ref.nbytes for _, ref in tensors)
+    assert metadata["total_parameters"] == sum(torch.Size(ref.shape).numel() for _, ref in tensors)

@@ -7,9 +7,12 @@ like ``"a\\n/tmp/x.pt: pt, 1 GiB"`` or ``"\\x1b[2J"`` cannot forge a line or dri
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
+from .dtypes import numel
 from .errors import shown
 from .tree import MAPPING_TYPES, TensorRef, walk
 
@@ -19,14 +22,18 @@ KEY_LIMIT = 120  # characters of a key
 VALUE_LIMIT = 300  # of a value shown alone on its line (`inspect --json` gives it whole)
 
 
-def describe(tree: Any) -> list[str]:
+def describe(tree: Any, *, patterns: bool = False) -> list[str]:
     """Lines listing every tensor (key, dtype, shape) and every other value, nested like the tree.
+    With ``patterns``, tensor keys that differ only in their numbers (layer indexes) are shown once,
+    the numbers as ``#``, with how many keys share the pattern.
 
     >>> print("\\n".join(describe({"epoch": 3, "lr": [0.1, 0.01]})))
     epoch: 3
     lr: [0.1, 0.01]
     """
     lines: list[str] = []
+    if patterns:
+        tree = _collapse(tree)
     if _is_mapping(tree):
         _mapping(tree, 0, lines)
     else:
@@ -38,11 +45,13 @@ def describe(tree: Any) -> list[str]:
 
 def _mapping(node: Any, depth: int, lines: list[str]) -> None:
     items = [(_key(key), value) for key, value in (node.items() if _is_mapping(node) else enumerate(node))]
-    width = max((len(key) for key, value in items if isinstance(value, TensorRef)), default=0)
+    width = max((len(key) for key, value in items if isinstance(value, (TensorRef, _Pattern))), default=0)
     for key, value in items:
         prefix = INDENT * depth + key
         if isinstance(value, TensorRef):
             lines.append(f"{prefix.ljust(len(INDENT * depth) + width)}  {tensor_text(value)}")
+        elif isinstance(value, _Pattern):
+            lines.append(f"{prefix.ljust(len(INDENT * depth) + width)}  {value.text()}")
         elif _small(value) and not _has_tensor(value) and len(_inline(value)) <= INLINE_LIMIT:
             lines.append(f"{prefix}: {_inline(value)}")
         else:
@@ -55,6 +64,66 @@ def _children(node: Any, depth: int, lines: list[str]) -> None:
         _mapping(node, depth, lines)
     else:
         lines.append(INDENT * depth + _inline(node))
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """Several tensors of one mapping whose keys differ only in their numbers."""
+
+    refs: tuple[TensorRef, ...]
+
+    def text(self) -> str:
+        kinds = {(ref.dtype, ref.shape) for ref in self.refs}
+        if len(kinds) == 1:
+            return f"{tensor_text(self.refs[0])}  ×{len(self.refs)}"
+        dtypes = sorted({ref.dtype for ref in self.refs})
+        return f"{'/'.join(dtypes):<9} (shapes differ)  ×{len(self.refs)}"
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z])\d+(?![A-Za-z])")
+
+
+def _collapse(node: Any) -> Any:
+    """The tree for ``describe(patterns=True)``: in each mapping, tensors under str keys that are
+    equal once their numbers become ``#`` are replaced by one ``_Pattern`` (keys ``layers.#.w``)."""
+    if _is_mapping(node):
+        groups: dict[Any, list[tuple[Any, Any]]] = {}
+        for key, value in node.items():
+            pattern = _NUMBER.sub("#", key) if isinstance(key, str) and isinstance(value, TensorRef) else None
+            groups.setdefault(pattern if pattern is not None and pattern != key else ("key", key), []).append(
+                (key, value)
+            )
+        out: dict[Any, Any] = {}
+        for group_key, members in groups.items():
+            if isinstance(group_key, str) and len(members) > 1:
+                out[group_key] = _Pattern(tuple(value for _, value in members))
+            else:
+                for key, value in members:
+                    out[key] = _collapse(value)
+        return out
+    if isinstance(node, (list, tuple)):
+        return type(node)(_collapse(value) for value in node)
+    return node
+
+
+def dtype_totals(tensors: list[TensorRef]) -> list[str]:
+    """One line per dtype: tensors, parameters (elements) and bytes, the largest first.
+
+    >>> from converters.core.sources import BufferSource
+    >>> dtype_totals([TensorRef("float32", (2, 3), BufferSource.of(bytes(24)))])
+    ['float32: 1 tensor, 6 parameters, 24 B']
+    """
+    totals: dict[str, list[int]] = {}
+    for ref in tensors:
+        entry = totals.setdefault(ref.dtype, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += numel(ref.shape)
+        entry[2] += ref.nbytes
+    ordered = sorted(totals.items(), key=lambda item: -item[1][2])
+    return [
+        f"{dtype}: {count} tensor{'s' if count != 1 else ''}, {params:,} parameters, {human_bytes(nbytes)}"
+        for dtype, (count, params, nbytes) in ordered
+    ]
 
 
 def _key(key: Any) -> str:
@@ -113,7 +182,7 @@ def _is_mapping(node: Any) -> bool:
 
 
 def _has_tensor(node: Any) -> bool:
-    return any(isinstance(leaf, TensorRef) for _, leaf in walk(node))
+    return any(isinstance(leaf, (TensorRef, _Pattern)) for _, leaf in walk(node))
 
 
 def human_bytes(count: int) -> str:

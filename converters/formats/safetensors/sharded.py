@@ -32,6 +32,7 @@ from ...core import manifests
 from ...core.atomic import atomic_folder, atomic_output
 from ...core.budget import Budget
 from ...core.contract import WriteContext
+from ...core.dtypes import numel
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
 from ...core.stored import check_tree_digest, loads_json_strict, tree_from_stored
 from ...core.tree import Checkpoint, TensorRef
@@ -100,6 +101,8 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         index = {
             "metadata": {
                 "total_size": sum(ref.nbytes for _, ref in checkpoint.unique_tensors()),
+                # as current transformers' save_pretrained writes it: elements of every stored tensor
+                "total_parameters": sum(numel(ref.shape) for _, ref in checkpoint.unique_tensors()),
                 VERSION_KEY: str(manifests.MANIFEST_VERSION),
                 TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
                 TREE_DIGEST_KEY: tensor_writer.tree_digest(checkpoint),
