@@ -125,6 +125,12 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     verify.add_argument("a", type=Path)
     verify.add_argument("b", type=Path, nargs="?", help="omit with --deep to check A alone")
     verify.add_argument("--deep", action="store_true", help="also re-hash every tensor against its stored BLAKE3")
+    verify.add_argument(
+        "--tensors",
+        action="store_true",
+        help="compare tensors by path only: exit 0 when all are bit-identical, whatever the containers and key order",
+    )
+    verify.add_argument("--json", action="store_true", help="the report as JSON")
 
     commands.add_parser("formats", help="the registered formats, their suffixes and dtypes")
 
@@ -193,8 +199,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         if args.b is None and not args.deep:
             raise UsageError("sdconvert verify: give two files, or --deep to check one against its digests")
+        if args.b is not None:
+            return _verify_two(args)
         problems = converters.verify(args.a, args.b, deep=args.deep)
-        subject = f"{shown(args.a, 1000)} and {shown(args.b, 1000)}" if args.b else shown(args.a, 1000)
+        subject = shown(args.a, 1000)
+        if args.json:
+            print(json.dumps({"file": str(args.a), "problems": problems}, indent=2))
+            return EXIT_DIFFERENT if problems else EXIT_OK
         if problems:
             print(
                 f"{len(problems)} difference(s) in {subject}:"
@@ -215,6 +226,48 @@ def run(args: argparse.Namespace) -> int:
 
         return EXIT_OK if demo.run(args.out, steps=args.steps) else EXIT_DIFFERENT
     return EXIT_OK
+
+
+def _verify_two(args: argparse.Namespace) -> int:
+    """Two checkpoints: the tensors first (matched by path: bit-identical, differing with by how
+    much, missing on either side), then every other difference (containers, key order, values)."""
+    import converters
+    from converters.core.compare import differences, tensor_report
+
+    a, b = converters.read(args.a), converters.read(args.b)
+    report = tensor_report(a.tree, b.tree)
+    integrity = converters.verify(a, deep=True) + converters.verify(b, deep=True) if args.deep else []
+    others = differences(a.tree, b.tree)
+    tensor_lines = {path for path, _ in report.differ} | set(report.only_first) | set(report.only_second)
+    # what the tensor report already says is not repeated among the other differences
+    others = [line for line in others if not any(line.startswith(f"{path}: tensor") for path in tensor_lines)]
+    same = report.same and not integrity and (args.tensors or not others)
+    if args.json:
+        result = {"same": same, "tensors": report.as_json(), "other": others, "integrity": integrity}
+        print(json.dumps(result, indent=2))
+        return EXIT_OK if same else EXIT_DIFFERENT
+    subject = f"{shown(args.a, 1000)} and {shown(args.b, 1000)}"
+    if report.same and not others and not integrity:
+        print(f"bit-identical: {subject}" + (" (stored digests checked)" if args.deep else ""))
+        return EXIT_OK
+    if same:  # --tensors: every tensor identical; the rest is listed but does not fail
+        print(f"tensors bit-identical: {subject} ({len(report.identical)} tensors)")
+    else:
+        print(f"{len(report.differ) + len(report.only_first) + len(report.only_second) + len(others) + len(integrity)}"
+              f" difference(s) between {subject}:")  # fmt: skip
+    print(f"  {report.summary()}")
+    for path, text in report.differ:
+        print(f"  {shown(path, 300)}: {text}")
+    for label, paths in (("only in the first", report.only_first), ("only in the second", report.only_second)):
+        for path in paths:
+            print(f"  {shown(path, 300)}: {label}")
+    for line in integrity:
+        print(f"  {shown(line, 2000)}")
+    if others:
+        print("  other differences (containers, key order, values):" if not args.tensors else "  also (not compared):")
+        for line in others:
+            print(f"    {shown(line, 2000)}")
+    return EXIT_OK if same else EXIT_DIFFERENT
 
 
 def _dry_run(args: argparse.Namespace, changes: dict[str, Any]) -> None:

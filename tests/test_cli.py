@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,28 @@ def test_verify_reports_differences_with_exit_1(tmp_path: Path) -> None:
     converters.save({"w": torch.tensor([0.0, -0.0, 0.0]), "lr": 0.1, "steps": [1, 2]}, b)
     result = sdconvert("verify", a, b)
     assert result.returncode == 1
+    # The tensors first (matched by path, with how much they differ), then everything else.
     assert result.stdout.splitlines() == [
         f"2 difference(s) between {a} and {b}:",
-        "  w: tensor bytes differ, first at byte 7",
-        "  steps: tuple vs list",
+        "  tensors: 0 bit-identical, 1 differ, 0 only in the first, 0 only in the second",
+        "  w: 1 of 3 elements differ, max |Δ| 0",
+        "  other differences (containers, key order, values):",
+        "    steps: tuple vs list",
     ]
+    tensors_only = sdconvert("verify", "--tensors", a, b)
+    assert tensors_only.returncode == 1  # -0.0 is not 0.0, bit for bit
+    report = json.loads(sdconvert("verify", "--json", a, b).stdout)
+    assert report["same"] is False and report["tensors"]["differ"][0]["path"] == "w"
+    assert report["other"] == ["steps: tuple vs list"]
+
+
+def test_verify_tensors_ignores_containers_and_key_order(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.pt"
+    converters.save(OrderedDict([("x", torch.ones(2)), ("y", torch.zeros(3))]), a)
+    converters.save({"y": torch.zeros(3), "x": torch.ones(2)}, b)
+    assert sdconvert("verify", a, b).returncode == 1
+    result = sdconvert("verify", "--tensors", a, b)
+    assert result.returncode == 0 and result.stdout.startswith(f"tensors bit-identical: {a} and {b} (2 tensors)")
 
 
 def test_formats_lists_formats_and_dtype_matrix() -> None:

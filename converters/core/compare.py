@@ -5,8 +5,10 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from .dtypes import DTYPES, numel
 from .errors import format_tree_path
 from .sources import ByteSource
 from .tree import MAPPING_TYPES, TensorRef, walk
@@ -134,3 +136,92 @@ def _type_name(value: Any) -> str:
     if type(value) is TensorRef:
         return "tensor"
     return type(value).__name__
+
+
+@dataclass
+class TensorReport:
+    """Two checkpoints' tensors matched by tree path, whatever their containers and key order."""
+
+    identical: list[str] = field(default_factory=list)
+    differ: list[tuple[str, str]] = field(default_factory=list)  # (path, what differs)
+    only_first: list[str] = field(default_factory=list)
+    only_second: list[str] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        return not (self.differ or self.only_first or self.only_second)
+
+    def summary(self) -> str:
+        return (
+            f"tensors: {len(self.identical)} bit-identical, {len(self.differ)} differ, "
+            f"{len(self.only_first)} only in the first, {len(self.only_second)} only in the second"
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "identical": self.identical,
+            "differ": [{"path": path, "difference": text} for path, text in self.differ],
+            "only_in_first": self.only_first,
+            "only_in_second": self.only_second,
+        }
+
+
+def tensor_report(a: Any, b: Any) -> TensorReport:
+    """Which tensors of ``a`` and ``b`` (matched by path) are bit-identical, which differ and how
+    (dtype, shape, or how many elements and the largest absolute difference), which are missing.
+
+    >>> from converters.core.sources import BufferSource
+    >>> one = TensorRef("float32", (2,), BufferSource.of(struct.pack("<2f", 1.0, 2.0)))
+    >>> two = TensorRef("float32", (2,), BufferSource.of(struct.pack("<2f", 1.0, 2.5)))
+    >>> tensor_report({"w": one, "x": one}, {"w": two, "y": one}).differ
+    [('w', '1 of 2 elements differ, max |Δ| 0.5')]
+    """
+    first = {format_tree_path(path): leaf for path, leaf in walk(a) if type(leaf) is TensorRef}
+    second = {format_tree_path(path): leaf for path, leaf in walk(b) if type(leaf) is TensorRef}
+    report = TensorReport()
+    for path, ref in first.items():
+        other = second.get(path)
+        if other is None:
+            report.only_first.append(path)
+        elif ref.dtype != other.dtype or ref.shape != other.shape:
+            report.differ.append((path, f"{ref.dtype}{list(ref.shape)} vs {other.dtype}{list(other.shape)}"))
+        elif _same_bytes(ref.source, other.source):
+            report.identical.append(path)
+        else:
+            report.differ.append((path, _how_values_differ(ref, other)))
+    report.only_second = [path for path in second if path not in first]
+    return report
+
+
+def _same_bytes(a: ByteSource, b: ByteSource) -> bool:
+    return all(x == y for x, y in zip(_blocks(a), _blocks(b), strict=True))
+
+
+def _how_values_differ(a: TensorRef, b: TensorRef) -> str:
+    """How many elements differ and, for real numbers, by how much at most (bytes read block-wise)."""
+    import numpy as np
+
+    numeric = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "int8": "i1", "int16": "<i2", "int32": "<i4",
+               "int64": "<i8", "uint8": "u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8"}  # fmt: skip
+    itemsize = DTYPES[a.dtype].itemsize  # BLOCK is a multiple of every element size
+    count, largest = 0, 0.0
+    for left, right in zip(_blocks(a.source), _blocks(b.source), strict=True):
+        x = np.frombuffer(left, dtype=f"V{itemsize}")
+        y = np.frombuffer(right, dtype=f"V{itemsize}")
+        count += int(np.count_nonzero(x != y))
+        if a.dtype in numeric or a.dtype == "bfloat16":
+            if a.dtype == "bfloat16":  # the top half of a float32: exact
+                xv = (np.frombuffer(left, "<u2").astype("<u4") << 16).view("<f4").astype(np.float64)
+                yv = (np.frombuffer(right, "<u2").astype("<u4") << 16).view("<f4").astype(np.float64)
+            else:
+                xv = np.frombuffer(left, numeric[a.dtype]).astype(np.float64)
+                yv = np.frombuffer(right, numeric[a.dtype]).astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore"):
+                delta = np.abs(xv - yv)
+            if delta.size:
+                largest = max(largest, float(np.nanmax(delta)) if not np.all(np.isnan(delta)) else float("nan"))
+    total = numel(a.shape)
+    text = f"{count} of {total} elements differ"
+    if a.dtype in numeric or a.dtype == "bfloat16":
+        text += f", max |Δ| {largest:.3g}"
+    return text
