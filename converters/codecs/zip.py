@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsupportedValueError
-from ..core.sources import CHUNK_SIZE, FileRange, Record
+from ..core.sources import CHUNK_SIZE, FileRange, Record, fill_from_chunks
 
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -326,10 +326,7 @@ class InflatedRecord:
         )
 
     def readinto(self, buffer: memoryview) -> None:
-        position = 0
-        for chunk in self.chunks():
-            buffer[position : position + len(chunk)] = chunk
-            position += len(chunk)
+        fill_from_chunks(self, buffer)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         begin, end = self.start, self.start + self.nbytes

@@ -30,6 +30,14 @@ class ByteSource(Protocol):
         """
 
 
+def fill_from_chunks(source: ByteSource, buffer: memoryview) -> None:
+    """``readinto`` for sources that can only be streamed: their chunks, in order, into ``buffer``."""
+    position = 0
+    for chunk in source.chunks():
+        buffer[position : position + len(chunk)] = chunk
+        position += len(chunk)
+
+
 def read_all(source: ByteSource) -> bytearray:
     """All bytes of ``source`` in a fresh, writable buffer."""
     buffer = bytearray(source.nbytes)
@@ -189,10 +197,7 @@ class StreamSlice:
         return self.length
 
     def readinto(self, buffer: memoryview) -> None:
-        position = 0
-        for chunk in self.chunks():
-            buffer[position : position + len(chunk)] = chunk
-            position += len(chunk)
+        fill_from_chunks(self, buffer)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         position, end = 0, self.offset + self.length

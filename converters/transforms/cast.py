@@ -55,7 +55,7 @@ from typing import Any
 from ..core import dtypes
 from ..core.errors import ConverterError, CorruptFileError
 from ..core.integrity import crc_message, records_of, verify_record
-from ..core.sources import CHUNK_SIZE, ByteSource, FileRange, slice_source
+from ..core.sources import CHUNK_SIZE, ByteSource, FileRange, fill_from_chunks, slice_source
 from ..core.transfer import Checks
 from ..core.tree import Checkpoint, TensorRef
 from .base import (
@@ -368,10 +368,7 @@ class CastSource:
         return CastSource(part, self.from_dtype, self.to_dtype, None, self.block_bytes)  # no digest: a part
 
     def readinto(self, buffer: memoryview) -> None:
-        position = 0
-        for chunk in self.chunks():
-            buffer[position : position + len(chunk)] = chunk
-            position += len(chunk)
+        fill_from_chunks(self, buffer)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         """The cast bytes in order, each chunk at most ``chunk_size`` long (whole elements when
