@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -182,3 +184,31 @@ def tree_from_stored(
         unused = sorted(set(refs) - used)
         raise CorruptFileError(f"{unused_name} {unused[0]!r} is not part of the stored tree", file=file)
     return tree
+
+
+def read_folder_file(path: Path, what: str, where: str, limit: int, budget: Budget) -> bytes:
+    """The bytes of a checkpoint folder's own metadata file (a shard index, DCP's ``.metadata``):
+    opened without following symlinks and without blocking, refused unless a regular file of at most
+    ``limit`` bytes, charged to ``budget`` before it is read. ``FileNotFoundError`` is left to the
+    caller, which knows what a missing file means."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if path.is_symlink():
+            raise CorruptFileError(
+                f"{what} is a symbolic link, not a regular file in {where}; refusing to follow it", file=path
+            ) from None
+        raise CorruptFileError(f"{what} cannot be opened: {exc.strerror}", file=path) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptFileError(f"{what} is not a regular file", file=path)
+        if info.st_size > limit:
+            raise CorruptFileError(f"{what} is larger than {limit} bytes", file=path)
+        budget.materialize(info.st_size, what)
+        data = handle.read(info.st_size)
+    if len(data) != info.st_size:
+        raise CorruptFileError(f"{what} changed size while it was read", file=path)
+    return data

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 import pickle
 import stat
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ..core.sources import BufferSource, ConcatSource
+from ..core.stored import read_folder_file
 from ..core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
 from ..core.writing import TensorWriter
 
@@ -166,27 +166,9 @@ class DcpFormat(FormatBase):
 def _read_metadata(folder: Path, metadata_path: Path, budget: Budget) -> bytes:
     """``.metadata``'s bytes: a regular file of the folder (a symlink is refused, as data files are)."""
     try:
-        fd = os.open(metadata_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return read_folder_file(metadata_path, METADATA, "the checkpoint folder", MAX_METADATA_BYTES, budget)
     except FileNotFoundError:
         raise CorruptFileError(f"not a DCP checkpoint folder: no {METADATA}", file=folder) from None
-    except OSError as exc:
-        if metadata_path.is_symlink():
-            raise CorruptFileError(
-                f"{METADATA} is a symbolic link, not a regular file in the checkpoint folder; refusing to follow it",
-                file=metadata_path,
-            ) from None
-        raise CorruptFileError(f"{METADATA} cannot be opened: {exc.strerror}", file=metadata_path) from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise CorruptFileError(f"{METADATA} is not a regular file", file=metadata_path)
-        if info.st_size > MAX_METADATA_BYTES:
-            raise CorruptFileError(f"{METADATA} is larger than {MAX_METADATA_BYTES} bytes", file=metadata_path)
-        budget.materialize(info.st_size, METADATA)
-        data = handle.read(info.st_size)
-    if len(data) != info.st_size:
-        raise CorruptFileError(f"{METADATA} changed size while it was read", file=metadata_path)
-    return data
 
 
 class _Assembler:

@@ -282,3 +282,31 @@ def first_keys(keys: Sequence[Any], limit: int = 5) -> str:
     """``'a', 'b', 'c' (+7 more)``: a few keys for a message."""
     shown_keys = ", ".join(repr(key) for key in keys[:limit])
     return shown_keys + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def paths_by_tensor(checkpoint: Checkpoint) -> tuple[dict[int, list[Path]], dict[int, TensorRef]]:
+    """Every path of each tensor object, and the objects, keyed by ``id``, in tree order."""
+    paths_of: dict[int, list[Path]] = {}
+    refs: dict[int, TensorRef] = {}
+    for path, ref in checkpoint.tensors():
+        paths_of.setdefault(id(ref), []).append(tuple(path))
+        refs[id(ref)] = ref
+    return paths_of, refs
+
+
+class TracksOrigins:
+    """For transformations that put new tensor objects in the tree (a cast, a materialized tie):
+    which tensor each came from in the last call, for ``describe_plan``."""
+
+    _origins: dict[int, tuple[TensorRef, TensorRef]]
+
+    def _forget_origins(self) -> None:
+        self._origins = {}
+
+    def _made_from(self, new: TensorRef, original: TensorRef) -> None:
+        self._origins[id(new)] = (new, original)
+
+    def origin_of(self, ref: TensorRef) -> TensorRef | None:
+        """The tensor ``ref`` was made from by the last call, if it was made by it."""
+        pair = getattr(self, "_origins", {}).get(id(ref))
+        return pair[1] if pair is not None and pair[0] is ref else None

@@ -64,8 +64,10 @@ from .base import (
     Path,
     RawPath,
     Reporting,
+    TracksOrigins,
     TransformError,
     map_tensors,
+    paths_by_tensor,
     replace_tree,
 )
 from .paths import PathPattern, format_path
@@ -444,7 +446,7 @@ class CastSource:
 # ------------------------------------------------------------------------------ the transform
 
 
-class Cast(Reporting):
+class Cast(TracksOrigins, Reporting):
     """Cast the floating-point tensors (float64/32/16, bfloat16) to ``dtype``.
 
     ``include``/``exclude``: path globs (see :mod:`converters.transforms.paths`); a tensor is cast
@@ -488,21 +490,10 @@ class Cast(Reporting):
         exclude_texts = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.include = tuple(PathPattern.parse(text, include_option) for text in include_texts)
         self.exclude = tuple(PathPattern.parse(text, exclude_option) for text in exclude_texts)
-        # derived tensor id -> (derived, source): what plan.describe_plan uses to trace a cast back
-        self._origins: dict[int, tuple[TensorRef, TensorRef]] = {}
         self._report = None
 
-    def origin_of(self, ref: TensorRef) -> TensorRef | None:
-        """The tensor ``ref`` was cast from by the last call, if it was."""
-        pair = self._origins.get(id(ref))
-        return pair[1] if pair is not None and pair[0] is ref else None
-
     def __call__(self, checkpoint: Checkpoint) -> Checkpoint:
-        paths_of: dict[int, list[Path]] = {}
-        refs: dict[int, TensorRef] = {}
-        for path, ref in checkpoint.tensors():
-            paths_of.setdefault(id(ref), []).append(tuple(path))
-            refs[id(ref)] = ref
+        paths_of, refs = paths_by_tensor(checkpoint)
         all_paths = [path for paths in paths_of.values() for path in paths]
         for patterns, option in ((self.include, self.include_option), (self.exclude, self.exclude_option)):
             for pattern in patterns:
@@ -519,7 +510,7 @@ class Cast(Reporting):
         cast: list[dict[str, Any]] = []
         skipped: list[dict[str, Any]] = []
         made: dict[int, TensorRef] = {}
-        self._origins = {}
+        self._forget_origins()
         for key, paths in paths_of.items():
             ref = refs[key]
             entry: dict[str, Any] = {"path": RawPath(paths[0]), "dtype": ref.dtype, "shape": list(ref.shape)}
@@ -541,7 +532,7 @@ class Cast(Reporting):
             source = CastSource(ref.source, ref.dtype, self.dtype, source_digest=ref.digest, check_digest=self.check)
             new = ref.derive(dtype=self.dtype, source=source)
             made[key] = new
-            self._origins[id(new)] = (new, ref)
+            self._made_from(new, ref)
             cast.append(
                 {
                     **entry,

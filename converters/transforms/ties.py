@@ -16,12 +16,12 @@ from typing import Any
 
 from ..core.errors import TreePath
 from ..core.tree import Checkpoint, TensorRef, map_leaves
-from .base import InvalidOptionError, Path, RawPath, Reporting, drop_paths, replace_tree
+from .base import InvalidOptionError, RawPath, Reporting, TracksOrigins, drop_paths, paths_by_tensor, replace_tree
 
 MODES = ("keep", "materialize", "drop-aliases")
 
 
-class Ties(Reporting):
+class Ties(TracksOrigins, Reporting):
     """Keep, materialize or drop the aliases of tied tensors (see the module docstring).
 
     >>> from converters.core.sources import BufferSource
@@ -41,21 +41,10 @@ class Ties(Reporting):
         self.option = option
         self.mode = mode
         self.arguments = (mode,)
-        # materialized copy id -> (copy, original): what plan.describe_plan uses to trace a copy back
-        self._origins: dict[int, tuple[TensorRef, TensorRef]] = {}
         self._report = None
 
-    def origin_of(self, ref: TensorRef) -> TensorRef | None:
-        """The tensor ``ref`` is a materialized copy of (last call), if it is one."""
-        pair = self._origins.get(id(ref))
-        return pair[1] if pair is not None and pair[0] is ref else None
-
     def __call__(self, checkpoint: Checkpoint) -> Checkpoint:
-        paths_of: dict[int, list[Path]] = {}
-        refs: dict[int, TensorRef] = {}
-        for path, ref in checkpoint.tensors():
-            paths_of.setdefault(id(ref), []).append(tuple(path))
-            refs[id(ref)] = ref
+        paths_of, refs = paths_by_tensor(checkpoint)
         tied = {key: paths for key, paths in paths_of.items() if len(paths) > 1}
         groups = [
             {
@@ -66,7 +55,7 @@ class Ties(Reporting):
             for key, paths in tied.items()
         ]
         result = checkpoint
-        self._origins = {}
+        self._forget_origins()
         if self.mode == "materialize" and tied:
             seen: set[int] = set()
 
@@ -77,7 +66,7 @@ class Ties(Reporting):
                     seen.add(id(leaf))
                     return leaf
                 copy = leaf.with_stored_digest(leaf.digest)  # same bytes, its own object
-                self._origins[id(copy)] = (copy, leaf)
+                self._made_from(copy, leaf)
                 return copy
 
             result = replace_tree(checkpoint, map_leaves(checkpoint.tree, separate))

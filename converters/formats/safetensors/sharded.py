@@ -22,9 +22,7 @@ which covers the index and the shards it names.
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from ...core.budget import Budget
 from ...core.contract import WriteContext
 from ...core.dtypes import numel
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
-from ...core.stored import check_tree_digest, loads_json_strict, tree_from_stored
+from ...core.stored import check_tree_digest, loads_json_strict, read_folder_file, tree_from_stored
 from ...core.tree import Checkpoint, TensorRef
 from ...core.writing import TensorWriter
 
@@ -181,22 +179,9 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
 def _read_index(index_path: Path, budget: Budget) -> bytes:
     """The index's bytes: a regular file of the folder (a symlink is refused, as for shards), charged first."""
     try:
-        fd = os.open(index_path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        if index_path.is_symlink():
-            raise CorruptFileError(
-                "the shard index is a symbolic link, not a regular file in its folder; refusing to follow it",
-                file=index_path,
-            ) from None
+        return read_folder_file(index_path, "the shard index", "its folder", MAX_INDEX_BYTES, budget)
+    except FileNotFoundError as exc:
         raise CorruptFileError(f"the shard index cannot be opened: {exc.strerror}", file=index_path) from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise CorruptFileError("the shard index is not a regular file", file=index_path)
-        if info.st_size > MAX_INDEX_BYTES:
-            raise CorruptFileError(f"the index is larger than {MAX_INDEX_BYTES} bytes", file=index_path)
-        budget.materialize(info.st_size, "the shard index")
-        return handle.read(info.st_size)
 
 
 def _shard_path(folder: Path, name: str, index_path: Path) -> Path:
