@@ -7,6 +7,7 @@ is declared by the format (``converters.core.contract``) and looked up in the re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -48,7 +49,7 @@ def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Tran
         registry.check_contents(source, fmt)
     checkpoint = fmt.read(source, Budget.for_path(source))
     validate(checkpoint.tree, file=source)
-    checkpoint = Checkpoint(checkpoint.tree, checkpoint.origin or source, fmt.name, checkpoint.tree_digest)
+    checkpoint = dataclasses.replace(checkpoint, origin=checkpoint.origin or source, format=fmt.name)
     return apply(checkpoint, transforms)
 
 
@@ -287,6 +288,8 @@ def manifest(path: PathLike, format: str | None = None, *, digests: bool = True)
     checkpoint = read(source, format)
     result = manifests.build(checkpoint, digests=digests)
     result["file"] = {"name": source.name, "format": checkpoint.format, "bytes": stored_size(source)}
+    if checkpoint.file_metadata:
+        result["file"]["metadata"] = checkpoint.file_metadata
     return result
 
 

@@ -391,7 +391,7 @@ class _ProgressBar:
 def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     import converters
     from converters.api import stored_size
-    from converters.core.report import describe, dtype_totals, human_bytes
+    from converters.core.report import cast_totals, describe, dtype_totals, human_bytes
 
     checkpoint = converters.read(path, format)
     tensors = checkpoint.unique_tensors()
@@ -400,9 +400,14 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     also = f", {tied} more paths tied to them" if tied else ""
     size = human_bytes(stored_size(path))
     print(f"{shown(path, 1000)}: {checkpoint.format}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
+    for key, value in (checkpoint.file_metadata or {}).items():
+        print(f"file metadata {shown(key, 120)}: {shown(value, 300)}")
     for line in describe(checkpoint.tree, patterns=patterns):
         print(line)
     print("totals: " + "; ".join(dtype_totals([ref for _, ref in tensors])) if tensors else "totals: no tensors")
+    cast = cast_totals([ref for _, ref in tensors])
+    if cast:
+        print("cast: " + "; ".join(cast))
 
 
 def _formats() -> None:

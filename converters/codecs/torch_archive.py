@@ -22,8 +22,8 @@ from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ..core.integrity import read_tree_digest
 from ..core.sources import BufferSource, ByteSource, FileRange, slice_source
-from ..core.stored import read_digests
-from ..core.tree import TensorRef
+from ..core.stored import check_casts, loads_json_strict, read_digests
+from ..core.tree import CastOrigin, TensorRef
 from .torch_pickle import SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
 from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_entries
 
@@ -32,6 +32,8 @@ from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_en
 DIGESTS_RECORD = "sdconvert/blake3.json"
 # Our other extra record: the tree digest (manifests.tree_digest), 64 hex digits.
 TREE_DIGEST_RECORD = "sdconvert/tree.blake3"
+# And, when a tensor was made by a dtype cast, what it was cast from (manifests.cast_records).
+CASTS_RECORD = "sdconvert/casts.json"
 NUMPY_IMPORT_BYTES = 16 << 20  # what importing numpy costs (10 MiB measured), charged once per read
 
 
@@ -70,7 +72,7 @@ def read_archive_and_tree_digest(
     # Every record but the storages is read here and checked against its CRC-32 (the ones used in
     # memory by read_entry, the others streamed); a storage's bytes are checked when they are used
     # (each tensor's source carries its record).
-    used = {prefix + "byteorder", prefix + "data.pkl", prefix + DIGESTS_RECORD, prefix + TREE_DIGEST_RECORD}
+    used = {prefix + name for name in ("byteorder", "data.pkl", DIGESTS_RECORD, TREE_DIGEST_RECORD, CASTS_RECORD)}
     for name, entry in entries.items():
         if not name.startswith(prefix + "data/") and name not in used:
             check_entry(path, entry, budget)
@@ -86,7 +88,12 @@ def read_archive_and_tree_digest(
     if record is not None:
         text = bytes(read_entry(path, record, budget)).decode("ascii", "replace")
         tree_digest = read_tree_digest(text, path, TREE_DIGEST_RECORD)
-    tensors = _Tensors(path, entries, prefix, digests, budget)
+    record = entries.get(prefix + CASTS_RECORD)
+    casts = {}
+    if record is not None:
+        value = loads_json_strict(bytes(read_entry(path, record, budget)), path, CASTS_RECORD, budget)
+        casts = check_casts(value, path, CASTS_RECORD)
+    tensors = _Tensors(path, entries, prefix, digests, casts, budget)
     return unpickle(SafeUnpickler(data, path, tensors.storage, tensors.view, budget), path), tree_digest
 
 
@@ -100,9 +107,16 @@ class _Tensors:
     """
 
     def __init__(
-        self, path: Path, entries: dict[str, StoredEntry], prefix: str, digests: dict[str, str], budget: Budget
+        self,
+        path: Path,
+        entries: dict[str, StoredEntry],
+        prefix: str,
+        digests: dict[str, str],
+        casts: dict[str, CastOrigin],
+        budget: Budget,
     ) -> None:
         self._path, self._entries, self._prefix, self._digests, self._budget = path, entries, prefix, digests, budget
+        self._casts = casts
         self._named: dict[str, int] = {}  # storage key -> bytes its views name so far
         self._numpy_charged = False
 
@@ -131,7 +145,9 @@ class _Tensors:
         if excess:
             self._budget.output(excess, f"tensor bytes viewed more than once in storage {quoted(storage.key)}")
         ref = self._tensor(storage, row, offset, shape, stride)
-        return ref.with_stored_digest(self._digests.get(storage.key)) if ref.source is storage.source else ref
+        if ref.source is not storage.source:
+            return ref
+        return ref.with_stored_digest(self._digests.get(storage.key)).with_cast_from(self._casts.get(storage.key))
 
     def _tensor(
         self, storage: Storage, row: dtypes.DType, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]

@@ -46,6 +46,10 @@ DTYPES: dict[str, DType] = {
 }
 
 
+# The dtypes a dtype cast converts between (transforms/cast.py); a stored cast record names one.
+CASTABLE = ("float64", "float32", "float16", "bfloat16")
+
+
 def lookup(name: str) -> DType:
     """The row for a torch dtype name; ``UnsupportedValueError`` for names not in the table."""
     try:

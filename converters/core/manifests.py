@@ -20,7 +20,7 @@ import json
 import math
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -199,7 +199,30 @@ def _short(value: Any) -> str:
 
 
 def tensor_entry(key: str, path: tuple[str | int, ...], ref: TensorRef) -> dict[str, Any]:
-    return {"key": key, "path": list(path), "dtype": ref.dtype, "shape": list(ref.shape), "nbytes": ref.nbytes}
+    entry = {"key": key, "path": list(path), "dtype": ref.dtype, "shape": list(ref.shape), "nbytes": ref.nbytes}
+    if ref.cast_from is not None:
+        entry["cast"] = cast_record(ref, final=True)
+    return entry
+
+
+def cast_record(ref: TensorRef, *, final: bool) -> dict[str, str]:
+    """What a cast tensor records (``{"from": source dtype, "blake3": source bytes' digest}``), as
+    every format stores it beside its tensor digests. Before the tensors are written (``final``
+    False) a digest not yet known is a same-length placeholder, for headers rewritten in place."""
+    origin = ref.cast_from
+    assert origin is not None
+    digest = origin.resolved() if final else origin.digest or "0" * 64
+    return {"from": origin.dtype, "blake3": digest}
+
+
+def cast_records(
+    tensors: Iterable[tuple[tuple[str | int, ...], TensorRef]],
+    keys: Mapping[tuple[str | int, ...], str],
+    *,
+    final: bool,
+) -> dict[str, dict[str, str]]:
+    """The cast records of ``tensors`` (path, tensor) by storage key: empty when none was cast."""
+    return {keys[path]: cast_record(ref, final=final) for path, ref in tensors if ref.cast_from is not None}
 
 
 def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
@@ -228,6 +251,7 @@ def tree_digest(tree: Any, digests: Callable[[tuple[str | int, ...], TensorRef],
     """BLAKE3 of everything a checkpoint says besides its tensor bytes: the tree (keys, key order,
     container types, values) and each tensor's key, dtype, shape and digest, in a canonical JSON.
 
+    A cast tensor's row also holds what it was cast from (source dtype and digest).
     ``digests(path, ref)`` gives each tensor's digest (a writer: the one it stores; a reader: the
     one the file stores); None when a tensor has none, since then the digest cannot cover it.
     Writers store it beside the tree; ``verify --deep`` recomputes it from what was read, so a flip
@@ -243,7 +267,10 @@ def tree_digest(tree: Any, digests: Callable[[tuple[str | int, ...], TensorRef],
         digest = digests(path, leaf)
         if digest is None:
             return None
-        tensors.append([keys[path], leaf.dtype, list(leaf.shape), digest])
+        row: list[Any] = [keys[path], leaf.dtype, list(leaf.shape), digest]
+        if leaf.cast_from is not None:  # only cast tensors add it: digests of files without casts stay as they were
+            row += [leaf.cast_from.dtype, leaf.cast_from.resolved()]
+        tensors.append(row)
     canonical = json.dumps(
         {"tree": encode_tree(tree, keys), "tensors": tensors}, separators=(",", ":"), ensure_ascii=True
     )

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from .dtypes import numel
+from .dtypes import itemsize, numel
 from .errors import shown
 from .tree import MAPPING_TYPES, TensorRef, walk
 
@@ -126,13 +126,36 @@ def dtype_totals(tensors: list[TensorRef]) -> list[str]:
     ]
 
 
+def cast_totals(tensors: list[TensorRef]) -> list[str]:
+    """One line per (source, dtype) pair of the tensors a dtype cast made (empty when none was).
+
+    >>> from converters.core.sources import BufferSource
+    >>> from converters.core.tree import CastOrigin
+    >>> ref = TensorRef("bfloat16", (2,), BufferSource.of(bytes(4))).with_cast_from(CastOrigin("float32", "0" * 64))
+    >>> cast_totals([ref])
+    ['1 tensor float32 → bfloat16 (8 B → 4 B)']
+    """
+    pairs: dict[tuple[str, str], list[int]] = {}
+    for ref in tensors:
+        if ref.cast_from is not None:
+            entry = pairs.setdefault((ref.cast_from.dtype, ref.dtype), [0, 0, 0])
+            entry[0] += 1
+            entry[1] += numel(ref.shape) * itemsize(ref.cast_from.dtype)
+            entry[2] += ref.nbytes
+    return [
+        f"{count} tensor{'s' if count != 1 else ''} {source} → {dtype} ({human_bytes(before)} → {human_bytes(after)})"
+        for (source, dtype), (count, before, after) in pairs.items()
+    ]
+
+
 def _key(key: Any) -> str:
     return shown(key, KEY_LIMIT)
 
 
 def tensor_text(ref: TensorRef) -> str:
     shape = str(list(ref.shape)) if len(ref.shape) <= 64 else shown(list(ref.shape[:64]), VALUE_LIMIT // 2) + "…"
-    return f"{ref.dtype:<9} {shape}"
+    cast = f"  (cast from {ref.cast_from.dtype})" if ref.cast_from is not None else ""
+    return f"{ref.dtype:<9} {shape}{cast}"
 
 
 def _inline(value: Any) -> str:

@@ -20,10 +20,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import manifests
+from . import dtypes, manifests
 from .budget import Budget
-from .errors import CorruptFileError
-from .tree import TensorRef
+from .errors import CorruptFileError, shown
+from .tree import CastOrigin, TensorRef
 
 _HEX = re.compile(r"[0-9a-f]*")
 _WIDE_UTF8 = re.compile(rb"[\xf0-\xff]")  # lead bytes of 4-byte UTF-8 sequences (and invalid ones)
@@ -136,6 +136,41 @@ def check_digests(value: Any, file: Path | str, what: str) -> dict[str, str]:
     ):
         raise CorruptFileError(f"{what} must map str keys to {DIGEST_HEX_DIGITS}-digit hex BLAKE3 digests", file=file)
     return value
+
+
+def check_casts(value: Any, file: Path | str, what: str) -> dict[str, CastOrigin]:
+    """A stored cast record (``manifests.cast_records``: ``{key: {"from": dtype, "blake3": digest}}``,
+    parsed from any encoding) as the origin of each key's tensor. A dtype that is not a cast source
+    or a malformed digest is refused: a cast is history the manifest shows, so it is never guessed."""
+    if type(value) is not dict:
+        raise CorruptFileError(f"{what} must map tensor keys to cast records", file=file)
+    origins = {}
+    for key, record in value.items():
+        if (
+            type(key) is not str
+            or type(record) is not dict
+            or record.keys() != {"from", "blake3"}
+            or record["from"] not in dtypes.CASTABLE
+            or type(record["blake3"]) is not str
+            or len(record["blake3"]) != DIGEST_HEX_DIGITS
+            or not _HEX.fullmatch(record["blake3"])
+        ):
+            raise CorruptFileError(
+                f"{what}[{shown(key, 80)}] must be {{'from': one of {', '.join(dtypes.CASTABLE)}, "
+                f"'blake3': {DIGEST_HEX_DIGITS} hex digits}}, found {shown(record, 120)}",
+                file=file,
+            )
+        origins[key] = CastOrigin(record["from"], record["blake3"])
+    return origins
+
+
+def read_casts(value: Any, refs: dict[str, TensorRef], file: Path | str, what: str) -> None:
+    """Attach a stored cast record (see :func:`check_casts`) to the tensors of ``refs`` by storage
+    key, in place; a record naming no stored tensor is refused."""
+    for key, origin in check_casts(value, file, what).items():
+        if key not in refs:
+            raise CorruptFileError(f"{what} names {shown(key, 80)}, which is not a stored tensor", file=file)
+        refs[key] = refs[key].with_cast_from(origin)
 
 
 def check_tree_digest(value: Any, file: Path | str, what: str) -> str:

@@ -30,6 +30,39 @@ MAX_DIM = 2**63 - 1  # a dim is an int64 in torch (and in every format that stor
 MAX_NDIM = 64  # dims of a tensor: numpy's limit (flax), the .pt reader's; keeps numel's product small
 
 
+class CastOrigin:
+    """What a cast tensor was made from: the source dtype and the BLAKE3 digest of the source bytes,
+    so a cast stays visible in the manifest and in ``inspect`` after the file is written.
+
+    Readers give the digest their file stores. A cast made now starts with the digest the source
+    file stores, or without one (a file from another tool): then the cast observes it as the source
+    bytes stream by (:meth:`observe`), and :meth:`resolved` hashes ``source`` only if no pass did.
+    """
+
+    __slots__ = ("digest", "dtype", "source")
+
+    def __init__(self, dtype: str, digest: str | None = None, source: ByteSource | None = None) -> None:
+        self.dtype = dtype
+        self.digest = digest
+        self.source = source  # the source bytes, while a cast is in flight (None once read from a file)
+
+    def observe(self, digest: str) -> None:
+        if self.digest is None:
+            self.digest = digest
+
+    def resolved(self) -> str:
+        if self.digest is None:
+            if self.source is None:
+                raise AssertionError("a cast origin without a digest or a source to hash")
+            from .transfer import blake3_hex  # transfer imports sources only; kept lazy all the same
+
+            self.digest = blake3_hex(self.source)
+        return self.digest
+
+    def __repr__(self) -> str:
+        return f"CastOrigin({self.dtype!r}, {self.digest!r})"
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor in flight: dtype (torch spelling), shape, and where its C-order bytes are."""
@@ -41,6 +74,9 @@ class TensorRef:
     # is not an argument: ``TensorRef(...)``, ``derive`` and ``dataclasses.replace`` all start without
     # one, and only ``with_stored_digest`` (used by readers) attaches one.
     digest: str | None = field(default=None, compare=False, init=False)
+    # Set on a tensor made by a dtype cast (and on one read back from a file that records the cast):
+    # what it was cast from. Like ``digest`` it is not an argument, and ``derive`` drops it.
+    cast_from: CastOrigin | None = field(default=None, compare=False, init=False)
 
     def __post_init__(self) -> None:
         try:
@@ -80,6 +116,13 @@ class TensorRef:
         object.__setattr__(ref, "digest", digest)
         return ref
 
+    def with_cast_from(self, origin: CastOrigin | None) -> TensorRef:
+        """The same tensor recording the cast that made it (the cast transform; readers)."""
+        ref = object.__new__(TensorRef)
+        ref.__dict__.update(self.__dict__)
+        object.__setattr__(ref, "cast_from", origin)
+        return ref
+
     def derive(
         self, *, dtype: str | None = None, shape: tuple[int, ...] | None = None, source: ByteSource | None = None
     ) -> TensorRef:
@@ -106,6 +149,9 @@ class Checkpoint:
     format: str | None = None  # the name of the format it was read from
     # The digest of the tree its file stores (see manifests.tree_digest), when it stores one.
     tree_digest: str | None = None
+    # The file's own metadata beside the tensors, not ours (safetensors ``__metadata__`` such as
+    # ``format``, a shard index's ``metadata``): shown by ``inspect``, not part of the tree.
+    file_metadata: dict[str, Any] | None = None
 
     def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
         """Every tensor with its tree path, in tree order (a tied tensor once per path)."""

@@ -34,8 +34,8 @@ from ..core.budget import MAX_DEPTH, Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
-from ..core.stored import check_digests, check_tree_digest, paused_gc
-from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, walk
+from ..core.stored import check_casts, check_digests, check_tree_digest, paused_gc
+from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, CastOrigin, Checkpoint, TensorRef, walk
 from ..core.writing import DIGEST_PLACEHOLDER, PiecewiseCopy, Reserved, TensorWriter
 
 EXT_NDARRAY = 1  # flax: _MsgpackExtType.ndarray
@@ -79,10 +79,12 @@ class MsgpackFormat(FormatBase):
         node = manifests.encode_tree(tree, keys)
         # Digests are known once the bytes went by: the metadata is written with placeholders of
         # the same length and rewritten in place at the end. The tree is packed once.
-        digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in checkpoint.unique_tensors()}
+        unique = checkpoint.unique_tensors()
+        digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in unique}
+        casts = manifests.cast_records(unique, keys, final=False)  # placeholders until the bytes went by
         tensor_writer = TensorWriter(context, checkpoint.origin)
         head = (
-            codec.map_header(5)
+            codec.map_header(5 + bool(casts))
             + codec.pack_str("version")
             + codec.pack_int(META_VERSION)
             + codec.pack_str("wrapped")
@@ -100,7 +102,8 @@ class MsgpackFormat(FormatBase):
             entries = b"".join(
                 packed + codec.pack_str(digest) for packed, digest in zip(packed_keys, digests.values(), strict=True)
             )
-            return head + entries + codec.pack_str("tree_blake3") + codec.pack_str(tree_digest[0])
+            tail = codec.pack_str("casts") + codec.pack_plain(casts) if casts else b""
+            return head + entries + codec.pack_str("tree_blake3") + codec.pack_str(tree_digest[0]) + tail
 
         with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
             out.write(codec.map_header(1 + (1 if wrapped else len(tree))))
@@ -115,6 +118,7 @@ class MsgpackFormat(FormatBase):
                 emit.items(tree, ())
             digests.update(emit.digests)
             tree_digest[0] = tensor_writer.tree_digest(checkpoint)
+            casts.update(manifests.cast_records(unique, keys, final=True))
             reserved.rewrite()
 
     # ------------------------------------------------------------------------------- reading
@@ -283,6 +287,7 @@ class _TreeReader:
         self.parser = codec.Parser(buffer, path, budget=budget, max_depth=max_depth)
         self.ext_parser = codec.Parser(buffer, path, budget=budget, max_depth=2)
         self.stored: dict[str, TensorRef] = {}  # storage key -> tensor, for ext 82 to point at
+        self.casts: dict[str, CastOrigin] = {}  # storage key -> what its tensor was cast from
         self.digests: dict[str, str] = {}
         self.tree_digest: str | None = None
 
@@ -316,6 +321,7 @@ class _TreeReader:
             self.digests = check_digests(meta["blake3"], self.path, f"{META_KEY!r} blake3")
         if "tree_blake3" in meta:
             self.tree_digest = check_tree_digest(meta["tree_blake3"], self.path, f"{META_KEY!r} tree_blake3")
+        self.casts = check_casts(meta.get("casts", {}), self.path, f"{META_KEY!r} casts")
         if type(meta["version"]) is not int or meta["version"] != META_VERSION:
             raise UnsupportedValueError(
                 f"{META_KEY!r} version {_short(meta['version'])} is not one this reader knows ({META_VERSION})",
@@ -331,7 +337,11 @@ class _TreeReader:
         del meta
         expected = manifests.decode_tree(node, lambda key, _path: _Slot(key), file=self.path)
         del node
-        return self._merge(expected, self._plain(native, ()), ())
+        merged = self._merge(expected, self._plain(native, ()), ())
+        stray = next((key for key in self.casts if key not in self.stored), None)
+        if stray is not None:
+            raise CorruptFileError(f"{META_KEY!r} casts names {stray!r}, which is not a stored tensor", file=self.path)
+        return merged
 
     def _merge(self, expected: Any, native: Any, path: tuple[str | int, ...]) -> Any:
         """The metadata tree (changed in place) with its tensors taken from the native tree, after
@@ -343,7 +353,9 @@ class _TreeReader:
             if type(native) is not TensorRef or expected.key in self.stored:
                 self._disagree(path, f"the tensor {expected.key!r}", native)
             digest = self.digests.get(expected.key)
-            self.stored[expected.key] = native if digest is None else native.with_stored_digest(digest)
+            ref = native if digest is None else native.with_stored_digest(digest)
+            origin = self.casts.get(expected.key)
+            self.stored[expected.key] = ref if origin is None else ref.with_cast_from(origin)
             return self.stored[expected.key]
         if kind in MAPPING_TYPES:
             if type(native) is not dict:
@@ -561,7 +573,7 @@ _UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _BIN_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 _DTYPE_NAMES = {name.encode(): name for name in dtypes.DTYPES}
 _META_REQUIRED = frozenset({"version", "wrapped", "tree"})
-_META_KEYS = _META_REQUIRED | {"blake3", "tree_blake3"}
+_META_KEYS = _META_REQUIRED | {"blake3", "tree_blake3", "casts"}
 _BIGINT = re.compile(rb"-?[0-9]+")
 
 

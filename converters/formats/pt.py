@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from ..codecs.torch_archive import DIGESTS_RECORD, TREE_DIGEST_RECORD, read_archive_and_tree_digest
+from ..codecs.torch_archive import CASTS_RECORD, DIGESTS_RECORD, TREE_DIGEST_RECORD, read_archive_and_tree_digest
 from ..codecs.torch_pickle import PickleWriter
 from ..codecs.zip import ZipWriter
+from ..core import manifests
 from ..core.atomic import atomic_output
 from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
@@ -75,6 +76,9 @@ class PtFormat(FormatBase):
             archive.add(f"{ARCHIVE}/version", b"3\n")
             archive.add(f"{ARCHIVE}/{DIGESTS_RECORD}", json.dumps(digests, separators=(",", ":")).encode())
             archive.add(f"{ARCHIVE}/{TREE_DIGEST_RECORD}", tensor_writer.tree_digest(checkpoint).encode())
+            casts = manifests.cast_records(unique, {path: key_of[id(ref)] for path, ref in unique}, final=True)
+            if casts:
+                archive.add(f"{ARCHIVE}/{CASTS_RECORD}", json.dumps(casts, separators=(",", ":")).encode())
             archive.close()
 
 

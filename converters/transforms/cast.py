@@ -57,7 +57,7 @@ from ..core.errors import ConverterError, CorruptFileError
 from ..core.integrity import crc_message, records_of, verify_record
 from ..core.sources import CHUNK_SIZE, ByteSource, FileRange, fill_from_chunks, slice_source
 from ..core.transfer import Checks
-from ..core.tree import Checkpoint, TensorRef
+from ..core.tree import CastOrigin, Checkpoint, TensorRef
 from .base import (
     InvalidOptionError,
     NoMatchError,
@@ -72,7 +72,7 @@ from .base import (
 )
 from .paths import PathPattern, format_path
 
-FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")  # what Cast converts between
+FLOAT_DTYPES = dtypes.CASTABLE  # what Cast converts between
 SKIPPED_FLOATS = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 # Elements per converted block are chosen so that the wider side of a block is this many bytes:
 # with the kernels' temporaries, a cast holds a few times this much, whatever the tensor's size.
@@ -311,7 +311,9 @@ class CastSource:
     as they are read: at most ``BLOCK_BYTES`` (of the wider dtype) of input and output at a time.
 
     ``source_digest`` is the digest the source file stores for the *source* bytes (None when it
-    stores none): a manifest shows it beside the source dtype, so a cast is always visible.
+    stores none). ``origin`` (the :class:`CastOrigin` the cast tensor records) learns the source
+    bytes' digest from the pass when the file stores none, so writers can record it without a
+    second read; a manifest shows it beside the source dtype, so a cast is always visible.
 
     The source bytes are checked as they are read, so a cast never launders a flipped bit into the
     fresh digest of its output: a zip record's CRC-32 always (on the way when the source is one whole
@@ -332,6 +334,7 @@ class CastSource:
     source_digest: str | None = field(default=None, compare=False)
     block_bytes: int = field(default=BLOCK_BYTES, compare=False)
     check_digest: bool = field(default=False, compare=False)
+    origin: CastOrigin | None = field(default=None, compare=False)
 
     # Derived once (a checkpoint may hold 100,000 tensors): element sizes and the output size.
     in_size: int = field(init=False, repr=False, compare=False)
@@ -397,7 +400,8 @@ class CastSource:
             if record is not whole:
                 verify_record(record)  # part of a record: the whole record is checked first
         hashing = self.check_digest and self.source_digest is not None
-        checks = Checks.make(crc=whole is not None, digest=hashing)
+        observing = self.origin is not None and self.origin.digest is None
+        checks = Checks.make(crc=whole is not None, digest=hashing or observing)
 
         work = Scratch(np)  # the kernels' arrays, reused by every block of this pass
 
@@ -436,7 +440,9 @@ class CastSource:
         if whole is not None and checks.crc != whole.crc32:
             raise CorruptFileError(crc_message(whole, checks.crc or 0), file=whole.path)
         actual = checks.hexdigest()
-        if actual is not None and actual != self.source_digest:
+        if observing and actual is not None and self.origin is not None:
+            self.origin.observe(actual)
+        if hashing and actual != self.source_digest:
             raise CorruptFileError(
                 f"the {self.from_dtype} bytes being cast do not match their stored BLAKE3 digest "
                 f"(stored {self.source_digest}, bytes hash to {actual})"
@@ -529,8 +535,11 @@ class Cast(TracksOrigins, Reporting):
             if ref.dtype == self.dtype:
                 skipped.append({**entry, "reason": f"already {self.dtype}"})
                 continue
-            source = CastSource(ref.source, ref.dtype, self.dtype, source_digest=ref.digest, check_digest=self.check)
-            new = ref.derive(dtype=self.dtype, source=source)
+            origin = CastOrigin(ref.dtype, ref.digest, ref.source)
+            source = CastSource(
+                ref.source, ref.dtype, self.dtype, source_digest=ref.digest, check_digest=self.check, origin=origin
+            )
+            new = ref.derive(dtype=self.dtype, source=source).with_cast_from(origin)
             made[key] = new
             self._made_from(new, ref)
             cast.append(

@@ -40,7 +40,7 @@ from ...core.contract import FormatBase, WriteContext, option
 from ...core.errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ...core.integrity import read_tree_digest
 from ...core.sources import BufferSource, ByteSource, FileRange
-from ...core.stored import loads_json_strict, read_digests
+from ...core.stored import check_casts, loads_json_strict, read_digests
 from ...core.tree import Checkpoint, TensorRef, walk
 from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from .graph import ExportedGraph, export
@@ -54,6 +54,7 @@ MODEL_KEYS = ("model_state_dict", "model", "state_dict", "net")
 TREE_KEY, VERSION_KEY = "sdconvert.tree", "sdconvert.version"
 CONSTANTS_KEY, FALLBACK_KEY = "sdconvert.graph_constants", "sdconvert.fallback"
 DIGESTS_KEY = "sdconvert.blake3"
+CASTS_KEY = "sdconvert.casts"  # manifests.cast_records: what each cast tensor was cast from
 TREE_DIGEST_KEY = "sdconvert.tree_blake3"  # manifests.tree_digest: keys, types, values, dtypes, shapes
 EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 
@@ -179,7 +180,7 @@ class OnnxFormat(FormatBase):
         graph_fields = graph.graph_fields if graph is not None else _weights_graph_fields(main)
         constant_protos = [graph.initializers[name] for name in constants] if graph is not None else []
         head = model_fields + wire.string_field(2, "statedict-convert") + wire.string_field(3, "1")
-        metadata = _metadata(checkpoint.tree, names, planned, constants, digests, DIGEST_PLACEHOLDER)
+        metadata = _metadata(checkpoint.tree, names, planned, constants, digests, DIGEST_PLACEHOLDER, final=False)
         graph_length = (
             len(graph_fields) + sum(_embedded(len(p)) for p in constant_protos) + sum(_embedded(p.length) for p in main)
         )
@@ -205,7 +206,9 @@ class OnnxFormat(FormatBase):
             out.write(head)
             reserved = Reserved(
                 out,
-                lambda: _metadata(checkpoint.tree, names, planned, constants, digests, tensors.tree_digest(checkpoint)),
+                lambda: _metadata(
+                    checkpoint.tree, names, planned, constants, digests, tensors.tree_digest(checkpoint), final=True
+                ),
             )
             out.write(wire.len_header(7, graph_length) + graph_fields)
             for proto in constant_protos:
@@ -394,6 +397,8 @@ def _metadata(
     constants: list[str],
     digests: dict[str, str],
     tree_digest: str,
+    *,
+    final: bool,
 ) -> bytes:
     entries = {
         VERSION_KEY: str(manifests.MANIFEST_VERSION),
@@ -408,6 +413,9 @@ def _metadata(
         entries[CONSTANTS_KEY] = json.dumps(constants, separators=(",", ":"))
     entries[DIGESTS_KEY] = json.dumps(digests, separators=(",", ":"))
     entries[TREE_DIGEST_KEY] = tree_digest
+    casts = manifests.cast_records(((p.path, p.ref) for p in planned), names, final=final)
+    if casts:
+        entries[CASTS_KEY] = json.dumps(casts, separators=(",", ":"))
     return b"".join(wire.bytes_field(14, wire.string_field(1, k) + wire.string_field(2, v)) for k, v in entries.items())
 
 
@@ -918,6 +926,11 @@ def _tree_from_metadata(
         loads_json_strict(metadata.get(CONSTANTS_KEY, "[]"), path, f"metadata_props[{CONSTANTS_KEY!r}]", budget)
     )
     digests = read_digests(metadata.get(DIGESTS_KEY, "{}"), path, f"metadata_props[{DIGESTS_KEY!r}]", budget)
+    what = f"metadata_props[{CASTS_KEY!r}]"
+    casts = check_casts(loads_json_strict(metadata.get(CASTS_KEY, "{}"), path, what, budget), path, what)
+    stray = next((key for key in casts if key not in tensors), None)
+    if stray is not None:
+        raise CorruptFileError(f"{what} names {stray!r}, which is not an initializer", file=path)
     used: set[str] = set()
     restored: dict[str, TensorRef] = {}
 
@@ -929,7 +942,8 @@ def _tree_from_metadata(
         used.add(key)
         if key not in restored:  # once per key, so a tied tensor stays one tensor
             ref = tensors[key][0].with_stored_digest(digests.get(key))
-            restored[key] = _from_fallback(path, key, ref, fallback[key], tree_path) if key in fallback else ref
+            ref = _from_fallback(path, key, ref, fallback[key], tree_path) if key in fallback else ref
+            restored[key] = ref.with_cast_from(casts.get(key))
         return restored[key]
 
     tree = manifests.decode_tree(node, tensor, file=path)

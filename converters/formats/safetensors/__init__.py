@@ -8,7 +8,8 @@ the reference reader). Spec of what we add: ``schemas/safetensors.md``. In short
 - other trees store tensors under their path keys (``optimizer_state_dict/state/0/momentum_buffer``);
 - ``__metadata__`` holds ``"format": "pt"`` and ``"sdconvert.tree"``, the manifest tree node (types,
   key order, non-tensor values), so one file round-trips alone; ``"sdconvert.blake3"``, every
-  tensor's digest, and ``"sdconvert.tree_blake3"``, the digest of everything else.
+  tensor's digest, and ``"sdconvert.tree_blake3"``, the digest of everything else;
+  ``"sdconvert.casts"`` (only when a tensor was made by a dtype cast) what each was cast from.
 
 Reading follows the rules of the reference implementation: header at most 100 MB and inside the
 file, no duplicate keys, byte ranges contiguous from 0 without gaps or overlaps, each exactly
@@ -33,7 +34,14 @@ from ...core.contract import FormatBase, WriteContext, option
 from ...core.dtypes import itemsize
 from ...core.errors import CorruptFileError, DestinationError, UnsupportedValueError
 from ...core.sources import FileRange
-from ...core.stored import check_tree_digest, loads_json_strict, paused_gc, read_digests, tree_from_stored
+from ...core.stored import (
+    check_tree_digest,
+    loads_json_strict,
+    paused_gc,
+    read_casts,
+    read_digests,
+    tree_from_stored,
+)
 from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
 from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from . import sharded
@@ -43,6 +51,8 @@ TREE_KEY = "sdconvert.tree"
 VERSION_KEY = "sdconvert.version"
 DIGESTS_KEY = "sdconvert.blake3"
 TREE_DIGEST_KEY = "sdconvert.tree_blake3"  # manifests.tree_digest: keys, types, values, dtypes, shapes, digests
+CASTS_KEY = "sdconvert.casts"  # manifests.cast_records: {key: {"from": dtype, "blake3": source digest}}
+OWN_PREFIX = "sdconvert."  # our __metadata__ keys; the others are the file's own (inspect shows them)
 HEADER_ALIGN = 64  # the format needs 8; 64 starts the data where torch would align a tensor
 
 
@@ -118,6 +128,9 @@ class SafetensorsFormat(FormatBase):
                         refs[key] = ref.with_stored_digest(digest)
             if TREE_DIGEST_KEY in metadata:
                 tree_digest = check_tree_digest(metadata[TREE_DIGEST_KEY], path, f"__metadata__[{TREE_DIGEST_KEY!r}]")
+            if CASTS_KEY in metadata:
+                what = f"__metadata__[{CASTS_KEY!r}]"
+                read_casts(loads_json_strict(metadata[CASTS_KEY], path, what, budget), refs, path, what)
         # Without our tree (a file from another tool) the tensors form a flat dict in header order.
         if metadata and TREE_KEY in metadata:
             what = f"__metadata__[{TREE_KEY!r}]"
@@ -126,7 +139,8 @@ class SafetensorsFormat(FormatBase):
             )
         else:
             tree = refs
-        return Checkpoint(tree, path, tree_digest=tree_digest)
+        own = {key: value for key, value in (metadata or {}).items() if not key.startswith(OWN_PREFIX)}
+        return Checkpoint(tree, path, tree_digest=tree_digest, file_metadata=own or None)
 
     def _read_header(self, path: Path, budget: Budget) -> tuple[dict[str, Any], int, int]:
         with open(path, "rb") as handle:
@@ -200,9 +214,12 @@ class SafetensorsFormat(FormatBase):
             }
             offset += ref.nbytes
         digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in order}
+        casts = manifests.cast_records(order, keys, final=False)
 
         def encode_header() -> bytes:
             metadata[DIGESTS_KEY] = json.dumps(digests, separators=(",", ":"))
+            if casts:
+                metadata[CASTS_KEY] = json.dumps(casts, separators=(",", ":"))
             encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
             return encoded + b" " * (-(8 + len(encoded)) % HEADER_ALIGN)
 
@@ -213,6 +230,7 @@ class SafetensorsFormat(FormatBase):
             for tensor_path, ref in order:
                 digests[keys[tensor_path]] = tensor_writer.copy(out, ref, tensor_path).digest
             metadata[TREE_DIGEST_KEY] = tensor_writer.tree_digest(checkpoint)
+            casts.update(manifests.cast_records(order, keys, final=True))
             reserved.rewrite()
 
 

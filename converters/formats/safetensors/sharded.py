@@ -173,7 +173,8 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
         )
     else:
         tree = {key: refs[key] for key in weight_map}
-    return Checkpoint(tree, folder, tree_digest=tree_digest)
+    own = {key: value for key, value in metadata.items() if not key.startswith("sdconvert.")}
+    return Checkpoint(tree, folder, tree_digest=tree_digest, file_metadata=own or None)
 
 
 def _read_index(index_path: Path, budget: Budget) -> bytes:
