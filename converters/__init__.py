@@ -27,6 +27,7 @@ _EXPORTS = {
     "read": "converters.api",
     "save": "converters.api",
     "verify": "converters.api",
+    "verify_report": "converters.api",
     "write": "converters.api",
     "ConverterError": "converters.core.errors",
     "CorruptFileError": "converters.core.errors",
@@ -71,6 +72,7 @@ __all__ = [
     "registry",
     "save",
     "verify",
+    "verify_report",
     "write",
 ]
 

@@ -21,7 +21,7 @@ from .core.contract import Format, WriteContext, make_options
 from .core.errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnsupportedValueError
 from .core.registry import registry
 
-__all__ = ["convert", "load", "manifest", "read", "registry", "save", "verify", "write"]
+__all__ = ["convert", "load", "manifest", "read", "registry", "save", "verify", "verify_report", "write"]
 from .core.tree import Checkpoint, validate
 from .transforms import Transform, apply, describe_plan
 from .transforms.options import from_options
@@ -242,21 +242,60 @@ def _refuse_writing_over(source: Path, destination: Path) -> None:
         )
 
 
-def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint | None = None, *, deep: bool = False) -> list[str]:
-    """Differences between two checkpoints, in any formats; an empty list means bit-identical.
+def verify(
+    a: PathLike | Checkpoint,
+    b: PathLike | Checkpoint | None = None,
+    *,
+    deep: bool = False,
+    tensors_only: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    cast_aware: bool = False,
+    select: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    strip_prefix: str | Iterable[str] | None = None,
+    rename: str | Iterable[str] | None = None,
+    transforms: Iterable[Transform] = (),
+) -> list[str]:
+    """Differences between two checkpoints, in any formats; an empty list means bit-identical
+    (or, with the options below, the same as far as they ask).
 
     With ``deep``, each file's tensors are also re-hashed against the BLAKE3 digests it stores (and
     its zip CRC-32s, and the digest of its tree), so a flipped bit is reported with its tensor's
     path even without a second file to compare with. Tensors without a stored digest cannot be
     checked that way, and say so: a file without digests is never reported intact.
 
+    The other options are those of :func:`verify_report` (tolerances, ``cast_aware``, ``convert``'s
+    key options applied to ``a``, ``tensors_only``); with any of them the result is its
+    ``problems()``: one line per tensor that differs (``path: what``) or is missing, then every
+    other difference unless ``tensors_only``. Tensors within the tolerance are not differences.
+
     Example::
 
         verify("checkpoint.pt", "checkpoint.safetensors")
         # []
+        verify("ddp.pt", "weights.safetensors", strip_prefix="auto", select="model_state_dict", tensors_only=True)
+        # []
     """
+    loose: dict[str, Any] = {
+        "tensors_only": tensors_only,
+        "atol": atol,
+        "rtol": rtol,
+        "cast_aware": cast_aware,
+        "select": select,
+        "exclude": exclude,
+        "strip_prefix": strip_prefix,
+        "rename": rename,
+    }
+    transforms = list(transforms)
+    asked = [name for name, value in loose.items() if value is not None and value is not False]
+    asked += ["transforms"] if transforms else []
     if b is None and not deep:
         raise ConverterError("verify needs a second checkpoint, or deep=True to check one against its digests")
+    if b is None and asked:
+        raise ConverterError(f"verify: {asked[0]} goes with a second checkpoint to compare with")
+    if b is not None and asked:
+        return verify_report(a, b, deep=deep, transforms=transforms, **loose).problems()
     found = []
     checkpoints = []
     for item in (a, b):
@@ -265,18 +304,118 @@ def verify(a: PathLike | Checkpoint, b: PathLike | Checkpoint | None = None, *, 
         checkpoint = item if isinstance(item, Checkpoint) else read(item)
         checkpoints.append(checkpoint)
         if deep:
-            problems, unchecked = integrity.check(checkpoint)
-            found += [f"{checkpoint.origin or 'checkpoint'}: {problem}" for problem in problems]
-            if unchecked:  # "intact" would be a lie: these bytes were compared with nothing
-                total = len(checkpoint.unique_tensors())
-                found.append(
-                    f"{checkpoint.origin or 'checkpoint'}: no stored digests for {unchecked} of {total} tensors: "
-                    "cannot check them (the file's writer stores none; converting it to one of our formats "
-                    "stores digests)"
-                )
+            found += _integrity_problems(checkpoint)
     if len(checkpoints) == 2:
         found += compare.differences(checkpoints[0].tree, checkpoints[1].tree)
     return found
+
+
+def verify_report(
+    a: PathLike | Checkpoint,
+    b: PathLike | Checkpoint,
+    *,
+    deep: bool = False,
+    tensors_only: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    cast_aware: bool = False,
+    select: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    strip_prefix: str | Iterable[str] | None = None,
+    rename: str | Iterable[str] | None = None,
+    transforms: Iterable[Transform] = (),
+) -> compare.Verification:
+    """Everything ``sdconvert verify A B`` reports: the tensors matched by path (bit-identical,
+    within tolerance with the largest difference, differing with how many elements and by how much,
+    missing on either side), then the other differences (containers, key order, values), then with
+    ``deep`` what each file's stored digests say. ``.same`` answers "are these the same weights?";
+    ``.problems()`` is what makes them not; ``.as_json()`` is ``verify --json``.
+
+    - ``atol``/``rtol`` (finite, >= 0; None: bit for bit): floating-point tensors (float64/32/16,
+      bfloat16) whose bytes differ are the same when every element has ``|a - b| <= atol + rtol *
+      |b|`` (``numpy.isclose``; NaN only where the other is NaN, infinities equal only to
+      themselves). Tensors of two floating dtypes are then compared by value, both widened to
+      float64; without a tolerance a dtype difference is a difference.
+    - ``cast_aware``: where ``a`` and ``b`` hold one path's tensor in two floating dtypes (same
+      shape), ``a``'s is cast to ``b``'s dtype exactly as ``convert(dtype=...)`` (and torch's
+      ``tensor.to``) does, and that is compared with ``b``'s: "is B A converted with --dtype?"
+      (bit for bit; with ``atol``/``rtol`` too, within them).
+    - ``select``, ``exclude``, ``strip_prefix``, ``rename`` (and ``transforms``): as in
+      :func:`convert`, same checks and errors, applied to ``a`` (the first) before comparing: "is B
+      A's weights renamed?". ``b`` is compared as it is.
+    - ``tensors_only``: the other differences are listed but do not count (``verify --tensors``).
+
+    Tensor bytes are read block by block (flat memory), also through casts.
+    """
+    compare.check_tolerance("atol", atol)
+    compare.check_tolerance("rtol", rtol)
+    steps = from_options(select=select, exclude=exclude, strip_prefix=strip_prefix, rename=rename) + list(transforms)
+    first, second = (item if isinstance(item, Checkpoint) else read(item) for item in (a, b))
+    problems = _integrity_problems(first) + _integrity_problems(second) if deep else []
+    first = apply(first, steps)
+    cast_from: dict[str, str] = {}
+    if cast_aware:
+        first, cast_from = _cast_like(first, second)
+    return compare.verification(
+        first.tree,
+        second.tree,
+        atol=atol,
+        rtol=rtol,
+        cast_from=cast_from,
+        tensors_only=tensors_only,
+        integrity=problems,
+        transformed=[_step_summary(step) for step in steps],
+    )
+
+
+def _integrity_problems(checkpoint: Checkpoint) -> list[str]:
+    """What re-hashing ``checkpoint``'s tensors against its stored digests finds (``verify --deep``)."""
+    problems, unchecked = integrity.check(checkpoint)
+    found = [f"{checkpoint.origin or 'checkpoint'}: {problem}" for problem in problems]
+    if unchecked:  # "intact" would be a lie: these bytes were compared with nothing
+        total = len(checkpoint.unique_tensors())
+        found.append(
+            f"{checkpoint.origin or 'checkpoint'}: no stored digests for {unchecked} of {total} tensors: "
+            "cannot check them (the file's writer stores none; converting it to one of our formats "
+            "stores digests)"
+        )
+    return found
+
+
+def _cast_like(first: Checkpoint, second: Checkpoint) -> tuple[Checkpoint, dict[str, str]]:
+    """``first`` with each floating-point tensor whose path holds a tensor of another floating dtype
+    (and the same shape) in ``second`` cast to that dtype (``CastSource``: torch's ``tensor.to``,
+    streamed); the cast paths with the dtype each had. A tied tensor is cast once per target dtype."""
+    from .core.errors import format_tree_path
+    from .core.tree import TensorRef, map_leaves
+    from .transforms import FLOAT_DTYPES, CastSource
+    from .transforms.base import replace_tree
+
+    targets = {format_tree_path(path): ref for path, ref in second.tensors()}
+    cast_from: dict[str, str] = {}
+    made: dict[tuple[int, str], TensorRef] = {}
+
+    def cast(path: tuple[str | int, ...], leaf: Any) -> Any:
+        if type(leaf) is not TensorRef or leaf.dtype not in FLOAT_DTYPES:
+            return leaf
+        where = format_tree_path(path)
+        target = targets.get(where)
+        if target is None or target.dtype == leaf.dtype or target.dtype not in FLOAT_DTYPES:
+            return leaf
+        if target.shape != leaf.shape:
+            return leaf
+        cast_from[where] = leaf.dtype
+        key = (id(leaf), target.dtype)
+        if key not in made:
+            made[key] = leaf.derive(dtype=target.dtype, source=CastSource(leaf.source, leaf.dtype, target.dtype))
+        return made[key]
+
+    return replace_tree(first, map_leaves(first.tree, cast)), cast_from
+
+
+def _step_summary(step: Transform) -> str:
+    summary = getattr(step, "summary", None)
+    return str(summary()) if callable(summary) else repr(step)
 
 
 def manifest(path: PathLike, format: str | None = None, *, digests: bool = True) -> dict[str, Any]:

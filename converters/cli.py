@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -131,6 +132,34 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
         help="compare tensors by path only: exit 0 when all are bit-identical, whatever the containers and key order",
     )
     verify.add_argument("--json", action="store_true", help="the report as JSON")
+    loose = verify.add_argument_group("the same weights, not the same bits")
+    loose.add_argument(
+        "--atol",
+        metavar="X",
+        help="floating-point tensors pass when every |a-b| <= atol + rtol*|b| (numpy.isclose; NaN and inf must "
+        "match; default 0); with a tolerance, two floating dtypes are compared by value, both widened to float64",
+    )
+    loose.add_argument("--rtol", metavar="Y", help="relative tolerance (see --atol; default 0)")
+    loose.add_argument(
+        "--cast-aware",
+        action="store_true",
+        help="where A and B hold a tensor in two floating dtypes, cast A's to B's dtype (as convert --dtype, "
+        "torch's tensor.to) and compare that with B's bit for bit",
+    )
+    first = verify.add_argument_group("changes to A (the first checkpoint) before comparing, as in convert")
+    first.add_argument(
+        "--select", metavar="PATH", action="append", help="keep only these sub-trees of A (repeatable, globs)"
+    )
+    first.add_argument("--exclude", metavar="PATH", action="append", help="drop these sub-trees of A (repeatable)")
+    first.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        action="append",
+        help="remove a key prefix from every state_dict of A; 'auto': module. (DDP), _orig_mod. (compile)",
+    )
+    first.add_argument(
+        "--rename", metavar="REGEX=REPL", action="append", help="rename A's state_dict keys (Python re, repeatable)"
+    )
 
     commands.add_parser("formats", help="the registered formats, their suffixes and dtypes")
 
@@ -199,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "verify":
         if args.b is None and not args.deep:
             raise UsageError("sdconvert verify: give two files, or --deep to check one against its digests")
+        loose = [flag for flag, dest in VERIFY_COMPARISON_FLAGS if getattr(args, dest) not in (None, False)]
+        if args.b is None and loose:
+            raise UsageError(f"sdconvert verify: {loose[0]} goes with two files to compare")
         if args.b is not None:
             return _verify_two(args)
         problems = converters.verify(args.a, args.b, deep=args.deep)
@@ -228,34 +260,74 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _verify_two(args: argparse.Namespace) -> int:
-    """Two checkpoints: the tensors first (matched by path: bit-identical, differing with by how
-    much, missing on either side), then every other difference (containers, key order, values)."""
-    import converters
-    from converters.core.compare import differences, tensor_report
+VERIFY_COMPARISON_FLAGS = (
+    ("--atol", "atol"),
+    ("--rtol", "rtol"),
+    ("--cast-aware", "cast_aware"),
+    ("--select", "select"),
+    ("--exclude", "exclude"),
+    ("--strip-prefix", "strip_prefix"),
+    ("--rename", "rename"),
+)
 
-    a, b = converters.read(args.a), converters.read(args.b)
-    report = tensor_report(a.tree, b.tree)
-    integrity = converters.verify(a, deep=True) + converters.verify(b, deep=True) if args.deep else []
-    others = differences(a.tree, b.tree)
-    tensor_lines = {path for path, _ in report.differ} | set(report.only_first) | set(report.only_second)
-    # what the tensor report already says is not repeated among the other differences
-    others = [line for line in others if not any(line.startswith(f"{path}: tensor") for path in tensor_lines)]
-    same = report.same and not integrity and (args.tensors or not others)
+
+def _tolerance(args: argparse.Namespace, name: str) -> float | None:
+    """``--atol``/``--rtol`` as a float: None when not given; a non-number or a negative or
+    non-finite one is bad usage."""
+    text = getattr(args, name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"sdconvert verify: --{name} takes a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"sdconvert verify: --{name} {text}: a tolerance is a finite number >= 0")
+    return value
+
+
+def _verify_two(args: argparse.Namespace) -> int:
+    """Two checkpoints: the tensors first (matched by path: bit-identical, within tolerance with the
+    largest difference, differing with by how much, missing on either side), then every other
+    difference (containers, key order, values). A is transformed first when asked (--select...)."""
+    from converters.api import verify_report
+
+    atol, rtol = _tolerance(args, "atol"), _tolerance(args, "rtol")
+    found = verify_report(
+        args.a,
+        args.b,
+        deep=args.deep,
+        tensors_only=args.tensors,
+        atol=atol,
+        rtol=rtol,
+        cast_aware=args.cast_aware,
+        select=args.select,
+        exclude=args.exclude,
+        strip_prefix=args.strip_prefix,
+        rename=args.rename,
+    )
+    report, others, integrity = found.tensors, found.other, found.integrity
     if args.json:
-        result = {"same": same, "tensors": report.as_json(), "other": others, "integrity": integrity}
-        print(json.dumps(result, indent=2))
-        return EXIT_OK if same else EXIT_DIFFERENT
+        print(json.dumps(found.as_json(), indent=2))
+        return EXIT_OK if found.same else EXIT_DIFFERENT
     subject = f"{shown(args.a, 1000)} and {shown(args.b, 1000)}"
-    if report.same and not others and not integrity:
+    if found.bit_identical:
         print(f"bit-identical: {subject}" + (" (stored digests checked)" if args.deep else ""))
-        return EXIT_OK
-    if same:  # --tensors: every tensor identical; the rest is listed but does not fail
+    elif found.same and report.bit_identical:  # --tensors: every tensor identical; the rest does not fail
         print(f"tensors bit-identical: {subject} ({len(report.identical)} tensors)")
+    elif found.same:
+        how = f"within tolerance ({report.tolerance_text()})" if report.within else "bit-identical"
+        cast = " after casting the first's tensors to the second's dtypes" if report.cast_from else ""
+        print(f"tensors {how}{cast}: {subject} ({len(report.identical) + len(report.within)} tensors)")
     else:
-        print(f"{len(report.differ) + len(report.only_first) + len(report.only_second) + len(others) + len(integrity)}"
-              f" difference(s) between {subject}:")  # fmt: skip
+        print(f"{len(found.problems())} difference(s) between {subject}:")
+    for line in found.transformed:
+        print(f"  applied to the first: {shown(line, 2000)}")
+    if found.bit_identical:
+        return EXIT_OK
     print(f"  {report.summary()}")
+    for path, text, _ in report.within:
+        print(f"  {shown(path, 300)}: within tolerance, {text}")
     for path, text in report.differ:
         print(f"  {shown(path, 300)}: {text}")
     for label, paths in (("only in the first", report.only_first), ("only in the second", report.only_second)):
@@ -267,7 +339,7 @@ def _verify_two(args: argparse.Namespace) -> int:
         print("  other differences (containers, key order, values):" if not args.tensors else "  also (not compared):")
         for line in others:
             print(f"    {shown(line, 2000)}")
-    return EXIT_OK if same else EXIT_DIFFERENT
+    return EXIT_OK if found.same else EXIT_DIFFERENT
 
 
 def _dry_run(args: argparse.Namespace, changes: dict[str, Any]) -> None:

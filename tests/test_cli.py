@@ -207,4 +207,5 @@ def test_inspect_totals_per_dtype_and_patterns(tmp_path: Path) -> None:
     collapsed = sdconvert("inspect", "--patterns", path).stdout.splitlines()
     assert "layers.#.attn.q.weight  float32   [4, 4]  ×12" in collapsed
     assert "layers.#.norm.weight    float32   [4]  ×12" in collapsed
-    assert "layers.3.extra          int64     [2]" in collapsed and len(collapsed) == 6
+    assert "layers.3.extra          int64     [2]" in collapsed and len(collapsed) == 7
+    assert collapsed[1] == "file metadata format: pt"  # the file's own __metadata__, before the tree

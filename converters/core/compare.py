@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dtypes import DTYPES, numel
-from .errors import format_tree_path
+from .errors import ConverterError, format_tree_path
 from .sources import ByteSource
 from .tree import MAPPING_TYPES, TensorRef, walk
 
@@ -107,14 +108,14 @@ def _diff_tensor(a: TensorRef, b: TensorRef, where: str, found: list[str]) -> No
         position += len(block_a)
 
 
-def _blocks(source: ByteSource) -> Iterator[bytes]:
-    """The source's bytes in blocks of exactly BLOCK bytes (the last may be shorter)."""
+def _blocks(source: ByteSource, size: int = BLOCK) -> Iterator[bytes]:
+    """The source's bytes in blocks of exactly ``size`` bytes (the last may be shorter)."""
     pending = bytearray()
-    for chunk in source.chunks(BLOCK):
+    for chunk in source.chunks(size):
         pending += chunk
-        while len(pending) >= BLOCK:
-            yield bytes(pending[:BLOCK])
-            del pending[:BLOCK]
+        while len(pending) >= size:
+            yield bytes(pending[:size])
+            del pending[:size]
     if pending:
         yield bytes(pending)
 
@@ -138,63 +139,271 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")  # what a tolerance compares (as float64)
+_LITTLE = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
+TOLERANCE_ELEMENTS = 1 << 18  # elements per block of a tolerance comparison: ~2 MiB per float64 array
+
+
 @dataclass
 class TensorReport:
-    """Two checkpoints' tensors matched by tree path, whatever their containers and key order."""
+    """Two checkpoints' tensors matched by tree path, whatever their containers and key order.
+
+    ``identical``: bit-identical (for the paths in ``cast_from``, after the caller cast the first's
+    tensor to the second's dtype); ``within``: not bit-identical but every element within the
+    tolerance (path, what differs, the largest absolute difference); ``differ``: anything else.
+    ``atol``/``rtol`` are None when no tolerance was asked for (bit-exact comparison).
+    """
 
     identical: list[str] = field(default_factory=list)
+    within: list[tuple[str, str, float]] = field(default_factory=list)  # (path, what differs, max |Δ|)
     differ: list[tuple[str, str]] = field(default_factory=list)  # (path, what differs)
     only_first: list[str] = field(default_factory=list)
     only_second: list[str] = field(default_factory=list)
+    cast_from: dict[str, str] = field(default_factory=dict)  # path -> the first's dtype before the cast
+    atol: float | None = None
+    rtol: float | None = None
+
+    @property
+    def tolerance(self) -> bool:
+        return self.atol is not None or self.rtol is not None
 
     @property
     def same(self) -> bool:
+        """Every tensor matched, and bit-identical or within the tolerance."""
         return not (self.differ or self.only_first or self.only_second)
 
+    @property
+    def bit_identical(self) -> bool:
+        """Every tensor matched and bit-identical as stored (no tolerance, no cast needed)."""
+        return self.same and not self.within and not self.cast_from
+
+    def tolerance_text(self) -> str:
+        return f"atol {self.atol or 0:g}, rtol {self.rtol or 0:g}"
+
     def summary(self) -> str:
+        identical = f"{len(self.identical)} bit-identical"
+        if self.cast_from:
+            identical += f" ({len(self.cast_from)} compared after casting the first's tensor to the second's dtype)"
+        within = f"{len(self.within)} within tolerance ({self.tolerance_text()}), " if self.tolerance else ""
         return (
-            f"tensors: {len(self.identical)} bit-identical, {len(self.differ)} differ, "
+            f"tensors: {identical}, {within}{len(self.differ)} differ, "
             f"{len(self.only_first)} only in the first, {len(self.only_second)} only in the second"
         )
 
     def as_json(self) -> dict[str, Any]:
         return {
             "identical": self.identical,
+            "within_tolerance": [
+                {"path": path, "difference": text, "max_abs_diff": largest} for path, text, largest in self.within
+            ],
             "differ": [{"path": path, "difference": text} for path, text in self.differ],
             "only_in_first": self.only_first,
             "only_in_second": self.only_second,
+            "compared_after_cast": [{"path": path, "from_dtype": dtype} for path, dtype in self.cast_from.items()],
+            "tolerance": {"atol": self.atol or 0.0, "rtol": self.rtol or 0.0} if self.tolerance else None,
+            "counts": {
+                "bit_identical": len(self.identical),
+                "within_tolerance": len(self.within),
+                "differ": len(self.differ),
+                "only_in_first": len(self.only_first),
+                "only_in_second": len(self.only_second),
+                "compared_after_cast": len(self.cast_from),
+            },
         }
 
 
-def tensor_report(a: Any, b: Any) -> TensorReport:
+def tensor_report(
+    a: Any,
+    b: Any,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    cast_from: dict[str, str] | None = None,
+) -> TensorReport:
     """Which tensors of ``a`` and ``b`` (matched by path) are bit-identical, which differ and how
     (dtype, shape, or how many elements and the largest absolute difference), which are missing.
+
+    With ``atol``/``rtol`` (either given; the other counts as 0), floating-point tensors (float64,
+    float32, float16, bfloat16) that are not bit-identical are compared by value, as float64:
+    within tolerance when every element has ``|x - y| <= atol + rtol * |y|`` (``x`` from ``a``,
+    ``y`` from ``b``: ``numpy.isclose``), NaN where the other is NaN, and an infinity where the other
+    is the same infinity. Two floating dtypes are then compared by value too (both widened to
+    float64, exactly); without a tolerance a dtype difference is a difference. Bytes are read in
+    blocks, never a whole tensor at once.
+
+    ``cast_from``: paths whose tensor in ``a`` the caller has cast to the dtype ``b`` holds there
+    (path -> the dtype before the cast); they are labelled and counted, nothing here casts.
 
     >>> from converters.core.sources import BufferSource
     >>> one = TensorRef("float32", (2,), BufferSource.of(struct.pack("<2f", 1.0, 2.0)))
     >>> two = TensorRef("float32", (2,), BufferSource.of(struct.pack("<2f", 1.0, 2.5)))
     >>> tensor_report({"w": one, "x": one}, {"w": two, "y": one}).differ
     [('w', '1 of 2 elements differ, max |Δ| 0.5')]
+    >>> tensor_report({"w": one}, {"w": two}, atol=0.5).within
+    [('w', 'max |Δ| 0.5, 1 of 2 elements differ in value', 0.5)]
     """
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        check_tolerance(name, value)
     first = {format_tree_path(path): leaf for path, leaf in walk(a) if type(leaf) is TensorRef}
     second = {format_tree_path(path): leaf for path, leaf in walk(b) if type(leaf) is TensorRef}
-    report = TensorReport()
+    report = TensorReport(atol=atol, rtol=rtol)
+    casts = cast_from or {}
+    tolerance = report.tolerance
     for path, ref in first.items():
         other = second.get(path)
         if other is None:
             report.only_first.append(path)
-        elif ref.dtype != other.dtype or ref.shape != other.shape:
-            report.differ.append((path, f"{ref.dtype}{list(ref.shape)} vs {other.dtype}{list(other.shape)}"))
-        elif _same_bytes(ref.source, other.source):
+            continue
+        label = f"after casting the first's {casts[path]} to {ref.dtype}: " if path in casts else ""
+        if path in casts:
+            report.cast_from[path] = casts[path]
+        floats = ref.dtype in FLOAT_DTYPES and other.dtype in FLOAT_DTYPES
+        if ref.shape != other.shape or (ref.dtype != other.dtype and not (tolerance and floats)):
+            report.differ.append((path, f"{label}{ref.dtype}{list(ref.shape)} vs {other.dtype}{list(other.shape)}"))
+        elif ref.dtype == other.dtype and _same_bytes(ref.source, other.source):
             report.identical.append(path)
+        elif tolerance and floats:
+            close, text, largest = _closeness(ref, other, atol or 0.0, rtol or 0.0)
+            if ref.dtype != other.dtype:
+                text = f"{ref.dtype} vs {other.dtype} compared as float64: {text}"
+            if close:
+                report.within.append((path, label + text, largest))
+            else:
+                report.differ.append((path, label + text))
         else:
-            report.differ.append((path, _how_values_differ(ref, other)))
+            report.differ.append((path, label + _how_values_differ(ref, other)))
     report.only_second = [path for path in second if path not in first]
     return report
 
 
+@dataclass
+class Verification:
+    """What ``verify`` found between two checkpoints: the tensors matched by path, every other
+    difference (containers, key order, values; what the tensor report already says left out), the
+    integrity problems (``deep``), and what was done to the first before comparing (one line each).
+    """
+
+    tensors: TensorReport
+    other: list[str]
+    integrity: list[str] = field(default_factory=list)
+    tensors_only: bool = False  # the other differences are listed but do not make it "not the same"
+    transformed: list[str] = field(default_factory=list)
+
+    @property
+    def same(self) -> bool:
+        return self.tensors.same and not self.integrity and (self.tensors_only or not self.other)
+
+    @property
+    def bit_identical(self) -> bool:
+        """The two trees compared are bit-identical in every respect (no tolerance, no cast)."""
+        return self.tensors.bit_identical and not self.other and not self.integrity
+
+    def problems(self) -> list[str]:
+        """Every line that makes the two not the same (empty when ``same``)."""
+        found = [f"{path}: {text}" for path, text in self.tensors.differ]
+        found += [f"{path}: only in the first" for path in self.tensors.only_first]
+        found += [f"{path}: only in the second" for path in self.tensors.only_second]
+        found += self.integrity
+        if not self.tensors_only:
+            found += self.other
+        return found
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "same": self.same,
+            "bit_identical": self.bit_identical,
+            "tensors": self.tensors.as_json(),
+            "other": self.other,
+            "integrity": self.integrity,
+            "tensors_only": self.tensors_only,
+            "first_transformed": self.transformed,
+        }
+
+
+def verification(
+    a: Any,
+    b: Any,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    cast_from: dict[str, str] | None = None,
+    tensors_only: bool = False,
+    integrity: list[str] | None = None,
+    transformed: list[str] | None = None,
+) -> Verification:
+    """The tensors of ``a`` and ``b`` (:func:`tensor_report`), then every other difference
+    (:func:`differences`) but the tensor lines the tensor report already holds."""
+    report = tensor_report(a, b, atol=atol, rtol=rtol, cast_from=cast_from)
+    reported = {path for path, _, _ in report.within} | {path for path, _ in report.differ}
+    reported |= set(report.only_first) | set(report.only_second)
+    others = [line for line in differences(a, b) if not _about(line, reported)]
+    return Verification(report, others, list(integrity or ()), tensors_only, list(transformed or ()))
+
+
+def _about(line: str, paths: set[str]) -> bool:
+    """Whether ``line`` is a tensor line (``path: tensor ...``) of one of ``paths``."""
+    at = line.find(": tensor")
+    while at >= 0:
+        if line[:at] in paths:
+            return True
+        at = line.find(": tensor", at + 1)
+    return False
+
+
+def check_tolerance(name: str, value: Any) -> None:
+    """A tolerance is None (not asked for) or a finite number >= 0."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ConverterError(f"--{name} {value!r}: a tolerance is a finite number >= 0")
+
+
 def _same_bytes(a: ByteSource, b: ByteSource) -> bool:
     return all(x == y for x, y in zip(_blocks(a), _blocks(b), strict=True))
+
+
+def _as_float64(np: Any, data: bytes, dtype: str) -> Any:
+    """The elements of ``data`` (little-endian ``dtype``) as float64: exact for every floating dtype."""
+    if dtype == "bfloat16":  # the top half of a float32
+        return (np.frombuffer(data, "<u2").astype("<u4") << 16).view("<f4").astype(np.float64)
+    return np.frombuffer(data, _LITTLE[dtype]).astype(np.float64)
+
+
+def _closeness(a: TensorRef, b: TensorRef, atol: float, rtol: float) -> tuple[bool, str, float]:
+    """Whether every element of ``a`` is within ``atol + rtol * |b|`` of ``b``'s (NaN only where
+    the other is NaN, infinities only equal to themselves), how it differs, and the largest |Δ|
+    over the elements that are not NaN on either side. Reads TOLERANCE_ELEMENTS at a time."""
+    import numpy as np
+
+    size_a, size_b = DTYPES[a.dtype].itemsize, DTYPES[b.dtype].itemsize
+    outside = unequal = nan_mismatch = 0
+    largest = 0.0
+    blocks_a = _blocks(a.source, TOLERANCE_ELEMENTS * size_a)
+    blocks_b = _blocks(b.source, TOLERANCE_ELEMENTS * size_b)
+    for left, right in zip(blocks_a, blocks_b, strict=True):
+        x, y = _as_float64(np, left, a.dtype), _as_float64(np, right, b.dtype)
+        nan_x, nan_y = np.isnan(x), np.isnan(y)
+        with np.errstate(invalid="ignore", over="ignore"):
+            delta = np.abs(x - y)  # inf - inf is NaN: those are equal or counted below
+            equal = (x == y) | (nan_x & nan_y)
+            near = np.isfinite(x) & np.isfinite(y) & (delta <= atol + rtol * np.abs(y))
+        outside += int(np.count_nonzero(~(equal | near)))
+        unequal += int(np.count_nonzero(~equal))
+        nan_mismatch += int(np.count_nonzero(nan_x ^ nan_y))
+        compared = delta[~(equal | nan_x | nan_y)]
+        if compared.size:
+            largest = max(largest, float(compared.max()))
+    total = numel(a.shape)
+    if unequal == 0:
+        if a.dtype != b.dtype:
+            return True, "max |Δ| 0: equal values", 0.0
+        return True, "max |Δ| 0: equal values, different bits (signed zeros or NaN payloads)", 0.0
+    text = f"max |Δ| {largest:.3g}, {unequal} of {total} elements differ in value"
+    if outside:
+        text = f"{outside} of {total} elements outside the tolerance, max |Δ| {largest:.3g}"
+        if nan_mismatch:
+            text += f", {nan_mismatch} NaN where the other is not"
+    return outside == 0, text, largest
 
 
 def _how_values_differ(a: TensorRef, b: TensorRef) -> str:
