@@ -175,6 +175,7 @@ def convert(
     dtype_include: str | Iterable[str] | None = None,
     dtype_exclude: str | Iterable[str] | None = None,
     ties: str | None = None,
+    drop_objects: bool = False,
     transforms: Iterable[Transform] = (),
     progress: Callable[[int, int], None] | None = None,
     fsync: bool = True,
@@ -187,7 +188,8 @@ def convert(
     ``strip_prefix`` (``"module."``, or ``"auto"`` for DDP's ``module.`` and torch.compile's
     ``_orig_mod.``), ``rename`` (``"REGEX=REPLACEMENT"`` rules in order), ``dtype`` (cast
     floating-point tensors exactly as ``tensor.to(dtype)``; ``dtype_include``/``dtype_exclude``
-    globs), ``ties`` (``keep``, ``materialize``, ``drop-aliases``), in that order; then
+    globs), ``ties`` (``keep``, ``materialize``, ``drop-aliases``), in that order (``drop_objects``,
+    which removes recorded objects such as an ``argparse.Namespace``, runs after ``exclude``); then
     ``transforms`` (``converters.transforms`` objects) run in order.
 
     The destination is replaced atomically if it exists (with ``overwrite=False`` it is kept and
@@ -213,6 +215,7 @@ def convert(
         dtype_include=dtype_include,
         dtype_exclude=dtype_exclude,
         ties=ties,
+        drop_objects=drop_objects,
         check=check,
     ) + list(transforms)
     checkpoint = read(source, src_format, transforms=steps)

@@ -102,6 +102,11 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     changes.add_argument(
         "--ties", metavar="MODE", help="tied tensors: keep (default), materialize (each path its own), drop-aliases"
     )
+    changes.add_argument(
+        "--drop-objects",
+        action="store_true",
+        help="drop recorded objects (argparse.Namespace, hyper-parameter classes...): weights and plain values only",
+    )
     changes.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     changes.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     if with_format_options:
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype_include": args.dtype_include,
             "dtype_exclude": args.dtype_exclude,
             "ties": args.ties,
+            "drop_objects": args.drop_objects,
         }
         if args.json and not args.dry_run:
             raise UsageError("sdconvert convert: --json goes with --dry-run")
@@ -387,6 +393,10 @@ def _add_format_options(convert: argparse.ArgumentParser) -> None:
         dest = f"option:{spec.name}"  # absent unless given (SUPPRESS), so "not given" is clear
         if spec.kind == "flag":
             group.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=spec.help)
+        elif spec.kind == "list":
+            group.add_argument(
+                flag, dest=dest, action="append", metavar=spec.metavar, default=argparse.SUPPRESS, help=spec.help
+            )
         else:
             group.add_argument(flag, dest=dest, metavar=spec.metavar, default=argparse.SUPPRESS, help=spec.help)
 
@@ -421,6 +431,8 @@ def _writer_options(args: argparse.Namespace) -> dict[str, Any]:
             options[name] = models.resolve_model(value)
         elif kind == "shape":
             options[name] = models.parse_shape(value)
+        elif kind == "list":
+            options[name] = tuple(value)
         else:
             options[name] = value
     # A shape option describes the input of the format's model option (it is traced by an export).
@@ -463,7 +475,7 @@ class _ProgressBar:
 def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     import converters
     from converters.api import stored_size
-    from converters.core.report import cast_totals, describe, dtype_totals, human_bytes
+    from converters.core.report import cast_totals, describe, dtype_totals, human_bytes, records
 
     checkpoint = converters.read(path, format)
     tensors = checkpoint.unique_tensors()
@@ -480,6 +492,11 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     cast = cast_totals([ref for _, ref in tensors])
     if cast:
         print("cast: " + "; ".join(cast))
+    objects = records(checkpoint.tree)
+    if objects:  # kept exactly but never imported: say so, and which classes they name
+        print(f"records: {len(objects)} objects kept as inert records (class name and state, never imported):")
+        for line in objects:
+            print("  " + line)
 
 
 def _formats() -> None:

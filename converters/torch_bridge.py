@@ -19,7 +19,8 @@ from .core.errors import (
     MissingDependencyError,
     UnsupportedValueError,
 )
-from .core.sources import BufferSource, FileRange
+from .core.objects import NUMPY_DESCR, TORCH_DTYPE, NumpyScalar, ObjectRecord, torch_safe
+from .core.sources import BufferSource, FileRange, read_all
 from .core.tree import Checkpoint, TensorRef, map_leaves, validate
 
 
@@ -44,7 +45,7 @@ def from_torch(obj: Any) -> Checkpoint:
 
     def convert(path: tuple[str | int, ...], leaf: Any) -> Any:
         if not isinstance(leaf, torch.Tensor):
-            return leaf
+            return plain_value(torch, leaf, path)
         view = _view_key(torch, leaf)
         if view is None:
             return tensor_ref(torch, leaf, path)
@@ -55,6 +56,37 @@ def from_torch(obj: Any) -> Checkpoint:
     tree = map_leaves(obj, convert)
     validate(tree)
     return Checkpoint(tree)
+
+
+def plain_value(torch: Any, value: Any, path: tuple[str | int, ...]) -> Any:
+    """A non-tensor leaf of a torch object as the tree keeps it: numpy arrays and scalars exactly,
+    and the values torch's safe loader accepts (dtype, device, Size, set, complex...) as records."""
+    kind = type(value)
+    if kind.__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            descr = value.dtype.str
+            if descr not in TORCH_DTYPE:
+                raise UnsupportedValueError(f"a numpy array of dtype {descr} cannot be kept exactly", path=path)
+            array = np.ascontiguousarray(value)
+            data: Any = array.reshape(-1).view(np.uint8) if array.size else b""  # a view: no copy
+            return TensorRef(TORCH_DTYPE[descr], tuple(array.shape), BufferSource.of(data, owner=array)).as_numpy()
+        if isinstance(value, np.generic) and value.dtype.kind in "fiucb":
+            return NumpyScalar(value.dtype.str, value.tobytes())
+    if isinstance(value, torch.dtype):
+        return ObjectRecord(str(value), "global")
+    if kind is torch.Size:
+        return ObjectRecord("torch.Size", "call", (tuple(value),))
+    if kind is torch.device:
+        return ObjectRecord("torch.device", "call", tuple(value.__reduce__()[1]))
+    if kind in (set, frozenset):
+        return ObjectRecord(f"builtins.{kind.__name__}", "call", (list(value),))
+    if kind is complex:
+        return ObjectRecord("builtins.complex", "call", (value.real, value.imag))
+    if kind is bytearray:
+        return ObjectRecord("builtins.bytearray", "call", (bytes(value),))
+    return value
 
 
 def _view_key(torch: Any, tensor: Any) -> tuple[Any, ...] | None:
@@ -104,15 +136,56 @@ def to_torch(checkpoint: Checkpoint, *, mmap_any: bool = False, progress: Callab
     mappings: dict[Path, mmap.mmap] = {}
 
     def convert(path: tuple[str | int, ...], leaf: Any) -> Any:
-        if not isinstance(leaf, TensorRef):
+        kind = type(leaf)
+        if kind is NumpyScalar:
+            return numpy_scalar(leaf)
+        if kind is ObjectRecord:
+            return torch_value(torch, leaf)
+        if kind is not TensorRef:
             return leaf
         if id(leaf) not in made:  # a tied tensor comes back as one tensor at all its paths
-            made[id(leaf)] = make_tensor(torch, leaf, mappings, mmap_any=mmap_any)
+            made[id(leaf)] = numpy_array(leaf) if leaf.numpy else make_tensor(torch, leaf, mappings, mmap_any=mmap_any)
             if progress is not None and leaf.nbytes:
                 progress(leaf.nbytes)
         return made[id(leaf)]
 
     return map_leaves(checkpoint.tree, convert)
+
+
+def numpy_array(ref: TensorRef) -> Any:
+    """The ``ndarray`` a checkpoint held: same dtype, shape and bytes (a fresh, writable copy)."""
+    import numpy as np
+
+    data = read_all(ref.source)
+    return np.frombuffer(data, dtype=NUMPY_DESCR[ref.dtype]).reshape(ref.shape)
+
+
+def numpy_scalar(scalar: NumpyScalar) -> Any:
+    """The numpy scalar of the same numpy type and bits (``np.float64(0.75)``)."""
+    import numpy as np
+
+    return np.frombuffer(scalar.data, dtype=np.dtype(scalar.dtype))[0]
+
+
+def torch_value(torch: Any, record: ObjectRecord) -> Any:
+    """The value torch's safe loader would give for ``record`` (a dtype, a ``torch.Size``, a set...),
+    made here from its recorded arguments; any other record is given back as it is (inert)."""
+    if not torch_safe(record, dtypes.DTYPES):
+        return record
+    name, args = record.name, record.args
+    if record.how == "global":
+        return getattr(torch, name[6:])
+    makers = {
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        "builtins.set": set,
+        "builtins.bytearray": bytearray,
+        "builtins.complex": complex,
+    }
+    try:
+        return makers[name](*args)
+    except (TypeError, ValueError, RuntimeError):  # arguments these classes refuse: keep the record
+        return record
 
 
 def make_tensor(

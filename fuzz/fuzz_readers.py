@@ -66,6 +66,12 @@ def write_seeds(corpus: Path) -> None:
         path = FOLDER / f"seed{fmt.suffixes[0]}"
         converters.save(tree, path)
         (corpus / f"seed-{fmt.name}").write_bytes(bytes([index]) + path.read_bytes())
+    # torch's legacy (non-zip) layout, read by the pt format too: magic, sys_info and object pickles,
+    # the storage keys, raw storages (a view sharing one of them, and a strided one)
+    legacy = FOLDER / "seed-legacy.pt"
+    base = torch.arange(12.0).reshape(3, 4)
+    torch.save({**tree, "row": base[1], "t": base.t()}, legacy, _use_new_zipfile_serialization=False)
+    (corpus / "seed-pt-legacy").write_bytes(bytes([FORMATS.index("pt")]) + legacy.read_bytes())
 
 
 def write_hostile_seeds(corpus: Path, limit: int = 1 << 20) -> None:
@@ -74,8 +80,10 @@ def write_hostile_seeds(corpus: Path, limit: int = 1 << 20) -> None:
     import test_bad_inputs
     import test_hostile_pt
     import test_hostile_writes
+    import test_legacy_pt
 
     tables: list[tuple[str, str, Any]] = [("pt", f"pt-{row[0]}", row[1]) for row in test_hostile_pt.CASES]
+    tables += [("pt", f"pt-legacy-{row[0]}", row[1]) for row in test_legacy_pt.CASES]
     tables += [("onnx", f"onnx-{name}", build) for name, build in test_hostile_writes.HOSTILE_ONNX.items()]
     for row in test_bad_inputs.CASES:
         fmt = converters.registry.for_suffix(Path(row[1]))

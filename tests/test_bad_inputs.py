@@ -99,21 +99,21 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         "x.pt",
         lambda: pickle_zip(GLOBAL_OS_SYSTEM),
         UnsafeFileError,
-        r"data.pkl asks for the global os.system at byte 2; refusing to run pickled code",
+        r"data.pkl asks for the global os.system at byte 2, which can run code; refusing to run pickled code",
     ),
     (
         "stack-global-eval",
         "x.pt",
         lambda: pickle_zip(STACK_GLOBAL_EVAL),
         UnsafeFileError,
-        r"data.pkl asks for the global builtins.eval, which is not a tensor or container; refusing to run pickled code",
+        r"data.pkl asks for the global builtins.eval, which can run code; refusing to run pickled code",
     ),
     (
         "dunder-attribute",
         "x.pt",
         lambda: pickle_zip(NESTED_ATTRIBUTE_GLOBAL),
         UnsafeFileError,
-        r"data.pkl asks for the global torch._utils._rebuild_tensor_v2.__globals__ at byte 2; refusing",
+        r"data.pkl asks for the global torch._utils._rebuild_tensor_v2.__globals__ at byte 2, which can run code",
     ),
     (
         "inst-opcode",
@@ -172,25 +172,18 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         r"zip entry 'archive/data.pkl' appears twice",
     ),
     (
-        "bytes-leaf",
-        "x.pt",
-        lambda: pickle_zip(b"\x80\x03}X\x01\x00\x00\x00bC\x02hiu."),
-        UnsafeFileError,
-        r"data.pkl uses the pickle opcode SHORT_BINBYTES",
-    ),
-    (
         "subprocess-popen",
         "x.pt",
         lambda: pickle_zip(b"\x80\x02csubprocess\nPopen\nX\x02\x00\x00\x00ls\x85R."),
         UnsafeFileError,
-        r"data.pkl asks for the global subprocess.Popen at byte 2; refusing to run pickled code",
+        r"data.pkl asks for the global subprocess.Popen at byte 2, which can run code; refusing to run pickled code",
     ),
     (
         "getattr-chain",
         "x.pt",
         lambda: pickle_zip(b"\x80\x02cbuiltins\ngetattr\nccollections\nOrderedDict\nX\x08\x00\x00\x00__init__\x86R."),
         UnsafeFileError,
-        r"data.pkl asks for the global builtins.getattr at byte 2; refusing to run pickled code",
+        r"data.pkl asks for the global builtins.getattr at byte 2, which can run code; refusing to run pickled code",
     ),
     (
         "rebuild-wrong-args",
@@ -360,7 +353,7 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         lambda: b"nothing we know",
         UnknownFormatError,
         r"cannot recognise the format from the name or contents; pass a format explicitly "
-        r"\(known: safetensors \(.safetensors .safetensors.index.json\), pt \(.pt .pth .bin\), msgpack \(.msgpack\), onnx \(.onnx\), dcp \(a folder\)\)",
+        r"\(known: safetensors \(.safetensors .safetensors.index.json\), pt \(.pt .pth .bin .ckpt .pth.tar .bin.index.json\), msgpack \(.msgpack\), onnx \(.onnx\), dcp \(a folder\)\)",
     ),
 ]
 
@@ -402,11 +395,11 @@ def test_write_refuses_dtype_the_format_cannot_hold(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("tree", "message"),
     [
-        ({"a": {1, 2}}, r"at a: cannot represent a value of type builtins.set"),
-        ({"a": [torch.Size([1])]}, r"at a/0: cannot represent a value of type torch.Size"),
+        ({"a": object()}, r"at a: cannot represent a value of type builtins.object"),
+        ({"a": [range(3)]}, r"at a/0: cannot represent a value of type builtins.range"),
         ({(1, 2): 3}, r"at <root>: dict keys must be str or int, found tuple key \(1, 2\)"),
         ({True: 3}, r"dict keys must be str or int, found bool key True"),
-        ({"b": b"raw"}, r"at b: cannot represent a value of type builtins.bytes"),
+        ({"b": [1j, Exception()]}, r"at b/1: cannot represent a value of type builtins.Exception"),
     ],
 )
 def test_unrepresentable_values_are_refused_with_their_path(tmp_path: Path, tree: object, message: str) -> None:

@@ -289,7 +289,7 @@ CASES: list[Case] = [
         "build-on-dtype",
         lambda: one_tensor(b"ctorch\nfloat32\n(" + text("float64") + b"tb"),
         UnsafeFileError,
-        "data.pkl applies BUILD to the dtype torch.float32",
+        "data.pkl applies BUILD to the global torch.float32",
     ),
     (
         "build-on-dict",
@@ -361,7 +361,7 @@ CASES: list[Case] = [
         "reduce-on-dict",
         lambda: one_tensor(b"})R"),
         UnsafeFileError,
-        "data.pkl calls a dict; only rebuild functions are called",
+        "data.pkl calls a dict; only rebuild functions and the classes GLOBAL names are called",
     ),
     (
         "tuple-dict-key",

@@ -716,7 +716,8 @@ def test_inspect_escapes_and_shortens_keys_and_values(tmp_path: Path) -> None:
     result = run_cli("inspect", path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 1 + 1 + len(HOSTILE_KEYS) + 2 + 1  # header, model_state_dict:, each key, note: + value, totals
+    # header, file metadata (format: pt), model_state_dict:, each key, note: + value, totals
+    assert len(lines) == 1 + 1 + 1 + len(HOSTILE_KEYS) + 2 + 1
     assert not any(ch in result.stdout for ch in "\x1b\x07\r\u202e")
     assert max(map(len, lines)) < 400
     assert any(line.strip().startswith("a\\n/tmp/x.pt: pt, 1 GiB") for line in lines)

@@ -268,8 +268,6 @@ HOSTILE: list[tuple[str, Callable[[Path], bytes], type[Exception], str]] = [
      r"at w: an ndarray ext must hold \[shape \(non-negative ints\), dtype name, bin\]"),
     ("complex-scalar", lambda _: msgpack.packb({"c": msgpack.ExtType(2, msgpack.packb((1.0, 2.0)))}), UnsupportedValueError,
      r"at c: msgpack ext type 2 \(flax: a Python complex scalar\) is not supported here"),
-    ("bin-value", lambda _: msgpack.packb({"b": b"raw"}, use_bin_type=True), UnsupportedValueError,
-     r"at b: raw msgpack bin values are not supported"),
     ("bigint-too-long", lambda _: msgpack.packb({"n": msgpack.ExtType(81, b"9" * 5000)}), CorruptFileError,
      r"at n: ext 81 must hold a decimal integer of at most 4000 digits"),
     ("chunk-mismatch", lambda _: msgpack.packb({"w": {"__msgpack_chunked_array__": True, "shape": {"0": 5},

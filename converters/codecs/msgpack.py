@@ -91,7 +91,7 @@ def _sized(length: int, forms: tuple[tuple[int, str, int], ...], fix: tuple[int,
 
 
 def pack_plain(value: Any, *, bigint_ext: int | None = None) -> bytes:
-    """Pack a tree of dict (str/int keys), list, tuple, None, bool, int, float, str (no tensors).
+    """Pack a tree of dict (str/int keys), list, tuple, None, bool, int, float, str, bytes (no tensors).
 
     Ints outside msgpack's 64-bit range become ext ``bigint_ext`` holding their decimal digits.
     """
@@ -109,6 +109,8 @@ def pack_plain(value: Any, *, bigint_ext: int | None = None) -> bytes:
         return pack_float(value)
     if kind is str:
         return pack_str(value)
+    if kind is bytes:
+        return bin_header(len(value)) + bytes(value)
     if kind is list or kind is tuple:
         return array_header(len(value)) + b"".join(pack_plain(item, bigint_ext=bigint_ext) for item in value)
     if isinstance(value, dict):

@@ -24,7 +24,7 @@ from ..core.integrity import read_tree_digest
 from ..core.sources import BufferSource, ByteSource, FileRange, slice_source
 from ..core.stored import check_casts, loads_json_strict, read_digests
 from ..core.tree import CastOrigin, TensorRef
-from .torch_pickle import SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
+from .torch_pickle import Gather, SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
 from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_entries
 
 # Our extra record: {storage key: BLAKE3 of its bytes}. torch.load reads records by name and
@@ -57,8 +57,8 @@ def read_archive_and_tree_digest(
         head = handle.read(4)
     if head[:1] == b"\x80":
         raise UnsafeFileError(
-            "this is a legacy (pre-1.6, non-zip) torch file, which is not supported yet; "
-            "re-save it with a current torch.save",
+            "this is a legacy (pre-1.6, non-zip) torch file where a zip archive was expected; "
+            "the pt format reads such files (torch_legacy), a DCP data file never holds one",
             file=path,
         )
     entries = stored_entries(path, size, base, budget=budget)
@@ -178,6 +178,13 @@ class _Tensors:
         )
         gathered = np.ascontiguousarray(view).view(np.uint8).reshape(-1)  # one copy, kept as the tensor's bytes
         return TensorRef(row.name, shape, BufferSource.of(gathered.data, owner=gathered))
+
+
+def storage_views(path: Path, budget: Budget) -> Gather:
+    """The archive reader's tensor views for storages found elsewhere (a legacy file's raw
+    records, each a ``FileRange``): the same bounds checks, budget charges and C-order gathering of
+    strided views. No storage record, stored digest or cast is known to it."""
+    return _Tensors(path, {}, "", {}, {}, budget).view
 
 
 def _archive_prefix(entries: dict[str, StoredEntry], path: Path) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import itertools
 import pickle
 import pickletools
 import re
@@ -43,7 +44,10 @@ from typing import Any, TypeVar
 from ..core import dtypes
 from ..core.budget import MAX_DEPTH, Budget
 from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..core.objects import NumpyScalar, ObjectRecord, Unreadable
+from ..core.sources import read_all
 from ..core.tree import MAPPING_TYPES, TensorRef
+from . import pickle_objects as objects
 
 # Opcodes that torch.save (protocol 2) and older protocol-2 pickles use for plain data.
 ALLOWED_OPCODES = frozenset(
@@ -56,16 +60,39 @@ ALLOWED_OPCODES = frozenset(
         *("STRING", "BINSTRING", "SHORT_BINSTRING"),
         *("GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID"),
         *("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET", "MEMOIZE"),
+        # objects beyond the tree become records (NEWOBJ: a class made with arguments), bytes, and
+        # the protocol-4 spellings of sets that pickle.dumps(protocol=4) users write
+        *("NEWOBJ", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "EMPTY_SET", "ADDITEMS", "FROZENSET"),
     }
 )
 
 REBUILD_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor"): "rebuild_v1",  # torch < 0.4 (legacy files); weights_only allows it
     ("torch._utils", "_rebuild_tensor_v2"): "rebuild_v2",
     ("torch._utils", "_rebuild_tensor_v3"): "rebuild_v3",
     ("torch._utils", "_rebuild_parameter"): "rebuild_parameter",
     ("torch._utils", "_rebuild_parameter_with_state"): "rebuild_parameter",
     ("collections", "OrderedDict"): "ordered_dict",
     ("collections", "Counter"): "counter",
+}
+# Globals that torch's safe loader accepts and that are interpreted (method name, "") or that make
+# tensors this reader does not read ("", what to say instead), by dotted name.
+_NOT_READ = {
+    "_rebuild_sparse_tensor": "a sparse tensor is not read: save tensor.to_dense(), or its indices and values",
+    "_rebuild_qtensor": "a quantized tensor is not read: save tensor.dequantize(), or int_repr() and its scales",
+    "_rebuild_nested_tensor": "a nested tensor is not read: save its components (tensor.unbind())",
+    "_rebuild_wrapper_subclass": "a tensor subclass such as DTensor is not read: save tensor.full_tensor()",
+    "_rebuild_meta_tensor_no_storage": "a meta tensor is not read: it has no data",
+    "_rebuild_xla_tensor": "an XLA tensor is not read: move it to the CPU before saving",
+    "_rebuild_mtia_tensor": "an MTIA tensor is not read: move it to the CPU before saving",
+}
+_SPECIAL_GLOBALS: dict[str, tuple[str, str]] = {
+    "_codecs.encode": ("_encode", ""),
+    **{f"{core}.scalar": ("_numpy_scalar", "") for core in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    "torch._tensor._rebuild_from_type_v2": ("_rebuild_from_type", ""),
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": ("_from_device", ""),
+    "torch._utils._rebuild_device_tensor_from_numpy": ("_from_device", ""),
+    **{f"torch._utils.{name}": ("", what) for name, what in _NOT_READ.items()},
 }
 # The typed-storage classes torch pickles for these dtypes (torch.<X>); other dtypes use the
 # untyped storage and _rebuild_tensor_v3.
@@ -92,6 +119,8 @@ INT64_MAX = 2**63 - 1  # sizes, strides and offsets are int64 in torch
 REFERENCE_BYTES = 16
 SEEN_BYTES = 120  # what the tree check remembers per distinct container (a dict slot and two ints)
 SEEN_CHARGE_EVERY = 1 << 12
+NUMPY_CORE = "numpy.core.multiarray"  # what numpy 1.x pickles; numpy 2 reads it too (numpy._core is 2.x only)
+NUMPY_MEMO_WINDOW = 64  # memo entries searched for a numpy array's record once its state made it a tensor
 SCAN_WINDOW = 1 << 16  # the pre-scan charges the budget after each this many bytes, so refusals come early
 
 _Class = TypeVar("_Class", bound=type)
@@ -168,6 +197,8 @@ def describe(value: Any) -> str:
         return "a storage type"
     if kind is DTypeMarker:
         return f"the dtype torch.{value.name}"
+    if kind is ObjectRecord:
+        return f"the global {shown(value.name)}" if value.how == "global" else f"a {shown(value.name)} object"
     name = kind.__name__
     return ("an " if name[:1] in "aeiouAEIOU" else "a ") + name
 
@@ -253,7 +284,7 @@ def prescan(
     file: Path,
     *,
     opcodes: frozenset[str] = ALLOWED_OPCODES,
-    allowed_globals: set[tuple[str, str]] | None = None,
+    allowed_globals: set[tuple[str, str]] | None = None,  # None: all but the dangerous ones (records)
     what: str = "data.pkl",
     budget: Budget | None = None,
 ) -> None:
@@ -263,7 +294,6 @@ def prescan(
     One pass; the budget is charged after every ``SCAN_WINDOW`` bytes, so a stream that asks for
     too much is refused after scanning about as much of it as the budget allows.
     """
-    allowed_globals = ALLOWED_GLOBALS if allowed_globals is None else allowed_globals
     budget = Budget(file, len(data)) if budget is None else budget
     end = len(data)
     fast, table = _scan_tables(opcodes, end < 256)
@@ -359,17 +389,18 @@ def _check(
     end: int,
     what: str,
     file: Path,
-    allowed_globals: set[tuple[str, str]],
+    allowed_globals: set[tuple[str, str]] | None,
     size: int,
 ) -> None:
     """The checks of one opcode's argument (``data[argument:end]``), found at byte ``at``."""
     if check == _GLOBAL:
         newline = data.index(b"\n", argument)
         module, name = data[argument:newline].decode("utf-8"), data[newline + 1 : end - 1].decode("utf-8")
-        if (module, name) not in allowed_globals:
+        if not _global_allowed(module, name, allowed_globals):
+            why = ", which can run code" if allowed_globals is None else ""
+            global_name = f"{shown(module)}.{shown(name)}"
             raise UnsafeFileError(
-                f"{what} asks for the global {shown(module)}.{shown(name)} at byte {at}; refusing to run pickled code",
-                file=file,
+                f"{what} asks for the global {global_name} at byte {at}{why}; refusing to run pickled code", file=file
             )
     elif check == _MEMO:
         opcode = data[at]
@@ -396,6 +427,13 @@ def _check(
         raise CorruptFileError(f"{what} uses pickle protocol {data[argument]}, which does not exist", file=file)
 
 
+def _global_allowed(module: str, name: str, allowed_globals: set[tuple[str, str]] | None) -> bool:
+    if allowed_globals is not None:
+        return (module, name) in allowed_globals
+    dotted = objects.normalized(module, name)
+    return (module, name) in ALLOWED_GLOBALS or dotted in _SPECIAL_GLOBALS or not objects.is_dangerous(dotted)
+
+
 def _big_int(what: str, at: int, file: Path) -> UnsupportedValueError:
     return UnsupportedValueError(
         f"{what} holds an integer of more than {MAX_INT_DIGITS} decimal digits at byte {at}; such integers are "
@@ -412,6 +450,8 @@ def _text_int(text: bytes | bytearray) -> int:
 # -------------------------------------------------------------------------------- the interpreter
 
 SourceFor = Callable[[str], tuple[Any, int]]  # storage key -> (its byte source, its size)
+# A reader's own persistent ids (a legacy file's 6-tuples): the id as built -> the Storage it names.
+PersistentLoad = Callable[[Any], "Storage"]
 Gather = Callable[[Storage, dtypes.DType, int, tuple[int, ...], tuple[int, ...]], TensorRef]
 SET_ITEM_TYPES = (dict, OrderedDict, Counter)
 CONTAINER_TYPES = (*MAPPING_TYPES, list, tuple)
@@ -469,6 +509,13 @@ BINUNICODE8 = pickle.BINUNICODE8[0]
 STACK_GLOBAL = pickle.STACK_GLOBAL[0]
 MEMOIZE = pickle.MEMOIZE[0]
 FRAME = pickle.FRAME[0]
+NEWOBJ = pickle.NEWOBJ[0]
+SHORT_BINBYTES = pickle.SHORT_BINBYTES[0]
+BINBYTES = pickle.BINBYTES[0]
+BINBYTES8 = pickle.BINBYTES8[0]
+EMPTY_SET = pickle.EMPTY_SET[0]
+ADDITEMS = pickle.ADDITEMS[0]
+FROZENSET = pickle.FROZENSET[0]
 
 
 class SafeUnpickler:
@@ -486,10 +533,13 @@ class SafeUnpickler:
         storage_for_key: SourceFor,
         gather: Gather,
         budget: Budget | None = None,
+        *,
+        persistent_load: PersistentLoad | None = None,
     ) -> None:
         self._data = data
         self._file = file
         self._storage_for_key = storage_for_key
+        self._persistent_hook = persistent_load  # replaces the zip archive's 5-tuple storage ids
         self._gather = gather
         self._budget = Budget(file, len(data)) if budget is None else budget
         self._globals: dict[tuple[str, str], Any] = {}
@@ -559,15 +609,55 @@ class SafeUnpickler:
             elif code == REDUCE:
                 arguments = stack.pop()
                 function = stack[-1]
+                if type(function) is ObjectRecord and function.how == "global":
+                    if type(arguments) is not tuple:
+                        raise CorruptFileError(
+                            f"data.pkl calls {function.name} with {describe(arguments)} as arguments", file=self._file
+                        )
+                    stack[-1] = ObjectRecord(function.name, "call", arguments)  # recorded, never called
+                    continue
                 if type(function) is not StandIn:
                     raise UnsafeFileError(
-                        f"data.pkl calls {describe(function)}; only rebuild functions are called", file=self._file
+                        f"data.pkl calls {describe(function)}; only rebuild functions and the classes GLOBAL "
+                        "names are called (the latter recorded, not run)",
+                        file=self._file,
                     )
                 if type(arguments) is not tuple:
                     raise CorruptFileError(
                         f"data.pkl calls {function.name} with {describe(arguments)} as arguments", file=self._file
                     )
                 stack[-1] = function._call(*arguments)
+            elif code == NEWOBJ:
+                arguments = stack.pop()
+                cls = stack[-1]
+                if type(cls) is not ObjectRecord or cls.how != "global" or type(arguments) is not tuple:
+                    raise UnsafeFileError(
+                        f"data.pkl's NEWOBJ makes {describe(cls)} from {describe(arguments)}; only a class named "
+                        "by GLOBAL with a tuple of arguments is recorded",
+                        file=self._file,
+                    )
+                stack[-1] = ObjectRecord(cls.name, "new", arguments)
+            elif code == SHORT_BINBYTES:
+                push(bytes(sized(1)))
+            elif code == BINBYTES:
+                push(bytes(sized(4)))
+            elif code == BINBYTES8:
+                push(bytes(sized(8)))
+            elif code == EMPTY_SET:
+                push(ObjectRecord("builtins.set", "call", ([],)))
+            elif code == ADDITEMS:
+                items = stack
+                stack = metastack.pop()
+                push = stack.append
+                target = stack[-1]
+                if type(target) is not ObjectRecord or target.name != "builtins.set" or len(target.args) != 1:
+                    raise UnsafeFileError(f"data.pkl applies ADDITEMS to {describe(target)}", file=self._file)
+                target.args[0].extend(items)
+            elif code == FROZENSET:
+                items = stack
+                stack = metastack.pop()
+                push = stack.append
+                push(ObjectRecord("builtins.frozenset", "call", (items,)))
             elif code == TUPLE:
                 items = stack
                 stack = metastack.pop()
@@ -615,7 +705,16 @@ class SafeUnpickler:
                 self._list(stack[-1], "APPEND").append(value)
             elif code == BUILD:
                 state = stack.pop()
-                self._build(stack[-1], state)
+                target = stack[-1]
+                built = self._build(target, state)
+                if built is not target:  # a numpy array: the memo entry naming it names the tensor
+                    stack[-1] = built
+                    # numpy's pickle memoizes the array right after making it, before its state:
+                    # the entry is among the last few (no scan of the whole memo per array)
+                    for index in itertools.islice(reversed(memo), NUMPY_MEMO_WINDOW):
+                        if memo[index] is target:
+                            memo[index] = built
+                            break
             elif code == GLOBAL:
                 module = line().decode("utf-8")
                 push(self.find_class(module, line().decode("utf-8")))
@@ -702,6 +801,11 @@ class SafeUnpickler:
     # -- what the mutating opcodes may act on
 
     def _set_items(self, target: Any, items: list[Any], opcode: str) -> None:
+        if type(target) is ObjectRecord and target.how != "global":
+            if len(items) % 2:
+                raise CorruptFileError(f"data.pkl's {opcode} has a key without a value", file=self._file)
+            target.items.extend(zip(items[::2], items[1::2], strict=True))  # as pickle sets them on the object
+            return
         if type(target) not in SET_ITEM_TYPES:
             raise UnsafeFileError(
                 f"data.pkl applies {opcode} to {describe(target)}; only a dict, OrderedDict or Counter takes items",
@@ -718,15 +822,25 @@ class SafeUnpickler:
             target[key] = items[index + 1]
 
     def _list(self, target: Any, opcode: str) -> list[Any]:
+        if type(target) is ObjectRecord and target.how != "global":
+            return target.elements  # a deque, a list subclass: pickle appends its items
         if type(target) is not list:
             raise UnsafeFileError(
                 f"data.pkl applies {opcode} to {describe(target)}; only a list takes appended items", file=self._file
             )
         return target
 
-    def _build(self, target: Any, state: Any) -> None:
+    def _build(self, target: Any, state: Any) -> Any:
         """BUILD as torch.load(weights_only=True) allows it for plain data: an OrderedDict's attributes
-        (of which the tree keeps ``_metadata``, what ``state_dict()`` sets). Nothing else is built."""
+        (of which the tree keeps ``_metadata``, what ``state_dict()`` sets); a record's state is
+        recorded (once). A numpy array's state makes it a tensor: the value that replaces the record."""
+        if type(target) is ObjectRecord and target.how != "global":
+            if target.built:
+                raise UnsafeFileError(f"data.pkl applies BUILD twice to a {target.name} object", file=self._file)
+            if target.name in objects.RECONSTRUCT:
+                return objects.numpy_array(target, state, self._file)
+            target.state, target.built = state, True
+            return target
         if type(target) is not OrderedDict:
             raise UnsafeFileError(
                 f"data.pkl applies BUILD to {describe(target)}; only an OrderedDict's _metadata may be set that way",
@@ -739,6 +853,7 @@ class SafeUnpickler:
             )
         if state:
             target._metadata = state["_metadata"]  # type: ignore[attr-defined]
+        return target
 
     # -- globals and storages
 
@@ -753,18 +868,33 @@ class SafeUnpickler:
             found = StorageType(STORAGE_GLOBALS[target])
         elif target in UNTYPED_STORAGE_GLOBALS:
             found = StorageType(None)
-        elif target in DTYPE_GLOBALS:
-            found = DTypeMarker(name)
         else:
-            raise UnsafeFileError(
-                f"data.pkl asks for the global {shown(module)}.{shown(name)}, which is not a tensor or container; "
-                "refusing to run pickled code",
-                file=self._file,
-            )
+            dotted = objects.normalized(module, name)
+            special = _SPECIAL_GLOBALS.get(dotted)
+            if special is not None:
+                kind, detail = special
+                call = getattr(self, kind) if not detail else self._not_read(detail)
+                found = StandIn(dotted, call)
+            elif objects.is_dangerous(dotted):
+                raise UnsafeFileError(
+                    f"data.pkl asks for the global {shown(module)}.{shown(name)}, which can run code; "
+                    "refusing to run pickled code",
+                    file=self._file,
+                )
+            else:  # a class (or a function, or a constant) by name: recorded, never imported
+                found = ObjectRecord(dotted, "global")
         self._globals[target] = found
         return found
 
     def _persistent_load(self, pid: Any) -> Storage:
+        if self._persistent_hook is not None:
+            return self._persistent_hook(pid)
+        if type(pid) is tuple and len(pid) == 5 and type(pid[1]) is ObjectRecord and pid[1].name.endswith("Storage"):
+            raise UnsupportedValueError(
+                f"a tensor stored in a {shown(pid[1].name)} (a quantized tensor) is not read: save "
+                "tensor.dequantize(), or int_repr() and its scales",
+                file=self._file,
+            )
         if (
             type(pid) is not tuple
             or len(pid) != 5
@@ -796,6 +926,11 @@ class SafeUnpickler:
             self._budget.nodes(len(args[0]), "dict entries copied")
         return Counter(*args)
 
+    def _rebuild_v1(self, storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
+        if type(storage) is not Storage or storage.dtype is None:
+            raise CorruptFileError("_rebuild_tensor needs a typed storage", file=self._file)
+        return self._rebuild(storage, storage.dtype, offset, size, stride)
+
     def _rebuild_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> TensorRef:
         if type(storage) is not Storage or storage.dtype is None:
             raise CorruptFileError("_rebuild_tensor_v2 needs a typed storage", file=self._file)
@@ -804,9 +939,45 @@ class SafeUnpickler:
     def _rebuild_v3(
         self, storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_: Any
     ) -> TensorRef:
-        if type(storage) is not Storage or type(dtype) is not DTypeMarker:
+        name = dtype.name.removeprefix("torch.") if type(dtype) is ObjectRecord and dtype.how == "global" else None
+        if type(storage) is not Storage or name not in dtypes.DTYPES:
             raise CorruptFileError("_rebuild_tensor_v3 needs a storage and a dtype", file=self._file)
-        return self._rebuild(storage, dtypes.DTYPES[dtype.name], offset, size, stride)
+        return self._rebuild(storage, dtypes.DTYPES[name], offset, size, stride)
+
+    # -- values torch's safe loader makes and tensors it makes that are not read
+
+    def _encode(self, text: Any, encoding: Any = "latin1") -> bytes:
+        """``_codecs.encode``: how protocol 2 spells ``bytes`` (latin-1 text of the bytes)."""
+        if type(text) is not str or encoding not in ("latin1", "latin-1"):
+            raise CorruptFileError("_codecs.encode must turn latin-1 text into bytes", file=self._file)
+        self._budget.materialize(len(text), "bytes values")
+        return text.encode("latin-1")
+
+    def _numpy_scalar(self, dtype: Any, data: Any = None) -> NumpyScalar:
+        return objects.numpy_scalar(dtype, data, self._file)
+
+    def _rebuild_from_type(self, function: Any, new_type: Any, args: Any, state: Any = None) -> Any:
+        """How torch pickles a tensor of a subclass (or with attributes): the plain tensor when the
+        class is torch.Tensor or Parameter and there are no attributes; else it is not read."""
+        if type(function) is not StandIn or type(args) is not tuple:
+            raise CorruptFileError("_rebuild_from_type_v2 needs a rebuild function and its arguments", file=self._file)
+        kind = new_type.name if type(new_type) is ObjectRecord else describe(new_type)
+        if kind not in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+            return Unreadable(
+                f"a tensor of the subclass {kind} is not read: save the plain tensor (t.as_subclass(torch.Tensor))"
+            )
+        if state not in (None, {}) and not (type(state) is OrderedDict and not state):
+            return Unreadable("a tensor with Python attributes set on it is not read: save the plain tensor")
+        return function._call(*args)
+
+    def _from_device(self, data: Any, *_: Any) -> Any:
+        """A tensor saved from an accelerator through its CPU copy: the CPU copy's bytes."""
+        if type(data) is not TensorRef:
+            raise CorruptFileError("a device tensor must be rebuilt from a CPU tensor", file=self._file)
+        return TensorRef(data.dtype, data.shape, data.source)
+
+    def _not_read(self, what: str) -> Callable[..., Unreadable]:
+        return lambda *_: Unreadable(what)
 
     def _rebuild_parameter(self, data: Any, *_: Any) -> TensorRef:
         if type(data) is not TensorRef:
@@ -875,24 +1046,27 @@ class TreeCheck:
         known = self._seen.get(key)
         if known is not None:
             return known
+        kind = type(node)
         if key in self._open:
+            if kind is ObjectRecord:  # a record inside itself: a parent pointer, kept as a back-reference
+                return 2
             raise CorruptFileError("data.pkl builds a container that contains itself", file=self._file)
         if depth >= MAX_DEPTH:
             raise CorruptFileError(f"data.pkl nests containers deeper than {MAX_DEPTH} levels", file=self._file)
         self._open.add(key)
-        kind = type(node)
         mapping = kind in MAPPING_TYPES
+        children = node.values() if mapping else node.children() if kind is ObjectRecord else node
         walked, tensor = 1 + (len(node) if mapping else 0), 0
-        for child in node.values() if mapping else node:
+        for child in children:
             child_kind = type(child)
-            if child_kind in CONTAINER_TYPES:
+            if child_kind in CONTAINER_TYPES or child_kind is ObjectRecord:
                 found = self._visit(child, depth + 1)
                 walked += found >> 1
                 tensor |= found & 1
             else:
                 walked += 1
                 tensor |= child_kind is TensorRef
-        self._stored += len(node) * (2 if mapping else 1)
+        self._stored += len(node) * (2 if mapping else 1) if kind is not ObjectRecord else len(node.children())
         if kind is OrderedDict and "_metadata" in vars(node):
             metadata = node._metadata
             found = (
@@ -931,6 +1105,7 @@ class PickleWriter:
     def __init__(self, storage_key: Callable[[tuple[str | int, ...], TensorRef], str]) -> None:
         self._out = io.BytesIO()
         self._storage_key = storage_key
+        self._memo: dict[int, int] = {}  # id of a record or numpy array -> its memo index
 
     def dumps(self, tree: Any) -> bytes:
         self._out.write(b"\x80\x02")
@@ -985,9 +1160,109 @@ class PickleWriter:
         elif kind is str:
             self._str(node)
         elif kind is TensorRef:
-            self._tensor(node, path)
+            if node.numpy:
+                self._ndarray(node)
+            else:
+                self._tensor(node, path)
+        elif kind is bytes:
+            self._bytes(node)
+        elif kind is NumpyScalar:
+            self._global(f"{NUMPY_CORE}.scalar")
+            self._numpy_dtype(node.dtype)
+            self._bytes(node.data)
+            out.write(pickle.TUPLE2 + pickle.REDUCE)
+        elif kind is ObjectRecord:
+            self._record(node, path)
         else:
             raise UnsupportedValueError(f"cannot pickle {kind.__name__}", path=path)
+
+    # -- values beyond the plain tree, in the form pickle itself gives them (protocol 2)
+
+    def _memoized(self, key: int) -> bool:
+        """Write a reference to the object ``key`` (an id) when it was written before."""
+        index = self._memo.get(key)
+        if index is None:
+            return False
+        self._out.write(
+            pickle.BINGET + bytes([index]) if index < 256 else pickle.LONG_BINGET + struct.pack("<I", index)
+        )
+        return True
+
+    def _memoize(self, key: int) -> None:
+        index = self._memo[key] = len(self._memo)
+        self._out.write(
+            pickle.BINPUT + bytes([index]) if index < 256 else pickle.LONG_BINPUT + struct.pack("<I", index)
+        )
+
+    def _global(self, dotted: str) -> None:
+        module, _, name = dotted.rpartition(".")
+        self._out.write(b"c" + module.encode("utf-8") + b"\n" + name.encode("utf-8") + b"\n")
+
+    def _bytes(self, value: bytes) -> None:
+        """``_codecs.encode(latin-1 text, "latin1")``: protocol 2's bytes, as pickle writes them."""
+        self._global("_codecs.encode")
+        self._str(value.decode("latin-1"))
+        self._str("latin1")
+        self._out.write(pickle.TUPLE2 + pickle.REDUCE)
+
+    def _numpy_dtype(self, descr: str) -> None:
+        self._global("numpy.dtype")
+        self._str(descr[1:])
+        self._out.write(pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE3 + pickle.REDUCE + pickle.MARK)
+        self._int(3)
+        self._str(descr[0])
+        self._out.write(pickle.NONE * 3)
+        self._int(-1)
+        self._int(-1)
+        self._int(0)
+        self._out.write(pickle.TUPLE + pickle.BUILD)
+
+    def _ndarray(self, ref: TensorRef) -> None:
+        """A numpy array as numpy pickles one: ``_reconstruct(ndarray, (0,), b"b")`` and its state."""
+        if self._memoized(id(ref)):
+            return
+        self._global(f"{NUMPY_CORE}._reconstruct")
+        self._global("numpy.ndarray")
+        self._int(0)
+        self._out.write(pickle.TUPLE1)
+        self._bytes(b"b")
+        self._out.write(pickle.TUPLE3 + pickle.REDUCE)
+        self._memoize(id(ref))
+        self._out.write(pickle.MARK)
+        self._int(1)
+        self._tuple_of_ints(ref.shape)
+        self._numpy_dtype(objects.NUMPY_DESCR[ref.dtype])
+        self._out.write(pickle.NEWFALSE)
+        self._bytes(bytes(read_all(ref.source)))
+        self._out.write(pickle.TUPLE + pickle.BUILD)
+
+    def _record(self, record: ObjectRecord, path: tuple[str | int, ...]) -> None:
+        """The pickle that made the object: the class, its arguments, REDUCE or NEWOBJ, then its
+        items, elements and state. Which records may be written is the caller's decision."""
+        if self._memoized(id(record)):  # shared, or a parent pointer: the object written before
+            return
+        out = self._out
+        self._global(record.name)
+        if record.how != "global":
+            self._node(tuple(record.args), path)
+            out.write(pickle.REDUCE if record.how == "call" else pickle.NEWOBJ)
+        self._memoize(id(record))
+        if record.how == "global":
+            return
+        if record.elements:
+            out.write(pickle.MARK)
+            for value in record.elements:
+                self._node(value, path)
+            out.write(pickle.APPENDS)
+        if record.items:
+            out.write(pickle.MARK)
+            for key, value in record.items:
+                self._node(key, path)
+                self._node(value, path)
+            out.write(pickle.SETITEMS)
+        if record.built:
+            self._node(record.state, path)
+            out.write(pickle.BUILD)
 
     def _int(self, value: int) -> None:
         if 0 <= value < 0x100:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections import OrderedDict
@@ -11,6 +12,8 @@ from typing import Any
 
 from .dtypes import DTYPES, numel
 from .errors import ConverterError, format_tree_path
+from .manifests import encode_tree
+from .objects import ObjectRecord
 from .sources import ByteSource
 from .tree import MAPPING_TYPES, TensorRef, walk
 
@@ -67,11 +70,28 @@ def _diff(a: Any, b: Any, path: tuple[str | int, ...], found: list[str]) -> None
             _diff(x, y, (*path, index), found)
     elif type(a) is TensorRef:
         _diff_tensor(a, b, where, found)
+        if a.numpy != b.numpy:
+            found.append(
+                f"{where}: {'numpy array' if a.numpy else 'tensor'} vs {'numpy array' if b.numpy else 'tensor'}"
+            )
+    elif type(a) is ObjectRecord:
+        # Records hold plain values and records only: their manifest nodes say everything they are.
+        if _record_text(a) != _record_text(b):
+            found.append(
+                f"{where}: {a.name} objects with different state"
+                if a.name == b.name
+                else f"{where}: {a.name} vs {b.name}"
+            )
     elif type(a) is float:
         if struct.pack(">d", a) != struct.pack(">d", b):
             found.append(f"{where}: float {a!r} vs {b!r}")
     elif a != b:
         found.append(f"{where}: {a!r:.60} vs {b!r:.60}")
+
+
+def _record_text(record: ObjectRecord) -> str:
+    """A record as canonical JSON text (``-0.0`` and ``0.0`` differ here, as their bits do)."""
+    return json.dumps(encode_tree(record, {}), separators=(",", ":"), ensure_ascii=True)
 
 
 def _diff_mapping(a: Any, b: Any, path: tuple[str | int, ...], found: list[str]) -> None:

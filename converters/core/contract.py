@@ -44,7 +44,7 @@ class WriteContext:
 # How the CLI turns a flag's text into an option value, by the ``kind`` an option declares.
 # "flag": a switch; "text": the string as given; "int": a number; "model" and "shape": a model
 # spec ('recipe' or 'package.module:Class') and a tensor shape ('1,3,32,32'), resolved by the CLI.
-OPTION_KINDS = ("flag", "text", "int", "model", "shape")
+OPTION_KINDS = ("flag", "text", "int", "model", "shape", "list")  # list: a repeatable flag, a tuple of texts
 
 
 def option(default: Any, help: str, *, kind: str = "text", metavar: str | None = None, flag: str | None = None) -> Any:

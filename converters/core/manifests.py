@@ -12,6 +12,9 @@ Tree nodes are one-key objects naming their type, so no type is ever guessed fro
     {"counter": [[4, {"int": 2}]]}                       collections.Counter (MultiStepLR milestones)
     {"list": [...]}  {"tuple": [...]}  {"none": null}  {"bool": true}  {"int": 3}  {"str": "x"}
     {"float": 0.9}   {"float": "0x7ff8000000000001"}     non-finite floats as IEEE-754 bits
+    {"bytes": "00ff"}  {"npscalar": ["<f8", "000000000000e83f"]}  {"ndarray": "key"}  (numpy array)
+    {"record": {"class": "argparse.Namespace", "how": "new", "args": [], "state": {...}}}
+    {"backref": 1}                                       the record 1 level up (a parent pointer)
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import json
 import math
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
 from blake3 import blake3
 
 from .errors import CorruptFileError, TreePath
+from .objects import HOW, NumpyScalar, ObjectRecord
 from .transfer import blake3_hex
 from .tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
 
@@ -76,10 +80,15 @@ def encode_tree(tree: Any, keys: dict[tuple[str | int, ...], str]) -> JsonNode:
     return _encode(tree, (), keys)
 
 
-def _encode(node: Any, path: tuple[str | int, ...], keys: dict[tuple[str | int, ...], str]) -> JsonNode:
+def _encode(
+    node: Any,
+    path: tuple[str | int, ...],
+    keys: dict[tuple[str | int, ...], str],
+    records: list[ObjectRecord] | None = None,
+) -> JsonNode:
     kind = type(node)
     if kind in MAPPING_TYPES:
-        items = [[key, _encode(value, (*path, key), keys)] for key, value in node.items()]
+        items = [[key, _encode(value, (*path, key), keys, records)] for key, value in node.items()]
         if kind is dict:
             return {"dict": items}
         if kind is Counter:
@@ -89,7 +98,7 @@ def _encode(node: Any, path: tuple[str | int, ...], keys: dict[tuple[str | int, 
             encoded["metadata"] = _encode(node._metadata, (*path, "_metadata"), {})
         return encoded
     if kind is list or kind is tuple:
-        return {kind.__name__: [_encode(v, (*path, i), keys) for i, v in enumerate(node)]}
+        return {kind.__name__: [_encode(v, (*path, i), keys, records) for i, v in enumerate(node)]}
     if node is None:
         return {"none": None}
     if kind is bool:
@@ -101,8 +110,34 @@ def _encode(node: Any, path: tuple[str | int, ...], keys: dict[tuple[str | int, 
     if kind is str:
         return {"str": node}
     if kind is TensorRef:
-        return {"tensor": keys[path]}
+        return {"ndarray" if node.numpy else "tensor": keys[path]}
+    if kind is bytes:
+        return {"bytes": node.hex()}
+    if kind is NumpyScalar:
+        return {"npscalar": [node.dtype, node.data.hex()]}
+    if kind is ObjectRecord:
+        return _encode_record(node, path, [] if records is None else records)
     raise TypeError(f"unvalidated tree: {kind!r} at {path}")  # validate() runs first
+
+
+def _encode_record(record: ObjectRecord, path: tuple[str | int, ...], records: list[ObjectRecord]) -> JsonNode:
+    for level, outer in enumerate(reversed(records), 1):
+        if outer is record:
+            return {"backref": level}
+    records.append(record)
+    body: JsonNode = {
+        "class": record.name,
+        "how": record.how,
+        "args": [_encode(value, path, {}, records) for value in record.args],
+    }
+    if record.built:
+        body["state"] = _encode(record.state, path, {}, records)
+    if record.items:
+        body["items"] = [[_encode(k, path, {}, records), _encode(v, path, {}, records)] for k, v in record.items]
+    if record.elements:
+        body["elements"] = [_encode(value, path, {}, records) for value in record.elements]
+    records.pop()
+    return {"record": body}
 
 
 def float_bits(value: float) -> str:
@@ -115,7 +150,7 @@ def decode_tree(node: Any, tensor: Callable[[str, TreePath], Any], *, file: Any 
 
     An ``odict``'s ``metadata`` (torch's ``_metadata``) holds plain values only: a tensor node
     there is refused (``core.tree.validate`` refuses it in any tree)."""
-    return _decode(node, (), tensor, file, 0)
+    return _Decoder(tensor, file).decode(node, (), 0)
 
 
 def _no_tensor(key: str, path: TreePath, *, file: Any = None) -> Any:
@@ -126,50 +161,132 @@ def _no_tensor(key: str, path: TreePath, *, file: Any = None) -> Any:
     )
 
 
-def _decode(node: Any, path: tuple[str | int, ...], tensor: Any, file: Any, depth: int) -> Any:
-    if depth > 64:
-        raise CorruptFileError("manifest tree nested deeper than 64 levels", file=file, path=path)
-    if type(node) is not dict or len(node) != 1 + ("metadata" in node and "odict" in node):
-        raise CorruptFileError(
-            f"manifest tree node must be a one-key object, found {_short(node)}", file=file, path=path
-        )
-    tag = next(key for key in node if key != "metadata") if len(node) > 1 else next(iter(node))
-    value = node[tag]
-    if tag in ("dict", "odict", "counter"):
-        out: dict[Any, Any] = {"dict": dict, "odict": OrderedDict, "counter": Counter}[tag]()
-        for item in _expect(value, list, path, file, tag):
-            if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
-                raise CorruptFileError(
-                    f"dict item must be [str|int key, node], found {_short(item)}", file=file, path=path
+_RECORD_FIELDS = frozenset({"class", "how", "args", "state", "items", "elements"})
+
+
+class _Decoder:
+    def __init__(self, tensor: Callable[[str, TreePath], Any], file: Any) -> None:
+        self.tensor, self.file = tensor, file
+        self.records: list[ObjectRecord] = []  # the records being decoded, for backref nodes
+        self.arrays: dict[str, Any] = {}  # storage key -> the tensor marked as a numpy array (ties stay ties)
+
+    def decode(self, node: Any, path: tuple[str | int, ...], depth: int) -> Any:
+        file = self.file
+        if depth > 64:
+            raise CorruptFileError("manifest tree nested deeper than 64 levels", file=file, path=path)
+        if type(node) is not dict or len(node) != 1 + ("metadata" in node and "odict" in node):
+            raise CorruptFileError(
+                f"manifest tree node must be a one-key object, found {_short(node)}", file=file, path=path
+            )
+        tag = next(key for key in node if key != "metadata") if len(node) > 1 else next(iter(node))
+        value = node[tag]
+        if tag in ("dict", "odict", "counter"):
+            out: dict[Any, Any] = {"dict": dict, "odict": OrderedDict, "counter": Counter}[tag]()
+            for item in _expect(value, list, path, file, tag):
+                if type(item) is not list or len(item) != 2 or type(item[0]) not in (str, int):
+                    raise CorruptFileError(
+                        f"dict item must be [str|int key, node], found {_short(item)}", file=file, path=path
+                    )
+                key = item[0]
+                if key in out:
+                    raise CorruptFileError(f"duplicate key {key!r}", file=file, path=path)
+                out[key] = self.decode(item[1], (*path, key), depth + 1)
+            if "metadata" in node:
+                metadata = _Decoder(partial(_no_tensor, file=file), file).decode(
+                    node["metadata"], (*path, "_metadata"), depth + 1
                 )
-            key = item[0]
-            if key in out:
-                raise CorruptFileError(f"duplicate key {key!r}", file=file, path=path)
-            out[key] = _decode(item[1], (*path, key), tensor, file, depth + 1)
-        if "metadata" in node:
-            metadata = _decode(node["metadata"], (*path, "_metadata"), partial(_no_tensor, file=file), file, depth + 1)
-            out._metadata = metadata  # type: ignore[attr-defined]
-        return out
-    if tag in ("list", "tuple"):
-        items = [
-            _decode(v, (*path, i), tensor, file, depth + 1) for i, v in enumerate(_expect(value, list, path, file, tag))
-        ]
-        return items if tag == "list" else tuple(items)
-    if tag == "none":
-        if value is not None:
-            raise CorruptFileError(f"'none' node must hold null, found {_short(value)}", file=file, path=path)
-        return None
-    if tag == "bool":
-        return _expect(value, bool, path, file, tag)
-    if tag == "int":
-        return _expect(value, int, path, file, tag)
-    if tag == "str":
-        return _expect(value, str, path, file, tag)
-    if tag == "float":
-        return _decode_float(value, path, file)
-    if tag == "tensor":
-        return tensor(_expect(value, str, path, file, tag), path)
-    raise CorruptFileError(f"unknown manifest node type {tag!r}", file=file, path=path)
+                out._metadata = metadata  # type: ignore[attr-defined]
+            return out
+        if tag in ("list", "tuple"):
+            items = [self.decode(v, (*path, i), depth + 1) for i, v in enumerate(_expect(value, list, path, file, tag))]
+            return items if tag == "list" else tuple(items)
+        if tag == "none":
+            if value is not None:
+                raise CorruptFileError(f"'none' node must hold null, found {_short(value)}", file=file, path=path)
+            return None
+        if tag == "bool":
+            return _expect(value, bool, path, file, tag)
+        if tag == "int":
+            return _expect(value, int, path, file, tag)
+        if tag == "str":
+            return _expect(value, str, path, file, tag)
+        if tag == "float":
+            return _decode_float(value, path, file)
+        if tag == "tensor":
+            return self.tensor(_expect(value, str, path, file, tag), path)
+        if tag == "ndarray":
+            key = _expect(value, str, path, file, tag)
+            ref = self.tensor(key, path)
+            if key not in self.arrays:  # by key: one array for a key named twice (a tie)
+                self.arrays[key] = ref.as_numpy()  # a TensorRef, or a reader's placeholder that says so
+            return self.arrays[key]
+        if tag == "bytes":
+            return _hex(value, path, file, tag)
+        if tag == "npscalar":
+            if type(value) is not list or len(value) != 2 or type(value[0]) is not str or not value[0]:
+                raise CorruptFileError(
+                    f"'npscalar' node must hold [numpy dtype, hex bytes], found {_short(value)}", file=file, path=path
+                )
+            return NumpyScalar(value[0], _hex(value[1], path, file, tag))
+        if tag == "record":
+            return self.record(value, path, depth)
+        if tag == "backref":
+            level = value
+            if type(level) is not int or not 1 <= level <= len(self.records):
+                raise CorruptFileError(
+                    f"'backref' must name one of the {len(self.records)} enclosing records, found {_short(level)}",
+                    file=file,
+                    path=path,
+                )
+            return self.records[-level]
+        raise CorruptFileError(f"unknown manifest node type {tag!r}", file=file, path=path)
+
+    def record(self, body: Any, path: tuple[str | int, ...], depth: int) -> ObjectRecord:
+        file = self.file
+        if (
+            type(body) is not dict
+            or not {"class", "how", "args"} <= body.keys() <= _RECORD_FIELDS
+            or type(body["class"]) is not str
+            or not body["class"]
+            or body["how"] not in HOW
+            or type(body["args"]) is not list
+            or type(body.get("items", [])) is not list
+            or type(body.get("elements", [])) is not list
+        ):
+            raise CorruptFileError(
+                "'record' node must hold class, how (global/call/new), args and optionally state, items, "
+                f"elements; found {_short(body)}",
+                file=file,
+                path=path,
+            )
+        record = ObjectRecord(body["class"], body["how"])
+        self.records.append(record)
+        record.args = tuple(self.decode(value, path, depth + 1) for value in body["args"])
+        if "state" in body:
+            record.state, record.built = self.decode(body["state"], path, depth + 1), True
+        for pair in body.get("items", []):
+            if type(pair) is not list or len(pair) != 2:
+                raise CorruptFileError(f"a record's item must be [key, value], found {_short(pair)}", file=file)
+            record.items.append((self.decode(pair[0], path, depth + 1), self.decode(pair[1], path, depth + 1)))
+        record.elements = [self.decode(value, path, depth + 1) for value in body.get("elements", [])]
+        self.records.pop()
+        if any(type(leaf) is TensorRef for leaf in _leaves(record.children())):
+            raise CorruptFileError(f"the {record.name} record holds a tensor; records hold no tensors", file=file)
+        return record
+
+
+def _leaves(values: list[Any]) -> Iterator[Any]:
+    for value in values:
+        yield from (leaf for _, leaf in walk(value))
+
+
+def _hex(value: Any, path: TreePath, file: Any, tag: str) -> bytes:
+    if type(value) is str and len(value) % 2 == 0:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise CorruptFileError(f"{tag!r} node must hold hex digits, found {_short(value)}", file=file, path=path)
 
 
 def _expect(value: Any, kind: type, path: TreePath, file: Any, tag: str) -> Any:

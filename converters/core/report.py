@@ -8,12 +8,14 @@ like ``"a\\n/tmp/x.pt: pt, 1 GiB"`` or ``"\\x1b[2J"`` cannot forge a line or dri
 from __future__ import annotations
 
 import re
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from .dtypes import itemsize, numel
 from .errors import shown
+from .objects import NumpyScalar, ObjectRecord
 from .tree import MAPPING_TYPES, TensorRef, walk
 
 INDENT = "  "
@@ -155,7 +157,8 @@ def _key(key: Any) -> str:
 def tensor_text(ref: TensorRef) -> str:
     shape = str(list(ref.shape)) if len(ref.shape) <= 64 else shown(list(ref.shape[:64]), VALUE_LIMIT // 2) + "…"
     cast = f"  (cast from {ref.cast_from.dtype})" if ref.cast_from is not None else ""
-    return f"{ref.dtype:<9} {shape}{cast}"
+    array = "  (numpy array)" if ref.numpy else ""
+    return f"{ref.dtype:<9} {shape}{array}{cast}"
 
 
 def _inline(value: Any) -> str:
@@ -181,7 +184,76 @@ def _repr(value: Any) -> str:
         return "[" + ", ".join(map(_repr, value)) + "]"
     if kind is tuple:
         return "(" + ", ".join(map(_repr, value)) + (",)" if len(value) == 1 else ")")
+    if kind is ObjectRecord:
+        return record_text(value)
+    if kind is NumpyScalar:
+        return numpy_scalar_text(value)
     return repr(value)
+
+
+def record_text(record: ObjectRecord, depth: int = 0) -> str:
+    """A record as the call that would make it, from its recorded parts (never by running it):
+    ``argparse.Namespace(lr=0.1)``, ``pathlib.PurePosixPath('/', 'a')``, ``typing.Any``."""
+    if record.how == "global":
+        return record.name
+    if depth > 3 or any(outer is record for outer in _SHOWING):  # deep, or a parent pointer
+        return f"{record.name}(…)"
+    _SHOWING.append(record)
+    try:
+        return _record_call(record, depth)
+    finally:
+        _SHOWING.pop()
+
+
+_SHOWING: list[ObjectRecord] = []  # the records being shown, outermost first (parent pointers end there)
+
+
+def _record_call(record: ObjectRecord, depth: int) -> str:
+    parts = [_repr_in(value, depth) for value in record.args]
+    state = record.state
+    if record.built and type(state) is dict and all(type(key) is str for key in state):
+        parts += [f"{key}={_repr_in(value, depth)}" for key, value in state.items()]
+    elif record.built:
+        parts.append(f"state={_repr_in(state, depth)}")
+    if record.items:
+        parts.append(
+            "items={" + ", ".join(f"{_repr_in(k, depth)}: {_repr_in(v, depth)}" for k, v in record.items) + "}"
+        )
+    if record.elements:
+        parts.append("elements=[" + ", ".join(_repr_in(v, depth) for v in record.elements) + "]")
+    text = f"{record.name}({', '.join(parts)})"
+    return text if len(text) <= 2 * VALUE_LIMIT else text[: 2 * VALUE_LIMIT] + "…"
+
+
+def _repr_in(value: Any, depth: int) -> str:
+    return record_text(value, depth + 1) if type(value) is ObjectRecord else _repr(value)
+
+
+_SCALAR_CODES = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b"}
+_SCALAR_CODES |= {"u8": "Q", "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
+
+
+def numpy_scalar_text(scalar: NumpyScalar) -> str:
+    """``numpy.float64(0.75)``: the numpy type and the value its bytes hold."""
+    kind = scalar.dtype[1:]
+    code = _SCALAR_CODES.get(kind)
+    names = {"f": "float", "i": "int", "u": "uint", "c": "complex"}
+    name = "bool" if kind == "b1" else f"{names.get(kind[:1], kind[:1])}{int(kind[1:] or 0) * 8}"
+    if code is None or len(scalar.data) != struct.calcsize(code):
+        return f"numpy.{name}(0x{scalar.data.hex()})"
+    value = struct.unpack(("<" if scalar.dtype[0] != ">" else ">") + code, scalar.data)[0]
+    return f"numpy.{name}({value!r})"
+
+
+def records(tree: Any) -> list[str]:
+    """One line per recorded object of the tree (path: class), for ``inspect``'s own section."""
+    from .errors import format_tree_path
+
+    return [
+        f"{shown(format_tree_path(path), KEY_LIMIT)}: {shown(leaf.name, KEY_LIMIT)}"
+        for path, leaf in walk(tree)
+        if type(leaf) is ObjectRecord
+    ]
 
 
 def _small(value: Any) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import dtypes, manifests
 from .budget import Budget
-from .errors import CorruptFileError, shown
+from .errors import CorruptFileError, UnsafeFileError, shown
 from .tree import CastOrigin, TensorRef
 
 _HEX = re.compile(r"[0-9a-f]*")
@@ -247,3 +247,62 @@ def read_folder_file(path: Path, what: str, where: str, limit: int, budget: Budg
     if len(data) != info.st_size:
         raise CorruptFileError(f"{what} changed size while it was read", file=path)
     return data
+
+
+# ------------------------------------------------------------------ Hugging Face shard folders
+# A folder of shard files plus an index {"metadata": {...}, "weight_map": {tensor key: shard file}}:
+# ``model.safetensors.index.json`` (safetensors shards), ``pytorch_model.bin.index.json`` (torch.save
+# shards). Each format reads its own shards; finding and reading the index, and checking the shard
+# file names it gives, are the same for both.
+
+
+def find_index(folder: Path, preferred: str, suffix: str) -> Path | None:
+    """The index file of a shard folder: ``preferred`` when present, else the only file whose name
+    ends with ``suffix``; None when ``folder`` is not a folder or holds none (or several). A
+    symlinked index is found too, so that reading it refuses it with a clear message."""
+    if not folder.is_dir():
+        return None
+    first = folder / preferred
+    if first.is_symlink() or first.is_file():
+        return first
+    found = sorted(p for p in folder.iterdir() if p.name.endswith(suffix) and (p.is_symlink() or p.is_file()))
+    return found[0] if len(found) == 1 else None
+
+
+def read_shard_index(index_path: Path, limit: int, budget: Budget) -> tuple[dict[str, str], dict[str, Any]]:
+    """The ``weight_map`` and ``metadata`` of a shard index: a regular file of its folder (no
+    symlink), at most ``limit`` bytes, strict JSON (duplicate keys refused), charged to ``budget``."""
+    try:
+        raw = read_folder_file(index_path, "the shard index", "its folder", limit, budget)
+    except FileNotFoundError as exc:
+        raise CorruptFileError(f"the shard index cannot be opened: {exc.strerror}", file=index_path) from None
+    index = loads_json_strict(raw, index_path, "the shard index", budget)
+    del raw
+    weight_map = index.get("weight_map") if type(index) is dict else None
+    metadata = index.get("metadata", {}) if type(index) is dict else None
+    if (
+        type(weight_map) is not dict
+        or type(metadata) is not dict
+        or not all(type(v) is str for v in weight_map.values())
+    ):
+        raise CorruptFileError(
+            "the shard index must hold a weight_map of tensor key to shard file name", file=index_path
+        )
+    return weight_map, metadata
+
+
+def shard_file(index_path: Path, name: str, kind: str) -> Path:
+    """The shard ``name`` of the index's ``weight_map``: a plain file name (no folder, no ``..``) of
+    a regular file beside the index (no symlink), never an index (indexes are not followed).
+    ``kind``: what a shard is, for messages ("a safetensors file")."""
+    relative = Path(name)
+    if relative.is_absolute() or len(relative.parts) != 1 or name in ("", ".", ".."):
+        raise UnsafeFileError(
+            f"shard file name {name!r} must be a plain file name in the index's folder", file=index_path
+        )
+    if name.endswith(".json") or relative.name == index_path.name:
+        raise CorruptFileError(f"shard {name!r} names an index, not {kind}; indexes are not followed", file=index_path)
+    shard = index_path.parent / relative
+    if shard.is_symlink() or not shard.is_file():
+        raise CorruptFileError(f"shard {name!r} is not a regular file beside the index", file=index_path)
+    return shard

@@ -20,9 +20,10 @@ from typing import Any
 
 from . import dtypes
 from .errors import ConverterError, UnsupportedValueError, shown
+from .objects import NumpyScalar, ObjectRecord, Unreadable
 from .sources import ByteSource
 
-SCALAR_TYPES = (type(None), bool, int, float, str)
+SCALAR_TYPES = (type(None), bool, int, float, str, bytes, NumpyScalar)
 MAPPING_TYPES = (dict, OrderedDict, Counter)
 CONTAINER_TYPES = (*MAPPING_TYPES, list, tuple)
 MAX_DEPTH = 64
@@ -77,6 +78,9 @@ class TensorRef:
     # Set on a tensor made by a dtype cast (and on one read back from a file that records the cast):
     # what it was cast from. Like ``digest`` it is not an argument, and ``derive`` drops it.
     cast_from: CastOrigin | None = field(default=None, compare=False, init=False)
+    # True for a numpy array (a checkpoint that pickled one): the same dtype and bytes, given back
+    # as an ``ndarray`` by ``load()`` and by a ``.pt`` written from it. Kept by ``derive``.
+    numpy: bool = field(default=False, compare=False, init=False)
 
     def __post_init__(self) -> None:
         try:
@@ -116,6 +120,13 @@ class TensorRef:
         object.__setattr__(ref, "digest", digest)
         return ref
 
+    def as_numpy(self) -> TensorRef:
+        """The same tensor, marked as a numpy array (readers)."""
+        ref = object.__new__(TensorRef)
+        ref.__dict__.update(self.__dict__)
+        object.__setattr__(ref, "numpy", True)
+        return ref
+
     def with_cast_from(self, origin: CastOrigin | None) -> TensorRef:
         """The same tensor recording the cast that made it (the cast transform; readers)."""
         ref = object.__new__(TensorRef)
@@ -133,11 +144,12 @@ class TensorRef:
         >>> ref.derive(shape=(1, 2)).digest is None
         True
         """
-        return TensorRef(
+        made = TensorRef(
             self.dtype if dtype is None else dtype,
             self.shape if shape is None else shape,
             self.source if source is None else source,
         )
+        return made.as_numpy() if self.numpy else made
 
 
 @dataclass
@@ -238,13 +250,74 @@ def _validate(node: Any, path: tuple[str | int, ...], file: Path | str | None, d
             _validate(value, (*path, index), file, depth + 1)
     elif kind in SCALAR_TYPES or kind is TensorRef:
         return
+    elif kind is ObjectRecord:
+        _validate_record(node, path, file, depth, [], set())
+    elif kind is Unreadable:
+        raise UnsupportedValueError(node.what, file=file, path=path)
     else:
         raise UnsupportedValueError(
-            f"cannot represent a value of type {kind.__module__}.{kind.__qualname__} "
-            "(supported: dict, OrderedDict, Counter, list, tuple, tensor, None, bool, int, float, str)",
+            f"cannot represent a value of type {kind.__module__}.{kind.__qualname__} (supported: dict, "
+            "OrderedDict, Counter, list, tuple, tensor, None, bool, int, float, str, bytes, records)",
             file=file,
             path=path,
         )
+
+
+def _validate_record(
+    record: ObjectRecord, path: tuple[str | int, ...], file: Any, depth: int, chain: list[int], done: set[int]
+) -> None:
+    """A record and what it holds: plain values and records, never a tensor (a record is not
+    walked for tensors, so one inside it would be lost). A record met again while inside itself is
+    a back-reference (kept); one met again elsewhere was checked already."""
+    if id(record) in done:
+        return
+    if type(record.name) is not str or not record.name or type(record.args) is not tuple:
+        raise UnsupportedValueError("a record needs a class name and a tuple of arguments", file=file, path=path)
+    chain.append(id(record))
+    stack: list[tuple[Any, int]] = [(value, depth + 1) for value in reversed(record.children())]
+    while stack:
+        value, level = stack.pop()
+        if level > MAX_DEPTH:
+            raise UnsupportedValueError(f"nesting deeper than {MAX_DEPTH} levels", file=file, path=path)
+        kind = type(value)
+        if kind is ObjectRecord:
+            if id(value) not in chain:
+                _validate_record(value, path, file, level, chain, done)
+        elif kind is TensorRef:
+            if record.built and type(record.state) is dict and "_parameters" in record.state:
+                raise UnsupportedValueError(
+                    f"this is a whole pickled torch.nn.Module ({record.name}), not a state_dict: its code is not "
+                    "run, so its weights cannot be read; save model.state_dict() with torch.save instead",
+                    file=file,
+                    path=path,
+                )
+            raise UnsupportedValueError(
+                f"the {record.name} object holds a tensor; tensors inside recorded objects are not kept "
+                "(drop the object with --drop-objects, or store the tensor in the checkpoint's dict)",
+                file=file,
+                path=path,
+            )
+        elif kind in MAPPING_TYPES:
+            for key, item in value.items():
+                if type(key) is not str and type(key) is not int:
+                    raise UnsupportedValueError(
+                        f"dict keys must be str or int, found {type(key).__name__} key in a {record.name} object",
+                        file=file,
+                        path=path,
+                    )
+                stack.append((item, level + 1))
+        elif kind is list or kind is tuple:
+            stack.extend((item, level + 1) for item in value)
+        elif kind is Unreadable:
+            raise UnsupportedValueError(f"inside a {record.name} object, {value.what}", file=file, path=path)
+        elif kind not in SCALAR_TYPES:
+            raise UnsupportedValueError(
+                f"the {record.name} object holds a value of type {kind.__module__}.{kind.__qualname__}",
+                file=file,
+                path=path,
+            )
+    chain.pop()
+    done.add(id(record))
 
 
 def _validate_metadata(metadata: Any, path: tuple[str | int, ...], file: Path | str | None, depth: int) -> None:

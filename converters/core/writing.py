@@ -18,7 +18,7 @@ from .contract import WriteContext
 from .errors import CorruptFileError, TreePath
 from .integrity import crc_message, mismatch_message, records_of, verify_bytes, verify_record
 from .sources import ByteSource, FileRange, Record
-from .transfer import Checks, copy_into
+from .transfer import Checks, blake3_hex, copy_into
 from .tree import Checkpoint, TensorRef
 
 DIGEST_PLACEHOLDER = "0" * 64
@@ -58,6 +58,15 @@ class TensorWriter:
         """For layouts that split one tensor's bytes (flax's chunked arrays): write its pieces in
         order with ``write``, then ``finish`` for the digest of the whole."""
         return PiecewiseCopy(self, ref, path, crc32)
+
+    def hashed(self, ref: TensorRef) -> str:
+        """For bytes a writer stores by other means (a numpy array inside a pickle): their digest,
+        taken now (the stored one when the tensor has one, checked when the context asks)."""
+        digest = ref.digest if ref.digest is not None and not self.context.check else blake3_hex(ref.source)
+        if ref.digest is not None and digest != ref.digest:
+            raise CorruptFileError(mismatch_message(ref, digest), file=str(self.origin) if self.origin else None)
+        self._digests[id(ref)] = digest
+        return digest
 
     def check_sources(self, checkpoint: Checkpoint) -> None:
         """For writers that hand bytes to another library: with ``check``, re-hash stored digests first."""

@@ -32,9 +32,10 @@ from ..core.atomic import atomic_folder
 from ..core.budget import Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ..core.objects import ObjectRecord
 from ..core.sources import BufferSource, ConcatSource
 from ..core.stored import read_folder_file
-from ..core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
+from ..core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, walk
 from ..core.writing import TensorWriter
 
 METADATA = ".metadata"
@@ -155,8 +156,18 @@ class DcpFormat(FormatBase):
         # handed over, and asking torch's writer to fsync (or not) before our atomic rename.
         if not isinstance(checkpoint.tree, dict) or not all(type(k) is str for k in checkpoint.tree):
             raise UnsupportedValueError("a DCP checkpoint's root must be a dict with str keys (FQNs)")
-        from ..torch_bridge import dcp_save  # torch is reached only through the bridge
+        from ..torch_bridge import dcp_save, import_torch, torch_value  # torch only through the bridge
 
+        torch = import_torch()
+        for tree_path, leaf in walk(checkpoint.tree):
+            if type(leaf) is ObjectRecord and torch_value(torch, leaf) is leaf:
+                # torch.distributed.checkpoint pickles values itself: it would need the class, which
+                # is never imported here (a .pt output re-creates such objects without importing them)
+                raise UnsupportedValueError(
+                    f"a DCP folder cannot hold the recorded {leaf.name} object; drop recorded objects with "
+                    "--drop-objects, or write .pt, safetensors, msgpack or onnx, which carry them",
+                    path=tree_path,
+                )
         tensor_writer = TensorWriter(context, checkpoint.origin)
         tensor_writer.check_sources(checkpoint)
         with atomic_folder(Path(path), self.replaceable, fsync=context.fsync, overwrite=context.overwrite) as staging:

@@ -33,6 +33,7 @@ from ..core.atomic import atomic_output
 from ..core.budget import MAX_DEPTH, Budget
 from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..core.objects import NumpyScalar, ObjectRecord
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
 from ..core.stored import check_casts, check_digests, check_tree_digest, paused_gc
 from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, CastOrigin, Checkpoint, TensorRef, walk
@@ -166,6 +167,9 @@ class _Emitter:
             else:
                 self.ndarray(node.dtype, node.shape, node.source, copy)
             self.digests[self.keys[path]] = copy.finish().digest
+        elif kind is ObjectRecord or kind is NumpyScalar:
+            # flax has no such values: nil stands in the native tree, the metadata tree holds them
+            out.write(codec.pack_plain(None))
         else:
             out.write(codec.pack_plain(node, bigint_ext=EXT_BIGINT))
 
@@ -261,10 +265,14 @@ def _native_keys(keys: list[str | int]) -> list[str]:
 class _Slot:
     """Where the metadata tree places a tensor; filled from the native tree by ``_merge``."""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "numpy")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, numpy: bool = False) -> None:
         self.key = key
+        self.numpy = numpy  # the tree says a numpy array (manifest "ndarray" node)
+
+    def as_numpy(self) -> _Slot:
+        return _Slot(self.key, True)
 
 
 @dataclass(frozen=True)
@@ -354,6 +362,7 @@ class _TreeReader:
                 self._disagree(path, f"the tensor {expected.key!r}", native)
             digest = self.digests.get(expected.key)
             ref = native if digest is None else native.with_stored_digest(digest)
+            ref = ref.as_numpy() if expected.numpy else ref
             origin = self.casts.get(expected.key)
             self.stored[expected.key] = ref if origin is None else ref.with_cast_from(origin)
             return self.stored[expected.key]
@@ -381,13 +390,17 @@ class _TreeReader:
             for index, (value, item) in enumerate(zip(expected, native, strict=True)):
                 expected[index] = self._merge_item(value, item, path, index)
             return expected
+        if kind in _NIL_NATIVE:  # records and numpy scalars: nil in the native tree
+            if native is not None:
+                self._disagree(path, f"a {type(expected).__name__} (nil in the native tree)", native)
+            return expected
         self._check_same(expected, native, path)
         return expected
 
     def _merge_item(self, expected: Any, native: Any, path: tuple[str | int, ...], key: str | int) -> Any:
         """``_merge`` of one item of a container at ``path``; its path is built only when needed."""
         kind = type(expected)
-        if kind is _Slot or kind in CONTAINER_TYPES:
+        if kind is _Slot or kind in CONTAINER_TYPES or kind in _NIL_NATIVE:
             return self._merge(expected, native, (*path, key))
         if type(native) is not kind or not (
             struct.pack(">d", native) == struct.pack(">d", expected) if kind is float else native == expected
@@ -429,10 +442,9 @@ class _TreeReader:
             return node
         if kind is codec.Ext:
             return self._ext(node, path)
-        if kind is codec.Bin:
-            raise UnsupportedValueError(
-                "raw msgpack bin values are not supported (only tensors)", file=self.path, path=path
-            )
+        if kind is codec.Bin:  # bytes (flax writes none; other msgpack writers do)
+            self.budget.materialize(node.length, "msgpack bin values")
+            return bytes(self.buffer[node.offset : node.offset + node.length])
         return node
 
     def _ext(self, ext: codec.Ext, path: TreePath) -> Any:
@@ -572,6 +584,7 @@ _NOT_PLAIN = (dict, list, codec.Ext, codec.Bin)
 _UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 _BIN_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 _DTYPE_NAMES = {name.encode(): name for name in dtypes.DTYPES}
+_NIL_NATIVE = (ObjectRecord, NumpyScalar)
 _META_REQUIRED = frozenset({"version", "wrapped", "tree"})
 _META_KEYS = _META_REQUIRED | {"blake3", "tree_blake3", "casts"}
 _BIGINT = re.compile(rb"-?[0-9]+")

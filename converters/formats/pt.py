@@ -1,7 +1,12 @@
-"""``pt``: PyTorch's zip checkpoints, as written by ``torch.save`` and read by ``torch.load``.
+"""``pt``: PyTorch's checkpoints, as written by ``torch.save`` and read by ``torch.load``.
 
-Read without torch and without running pickled code (see ``pt_pickle``); written so that
-``torch.load(f)`` with its default ``weights_only=True`` accepts the file. Layout written::
+Read without torch and without running pickled code (``codecs/torch_pickle.py``): torch's zip
+archive (``codecs/torch_archive.py``), its legacy non-zip file (``codecs/torch_legacy.py``: torch
+before 1.6, or ``_use_new_zipfile_serialization=False``), told apart by their first bytes whatever
+the suffix, and Hugging Face ``.bin`` shard folders (``pytorch_model.bin.index.json`` beside
+``pytorch_model-0000k-of-0000n.bin`` files, as ``save_pretrained(safe_serialization=False)`` writes
+them), read as one flat state_dict. Written as a zip archive only, so that ``torch.load(f)`` with
+its default ``weights_only=True`` accepts the file. Layout written::
 
     archive/data.pkl            the tree, protocol-2 pickle, tensors as persistent storage ids
     archive/byteorder           "little"
@@ -9,51 +14,140 @@ Read without torch and without running pickled code (see ``pt_pickle``); written
     archive/.format_version     "1"
     archive/.storage_alignment  "64"
     archive/version             "3\\n"
+
+A ``.bin`` shard folder reads as one flat dict: the shards in file-name order (the order
+``transformers`` loads them: ``sorted(set(weight_map.values()))``, which for its
+``pytorch_model-0000k-of-0000n.bin`` names is the order they were written in), and each shard's
+tensors in the order ``torch.load`` gives them. ``save_pretrained`` fills its shards in the
+state_dict's order, so this is the model's own order (the index's ``weight_map`` is sorted by key).
+The index is read as the safetensors shard index is (``core/stored.py``: no symlink, regular file,
+at most 100 MB, strict JSON); every shard must be a plain file name beside it, hold a dict of str
+keys to tensors, exactly the tensors the ``weight_map`` puts in it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
+from ..codecs.pickle_objects import check_writable
 from ..codecs.torch_archive import CASTS_RECORD, DIGESTS_RECORD, TREE_DIGEST_RECORD, read_archive_and_tree_digest
-from ..codecs.torch_pickle import PickleWriter
+from ..codecs.torch_legacy import TAR_MESSAGE, is_legacy, is_legacy_tar, read_legacy
+from ..codecs.torch_pickle import PickleWriter, describe
 from ..codecs.zip import ZipWriter
 from ..core import manifests
 from ..core.atomic import atomic_output
 from ..core.budget import Budget
-from ..core.contract import FormatBase, NoOptions, WriteContext
+from ..core.contract import FormatBase, WriteContext, option
 from ..core.dtypes import DTYPES
-from ..core.errors import TreePath
-from ..core.tree import Checkpoint, TensorRef
+from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..core.stored import find_index, read_shard_index, shard_file
+from ..core.tree import MAPPING_TYPES, Checkpoint, TensorRef
 from ..core.writing import TensorWriter
 
 ARCHIVE = "archive"
+ZIP_MAGIC = b"PK\x03\x04"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_INDEX_SUFFIX = ".bin.index.json"
+MAX_INDEX_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class PtOptions:
+    allow_class: tuple[str, ...] = option(
+        (),
+        "re-create recorded objects of this class in .pt output (repeatable; beyond the data-only classes)",
+        kind="list",
+        metavar="CLASS",
+    )
 
 
 class PtFormat(FormatBase):
     name = "pt"
-    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin")
-    description = "PyTorch zip checkpoint (torch.save / torch.load)"
+    suffixes: tuple[str, ...] = (".pt", ".pth", ".bin", ".ckpt", ".pth.tar", BIN_INDEX_SUFFIX)
+    Options = PtOptions
+    description = "PyTorch checkpoint (torch.save / torch.load; zip, legacy, .bin shard folders)"
     # torch names every dtype; the pickle spells it (see codecs/torch_pickle.py), so the code is the name.
     dtype_codes: ClassVar[Mapping[str, Any]] = {name: name for name in DTYPES}
 
     def sniff(self, head: bytes) -> bool:
-        return head.startswith(b"PK\x03\x04")
+        return head.startswith(ZIP_MAGIC) or is_legacy(head) or is_legacy_tar(head)
+
+    def reads_folder(self, path: Path) -> bool:
+        return find_index(path, BIN_INDEX_NAME, BIN_INDEX_SUFFIX) is not None
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
+        if path.is_dir():
+            index = find_index(path, BIN_INDEX_NAME, BIN_INDEX_SUFFIX)
+            if index is None:
+                raise CorruptFileError(f"the folder holds no {BIN_INDEX_NAME}", file=path)
+            return self.read_shards(index, budget)
+        if path.name.lower().endswith(BIN_INDEX_SUFFIX):
+            return self.read_shards(path, budget)
+        return self.read_file(path, budget)
+
+    def read_file(self, path: Path, budget: Budget) -> Checkpoint:
+        """One ``torch.save`` file, zip or legacy by its first bytes (never an index: shards are read with this)."""
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+        if is_legacy_tar(head):
+            raise UnsupportedValueError(TAR_MESSAGE, file=path)
+        if head[:1] == b"\x80":  # a pickle: torch's legacy file (or a plain pickle, refused by its reader)
+            return Checkpoint(read_legacy(path, budget), path)
         tree, tree_digest = read_archive_and_tree_digest(path, budget=budget)
         return Checkpoint(tree, path, tree_digest=tree_digest)
 
-    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
-        unique = checkpoint.unique_tensors()
+    def read_shards(self, index_path: Path, budget: Budget) -> Checkpoint:
+        """A ``.bin`` shard folder through its index, as one flat dict (order: see the module doc)."""
+        weight_map, metadata = read_shard_index(index_path, MAX_INDEX_BYTES, budget)
+        shards = {name: shard_file(index_path, name, "a torch checkpoint") for name in sorted(set(weight_map.values()))}
+        budget.cover(index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
+        tensors: dict[str, TensorRef] = {}
+        for name, shard in shards.items():
+            tree = self.read_file(shard, budget).tree
+            if type(tree) not in MAPPING_TYPES:
+                raise UnsupportedValueError(
+                    f"shard {name!r} holds {describe(tree)}, not a state_dict (a dict of tensors)", file=index_path
+                )
+            for key, value in tree.items():
+                if type(key) is not str or type(value) is not TensorRef:
+                    raise UnsupportedValueError(
+                        f"shard {name!r} holds {describe(value)} at key {key!r:.80}; "
+                        "a shard holds tensors under str keys only",
+                        file=index_path,
+                    )
+                listed = weight_map.get(key)
+                if listed != name:
+                    where = "does not list it" if listed is None else f"puts it in shard {listed!r}"
+                    raise CorruptFileError(
+                        f"shard {name!r} holds tensor {key!r}, but the weight_map {where}", file=index_path, path=(key,)
+                    )
+                tensors[key] = value
+        if len(tensors) != len(weight_map):
+            missing = next(key for key in weight_map if key not in tensors)
+            raise CorruptFileError(
+                f"the weight_map puts tensor {missing!r} in shard {weight_map[missing]!r}, which does not hold it",
+                file=index_path,
+                path=(missing,),
+            )
+        return Checkpoint(tensors, index_path.parent, file_metadata=dict(metadata) or None)
+
+    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: PtOptions) -> None:
+        check_writable(checkpoint.tree, options.allow_class, frozenset(DTYPES))
+        # numpy arrays are pickled as numpy pickles them (their bytes inside data.pkl), not as storages
+        everything = checkpoint.unique_tensors()
+        unique = [(tensor_path, ref) for tensor_path, ref in everything if not ref.numpy]
         # One storage record per distinct tensor: tied tensors share it, as torch.save writes them.
         key_of = {id(ref): str(index) for index, (_, ref) in enumerate(unique)}
         pickled = PickleWriter(lambda _path, ref: key_of[id(ref)]).dumps(checkpoint.tree)
         tensor_writer = TensorWriter(context, checkpoint.origin)
+        for _, ref in everything:
+            if ref.numpy:
+                tensor_writer.hashed(ref)  # for the tree digest
         with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
             archive = ZipWriter(out)
             archive.add(f"{ARCHIVE}/data.pkl", pickled)

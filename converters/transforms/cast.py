@@ -522,9 +522,9 @@ class Cast(TracksOrigins, Reporting):
             entry: dict[str, Any] = {"path": RawPath(paths[0]), "dtype": ref.dtype, "shape": list(ref.shape)}
             if len(paths) > 1:
                 entry["aliases"] = [RawPath(path) for path in paths[1:]]
-            if ref.dtype not in FLOAT_DTYPES:
+            if ref.dtype not in FLOAT_DTYPES or ref.numpy:
                 reason = "float8 is not cast" if ref.dtype in SKIPPED_FLOATS else "not floating-point"
-                skipped.append({**entry, "reason": reason})
+                skipped.append({**entry, "reason": "a numpy array (kept as it is)" if ref.numpy else reason})
                 continue
             chosen = [self._chosen(path) for path in paths]
             if not all(chosen):

@@ -1,5 +1,5 @@
 """The transformations a conversion asks for by option (CLI flags, library keywords), in the one
-order they run: select, exclude, strip-prefix, rename, dtype, ties."""
+order they run: select, exclude, drop-objects, strip-prefix, rename, dtype, ties."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from .base import Transform
 from .cast import Cast
 from .keys import Rename, StripPrefix
+from .objects import DropObjects
 from .select import Exclude, Select
 from .ties import Ties
 
@@ -28,6 +29,7 @@ def from_options(
     dtype_include: str | Iterable[str] | None = None,
     dtype_exclude: str | Iterable[str] | None = None,
     ties: str | None = None,
+    drop_objects: bool = False,
     check: bool = False,
 ) -> list[Transform]:
     """The transformations for these options (each checked now, before any file is read).
@@ -40,6 +42,8 @@ def from_options(
         steps.append(Select(*_many(select)))
     if _many(exclude):
         steps.append(Exclude(*_many(exclude)))
+    if drop_objects:
+        steps.append(DropObjects())
     if _many(strip_prefix):
         steps.append(StripPrefix.from_options(_many(strip_prefix)))
     if _many(rename):

@@ -123,11 +123,12 @@ def lines(plan: dict[str, Any]) -> list[str]:
     if plan["dropped"]:
         out.append("dropped:")
         for item in plan["dropped"]:
-            what = (
-                f"alias of {shown(item['alias_of'], PATH_WIDTH)}"
-                if "alias_of" in item
-                else f"{item['tensors']} tensor(s), {human_bytes(item['bytes'])}"
-            )
+            if "alias_of" in item:
+                what = f"alias of {shown(item['alias_of'], PATH_WIDTH)}"
+            elif "class" in item:
+                what = f"a recorded {shown(item['class'], PATH_WIDTH)} object"
+            else:
+                what = f"{item['tensors']} tensor(s), {human_bytes(item['bytes'])}"
             out.append(f"  {shown(item['path'] or '<root>', PATH_WIDTH)}  {what}  ({shown(item['by'])})")
     if plan["transforms"]:
         out.append("transformations:")

@@ -31,8 +31,8 @@ from ...core.atomic import atomic_folder, atomic_output
 from ...core.budget import Budget
 from ...core.contract import WriteContext
 from ...core.dtypes import numel
-from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError
-from ...core.stored import check_tree_digest, loads_json_strict, read_folder_file, tree_from_stored
+from ...core.errors import ConverterError, CorruptFileError
+from ...core.stored import check_tree_digest, find_index, read_shard_index, shard_file, tree_from_stored
 from ...core.tree import Checkpoint, TensorRef
 from ...core.writing import TensorWriter
 
@@ -62,14 +62,7 @@ def parse_size(text: str | int) -> int:
 
 def index_in(folder: Path) -> Path | None:
     """The index file of a sharded folder, if ``folder`` is one."""
-    if not folder.is_dir():
-        return None
-    # A symlinked index is found too, so that reading it refuses it with a clear message.
-    preferred = folder / INDEX_NAME
-    if preferred.is_symlink() or preferred.is_file():
-        return preferred
-    found = sorted(p for p in folder.iterdir() if p.name.endswith(INDEX_SUFFIX) and (p.is_symlink() or p.is_file()))
-    return found[0] if len(found) == 1 else None
+    return find_index(folder, INDEX_NAME, INDEX_SUFFIX)
 
 
 def replaceable(path: Path) -> bool:
@@ -115,20 +108,8 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
 
 def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
     folder = index_path.parent
-    raw = _read_index(index_path, budget)
-    index = loads_json_strict(raw, index_path, "the shard index", budget)
-    del raw
-    weight_map = index.get("weight_map") if type(index) is dict else None
-    metadata = index.get("metadata", {}) if type(index) is dict else None
-    if (
-        type(weight_map) is not dict
-        or type(metadata) is not dict
-        or not all(type(v) is str for v in weight_map.values())
-    ):
-        raise CorruptFileError(
-            "the shard index must hold a weight_map of tensor key to shard file name", file=index_path
-        )
-    shards = {name: _shard_path(folder, name, index_path) for name in dict.fromkeys(weight_map.values())}
+    weight_map, metadata = read_shard_index(index_path, MAX_INDEX_BYTES, budget)
+    shards = {name: shard_file(index_path, name, "a safetensors file") for name in dict.fromkeys(weight_map.values())}
     budget.cover(index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
     refs: dict[str, TensorRef] = {}
     ours = False  # shards written by this project's writer store a tree digest: so must the index
@@ -175,27 +156,3 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
         tree = {key: refs[key] for key in weight_map}
     own = {key: value for key, value in metadata.items() if not key.startswith("sdconvert.")}
     return Checkpoint(tree, folder, tree_digest=tree_digest, file_metadata=own or None)
-
-
-def _read_index(index_path: Path, budget: Budget) -> bytes:
-    """The index's bytes: a regular file of the folder (a symlink is refused, as for shards), charged first."""
-    try:
-        return read_folder_file(index_path, "the shard index", "its folder", MAX_INDEX_BYTES, budget)
-    except FileNotFoundError as exc:
-        raise CorruptFileError(f"the shard index cannot be opened: {exc.strerror}", file=index_path) from None
-
-
-def _shard_path(folder: Path, name: str, index_path: Path) -> Path:
-    relative = Path(name)
-    if relative.is_absolute() or len(relative.parts) != 1 or name in ("", ".", ".."):
-        raise UnsafeFileError(
-            f"shard file name {name!r} must be a plain file name in the index's folder", file=index_path
-        )
-    if name.endswith(".json") or relative.name == index_path.name:
-        raise CorruptFileError(
-            f"shard {name!r} names an index, not a safetensors file; indexes are not followed", file=index_path
-        )
-    shard = folder / relative
-    if shard.is_symlink() or not shard.is_file():
-        raise CorruptFileError(f"shard {name!r} is not a regular file beside the index", file=index_path)
-    return shard
