@@ -432,6 +432,10 @@ def manifest(path: PathLike, format: str | None = None, *, digests: bool = True)
     result["file"] = {"name": source.name, "format": checkpoint.format, "bytes": stored_size(source)}
     if checkpoint.file_metadata:
         result["file"]["metadata"] = checkpoint.file_metadata
+    if checkpoint.kind:
+        result["file"]["kind"] = checkpoint.kind
+    if checkpoint.notes:
+        result["file"]["notes"] = list(checkpoint.notes)
     return result
 
 

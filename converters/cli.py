@@ -483,7 +483,12 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     total = sum(ref.nbytes for _, ref in tensors)
     also = f", {tied} more paths tied to them" if tied else ""
     size = human_bytes(stored_size(path))
-    print(f"{shown(path, 1000)}: {checkpoint.format}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}")
+    kind = f" ({checkpoint.kind})" if checkpoint.kind else ""
+    print(
+        f"{shown(path, 1000)}: {checkpoint.format}{kind}, {size}, {len(tensors)} tensors ({human_bytes(total)}){also}"
+    )
+    for note in checkpoint.notes:
+        print(f"note: {shown(note, 400)}")
     for key, value in (checkpoint.file_metadata or {}).items():
         print(f"file metadata {shown(key, 120)}: {shown(value, 300)}")
     for line in describe(checkpoint.tree, patterns=patterns):

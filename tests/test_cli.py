@@ -90,7 +90,7 @@ def test_inspect_lists_keys_dtypes_shapes_then_optimizer(recipe_pt: Path) -> Non
     result = sdconvert("inspect", recipe_pt)
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"{recipe_pt}: pt, ") and lines[0].endswith("20 tensors (484.4 KiB)")
+    assert lines[0].startswith(f"{recipe_pt}: pt (torch zip archive), ") and lines[0].endswith("20 tensors (484.4 KiB)")
     assert "  conv1.weight  float32   [6, 3, 5, 5]" in lines
     assert "  fc3.bias      float32   [10]" in lines
     assert "      momentum_buffer  float32   [6, 3, 5, 5]" in lines

@@ -405,7 +405,7 @@ CASES: list[Case] = [
         "empty-dicts-2MB",
         lambda: pt_of(PROTO + b"(" + b"}" * (2 * MB) + b"l."),
         CorruptFileError,
-        r"would need more than \d+ MiB of memory to read \(pickle values\)",
+        r"would need more than \d+ MiB of memory to read \(pickle containers\)",
     ),
     (
         "dup-references-8MB",

@@ -519,7 +519,7 @@ CASES: list[tuple[str, Callable[[], bytes], type[Exception], str]] = [
         "empty-dicts-2MB-in-the-object-pickle",
         lambda: legacy_of(b"(" + b"}" * (2 * MB) + b"l", [], []),
         CorruptFileError,
-        r"would need more than \d+ MiB of memory to read \(pickle values\)",
+        r"would need more than \d+ MiB of memory to read \(pickle containers\)",
     ),
     (
         "overlapping-views-of-one-storage",

@@ -17,7 +17,7 @@ from helpers import builtin_suffixes, tensor_bytes
 
 import converters
 from converters.core import transfer
-from converters.core.sources import BufferSource, ConcatSource, FileRange, slice_source
+from converters.core.sources import BufferSource, ConcatSource, FileRange, read_all, slice_source
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 
@@ -164,3 +164,15 @@ def test_progress_bar_appears_only_for_big_conversions(capsys: pytest.CaptureFix
     assert big.bar is not None and big.bar.n == 256 << 20
     big.close()
     assert "big.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("zip_file", [True, False], ids=["zip", "legacy"])
+def test_a_state_dict_of_many_tiny_tensors_is_within_the_budget(tmp_path: Path, zip_file: bool) -> None:
+    """25,000 four-element tensors (~7 MB of file, ~1.4 KB of Python objects each at peak): the
+    pickle's transient values are charged at their small cost, so the read is not refused."""
+    path = tmp_path / "many.pt"
+    state = {f"layers.{index}.scale": torch.full((4,), float(index)) for index in range(25_000)}
+    torch.save(state, path, _use_new_zipfile_serialization=zip_file)
+    tree = converters.read(path).tree
+    assert len(tree) == 25_000
+    assert bytes(read_all(tree["layers.24999.scale"].source)) == tensor_bytes(state["layers.24999.scale"])

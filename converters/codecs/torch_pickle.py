@@ -271,6 +271,15 @@ def _costs(opcodes: frozenset[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     )
 
 
+@cache
+def _containers(opcodes: frozenset[str]) -> tuple[int, ...]:
+    """The opcode bytes that create a value that can grow (a dict, list or set filled later)."""
+    return tuple(op.code.encode("latin-1")[0] for op in pickletools.opcodes if op.name in opcodes and op.name in _GROWS)
+
+
+_GROWS = {"EMPTY_DICT", "EMPTY_LIST", "DICT", "LIST", "EMPTY_SET", "FROZENSET", "INST", "OBJ"}
+
+
 def _text_factor(data: bytes | bytearray) -> int:
     """Bytes of memory per byte of UTF-8 a str can take: 4 once any character needs 4 bytes of
     UTF-8 (the whole str is then stored 4 bytes a character), 2 past U+00FF, else 1."""
@@ -298,17 +307,21 @@ def prescan(
     end = len(data)
     fast, table = _scan_tables(opcodes, end < 256)
     creates, pushes = _costs(opcodes)
+    containers = _containers(opcodes)
     factor = _text_factor(data)
     counts = [0] * 256
     payload = 0  # bytes of variable-length arguments (strings, big ints): copied into objects
-    charged = [0, 0, 0]
+    charged = [0, 0, 0, 0]
 
     def charge() -> None:
-        nodes, references = sum(counts[code] for code in creates), sum(counts[code] for code in pushes)
-        budget.nodes(nodes - charged[0], "pickle values")
+        nodes = sum(counts[code] for code in containers)
+        small = sum(counts[code] for code in creates) - nodes
+        references = sum(counts[code] for code in pushes)
+        budget.nodes(nodes - charged[0], "pickle containers")
+        budget.small_values(small - charged[3], "pickle values")
         budget.materialize((references - charged[1]) * REFERENCE_BYTES, "pickle references")
         budget.materialize((payload - charged[2]) * factor, "pickle strings and integers")
-        charged[:] = nodes, references, payload
+        charged[:] = nodes, references, payload, small
 
     position = at = 0
     stopped = False

@@ -7,7 +7,8 @@ costs measured by ``bench/costs.py`` (Python objects are far bigger than the byt
 them: an empty dict is one pickle opcode and ~64 bytes of memory):
 
 - ``nodes(n)``: values of the tree or of metadata being parsed (dicts, lists, strings, numbers,
-  zip entries, protobuf fields kept), charged *before* they are created;
+  zip entries, protobuf fields kept), charged *before* they are created; ``small_values(n)`` for
+  the values of a pickle that cannot grow (numbers, tuples, memo slots), at a smaller cost;
 - ``tensors(n)``: tensor references (a ``TensorRef`` with its source and shape);
 - ``materialize(n)``: bytes copied into memory (strided views gathered, typed protobuf fields
   decoded, decompressed records);
@@ -32,6 +33,10 @@ MEMORY_FACTOR = 2  # ... and twice its size
 NODE_COST = (
     250  # one small value read (an empty dict: ~90 B) and written again (encoded, pickled: measured ~150 B more)
 )
+# A value that cannot grow once made (a number, a short string, a tuple, a memo slot, a pickle MARK's
+# stack): torch pickles make ~20 per tensor, most of them dropped at once (a 30,000-tensor
+# state_dict peaks at ~1.4 KB per tensor in all, measured with tracemalloc).
+SMALL_COST = 48
 TENSOR_COST = 500  # a TensorRef with its source and shape (~390 B at peak); its key and header are nodes
 OUTPUT_FACTOR = 4  # tensor bytes written may exceed the input's size at most this many times (+ allowance)
 MAX_DEPTH = 256
@@ -74,6 +79,13 @@ class Budget:
         if self.node_count > CEILING_NODES:
             self._refuse(f"holds more than {CEILING_NODES} {what} (the limit for any input)")
         self._spend(count * NODE_COST, what)
+
+    def small_values(self, count: int = 1, what: str = "values") -> None:
+        """Values that cannot grow once made (see ``SMALL_COST``); containers are ``nodes``."""
+        self.node_count += count
+        if self.node_count > CEILING_NODES:
+            self._refuse(f"holds more than {CEILING_NODES} {what} (the limit for any input)")
+        self._spend(count * SMALL_COST, what)
 
     def tensors(self, count: int = 1) -> None:
         self.tensor_count += count

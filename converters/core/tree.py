@@ -164,6 +164,11 @@ class Checkpoint:
     # The file's own metadata beside the tensors, not ours (safetensors ``__metadata__`` such as
     # ``format``, a shard index's ``metadata``): shown by ``inspect``, not part of the tree.
     file_metadata: dict[str, Any] | None = None
+    # What kind of file it was, when a format reads several ("torch zip archive", "torch legacy
+    # (non-zip) file", "TorchScript archive", "Hugging Face .bin shard folder"), and what of it was
+    # not carried (TorchScript's code): ``inspect`` says both.
+    kind: str | None = None
+    notes: tuple[str, ...] = ()
 
     def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
         """Every tensor with its tree path, in tree order (a tied tensor once per path)."""

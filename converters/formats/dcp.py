@@ -145,7 +145,7 @@ class DcpFormat(FormatBase):
             ) from None
         del data
         tree = _Assembler(folder, metadata_path, metadata, budget).tree()
-        return Checkpoint(tree, folder)
+        return Checkpoint(tree, folder, kind="torch.distributed.checkpoint folder")
 
     def replaceable(self, path: Path) -> bool:
         return path.name.endswith((".distcp", METADATA)) and path.is_file()

@@ -97,9 +97,9 @@ class PtFormat(FormatBase):
         if is_legacy_tar(head):
             raise UnsupportedValueError(TAR_MESSAGE, file=path)
         if head[:1] == b"\x80":  # a pickle: torch's legacy file (or a plain pickle, refused by its reader)
-            return Checkpoint(read_legacy(path, budget), path)
+            return Checkpoint(read_legacy(path, budget), path, kind="torch legacy (non-zip) file")
         tree, tree_digest = read_archive_and_tree_digest(path, budget=budget)
-        return Checkpoint(tree, path, tree_digest=tree_digest)
+        return Checkpoint(tree, path, tree_digest=tree_digest, kind="torch zip archive")
 
     def read_shards(self, index_path: Path, budget: Budget) -> Checkpoint:
         """A ``.bin`` shard folder through its index, as one flat dict (order: see the module doc)."""
@@ -134,7 +134,9 @@ class PtFormat(FormatBase):
                 file=index_path,
                 path=(missing,),
             )
-        return Checkpoint(tensors, index_path.parent, file_metadata=dict(metadata) or None)
+        return Checkpoint(
+            tensors, index_path.parent, file_metadata=dict(metadata) or None, kind="Hugging Face .bin shard folder"
+        )
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: PtOptions) -> None:
         check_writable(checkpoint.tree, options.allow_class, frozenset(DTYPES))

@@ -155,4 +155,4 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
     else:
         tree = {key: refs[key] for key in weight_map}
     own = {key: value for key, value in metadata.items() if not key.startswith("sdconvert.")}
-    return Checkpoint(tree, folder, tree_digest=tree_digest, file_metadata=own or None)
+    return Checkpoint(tree, folder, tree_digest=tree_digest, file_metadata=own or None, kind="safetensors shard folder")
