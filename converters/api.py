@@ -310,6 +310,7 @@ def verify(
             found += _integrity_problems(checkpoint)
     if len(checkpoints) == 2:
         found += compare.differences(checkpoints[0].tree, checkpoints[1].tree)
+        found += compare.metadata_differences(checkpoints[0].carried_metadata(), checkpoints[1].carried_metadata())
     return found
 
 
@@ -368,6 +369,7 @@ def verify_report(
         tensors_only=tensors_only,
         integrity=problems,
         transformed=[_step_summary(step) for step in steps],
+        metadata=compare.metadata_differences(first.carried_metadata(), second.carried_metadata()),
     )
 
 

@@ -72,6 +72,29 @@ def write_seeds(corpus: Path) -> None:
     base = torch.arange(12.0).reshape(3, 4)
     torch.save({**tree, "row": base[1], "t": base.t()}, legacy, _use_new_zipfile_serialization=False)
     (corpus / "seed-pt-legacy").write_bytes(bytes([FORMATS.index("pt")]) + legacy.read_bytes())
+    # objects beyond the tree: recorded (Namespace, defaultdict, deque, a parent pointer through
+    # omegaconf-like state), numpy values made exact, bytes and sets
+    import argparse
+    import collections
+
+    import numpy as np
+
+    objects = FOLDER / "seed-objects.pt"
+    namespace = argparse.Namespace(lr=0.1, layers=[1, 2], name="x")
+    torch.save(
+        {
+            **tree,
+            "args": namespace,
+            "counts": collections.defaultdict(list, {"a": [1]}),
+            "queue": collections.deque([1, 2], maxlen=3),
+            "array": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "scalar": np.float64(0.5),
+            "raw": b"\x00\xff",
+            "ids": {1, 2},
+        },
+        objects,
+    )
+    (corpus / "seed-pt-objects").write_bytes(bytes([FORMATS.index("pt")]) + objects.read_bytes())
 
 
 def write_hostile_seeds(corpus: Path, limit: int = 1 << 20) -> None:

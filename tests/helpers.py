@@ -38,6 +38,10 @@ def assert_bit_identical(a: Any, b: Any, path: str = "<root>") -> None:
             assert_bit_identical(x, y, f"{path}/{index}")
     elif isinstance(a, float):
         assert struct.pack(">d", a) == struct.pack(">d", b), f"{path}: float {a!r} vs {b!r}"
+    elif isinstance(a, complex):
+        assert struct.pack(">dd", a.real, a.imag) == struct.pack(">dd", b.real, b.imag), f"{path}: {a!r} vs {b!r}"
+    elif type(a).__module__ == "numpy":  # a numpy scalar: same type, same bits
+        assert a.tobytes() == b.tobytes(), f"{path}: numpy {a!r} vs {b!r}"
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
 

@@ -92,3 +92,40 @@ def test_mutated_files_raise_only_converter_errors(valid_files: dict[str, bytes]
         path.write_bytes(data)
         with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
             read_everything(path, fmt)  # anything but a ConverterError fails the test
+
+
+@pytest.fixture(scope="module")
+def objects_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A .pt holding recorded objects, numpy values, bytes and a set (issue 14's record capture)."""
+    import argparse
+    import collections
+
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("objects") / "objects.pt"
+    torch.save(
+        {
+            **sample_tree(),
+            "args": argparse.Namespace(lr=0.1, layers=[1, 2]),
+            "counts": collections.defaultdict(list, {"a": [1]}),
+            "array": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "scalar": np.float64(0.5),
+            "raw": b"\x00\xff",
+            "ids": {1, 2},
+        },
+        path,
+    )
+    return path.read_bytes()
+
+
+@settings(
+    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(steps=st.lists(mutation, min_size=1, max_size=4))
+def test_mutated_object_records_raise_only_converter_errors(objects_file: bytes, steps: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mutated.pt"
+        data = mutate(objects_file, steps)
+        path.write_bytes(data)
+        with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
+            read_everything(path, "pt")

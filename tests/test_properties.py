@@ -9,6 +9,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from helpers import assert_bit_identical, builtin_formats
 from hypothesis import HealthCheck, given, settings
@@ -24,12 +25,22 @@ keys = st.one_of(
     st.integers(-(2**40), 2**40),
 )
 floats = st.integers(0, 2**64 - 1).map(lambda bits: struct.unpack(">d", bits.to_bytes(8, "big"))[0])
+finite = st.floats(allow_nan=False, allow_infinity=True)
 scalars = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-(2**70), 2**70),
     floats,
     st.text(st.characters(exclude_categories=("Cs",)), max_size=8),
+    # values beyond the plain tree types that load() gives back as themselves (issue 14)
+    st.binary(max_size=8),
+    st.builds(np.float64, finite),
+    st.builds(np.int32, st.integers(-(2**31), 2**31 - 1)),
+    st.builds(np.bool_, st.booleans()),
+    st.lists(st.integers(0, 2**40), max_size=4).map(torch.Size),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.int64, torch.bool]),
+    st.sets(st.integers(-5, 5), max_size=3),
+    st.builds(complex, finite, finite),
 )
 
 

@@ -89,6 +89,27 @@ def _diff(a: Any, b: Any, path: tuple[str | int, ...], found: list[str]) -> None
         found.append(f"{where}: {a!r:.60} vs {b!r:.60}")
 
 
+# safetensors' framework marker: every writer sets it (ours "pt"), so it says nothing about the weights
+NOT_COMPARED_METADATA = frozenset({"format"})
+
+
+def metadata_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The differences of two files' own metadata (``Checkpoint.carried_metadata``: LoRA
+    trainers' ``ss_*`` keys, a model card's fields...), ``format`` aside."""
+    a = {key: value for key, value in a.items() if key not in NOT_COMPARED_METADATA}
+    b = {key: value for key, value in b.items() if key not in NOT_COMPARED_METADATA}
+    found = []
+    only_a, only_b = [key for key in a if key not in b], [key for key in b if key not in a]
+    if only_a:
+        found.append(f"file metadata: keys only in the first: {_keys(only_a)}")
+    if only_b:
+        found.append(f"file metadata: keys only in the second: {_keys(only_b)}")
+    for key in a:
+        if key in b and (type(a[key]) is not type(b[key]) or a[key] != b[key]):
+            found.append(f"file metadata {key!r}: {a[key]!r:.60} vs {b[key]!r:.60}")
+    return found
+
+
 def _record_text(record: ObjectRecord) -> str:
     """A record as canonical JSON text (``-0.0`` and ``0.0`` differ here, as their bits do)."""
     return json.dumps(encode_tree(record, {}), separators=(",", ":"), ensure_ascii=True)
@@ -350,13 +371,15 @@ def verification(
     tensors_only: bool = False,
     integrity: list[str] | None = None,
     transformed: list[str] | None = None,
+    metadata: list[str] | None = None,
 ) -> Verification:
     """The tensors of ``a`` and ``b`` (:func:`tensor_report`), then every other difference
-    (:func:`differences`) but the tensor lines the tensor report already holds."""
+    (:func:`differences`) but the tensor lines the tensor report already holds, then ``metadata``
+    (:func:`metadata_differences` of the two files)."""
     report = tensor_report(a, b, atol=atol, rtol=rtol, cast_from=cast_from)
     reported = {path for path, _, _ in report.within} | {path for path, _ in report.differ}
     reported |= set(report.only_first) | set(report.only_second)
-    others = [line for line in differences(a, b) if not _about(line, reported)]
+    others = [line for line in differences(a, b) if not _about(line, reported)] + list(metadata or ())
     return Verification(report, others, list(integrity or ()), tensors_only, list(transformed or ()))
 
 

@@ -397,3 +397,12 @@ def tree_digest(tree: Any, digests: Callable[[tuple[str | int, ...], TensorRef],
 def recomputed_tree_digest(checkpoint: Checkpoint) -> str | None:
     """The tree digest of a checkpoint as read, from the tensor digests its file stores."""
     return tree_digest(checkpoint.tree, lambda _path, ref: ref.digest)
+
+
+def metadata_strings(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """A file's own metadata for a format that stores strings only (safetensors ``__metadata__``,
+    ONNX ``metadata_props``): strings as they are, other values as JSON text."""
+    return {
+        key: value if type(value) is str else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        for key, value in metadata.items()
+    }

@@ -28,6 +28,7 @@ MAPPING_TYPES = (dict, OrderedDict, Counter)
 CONTAINER_TYPES = (*MAPPING_TYPES, list, tuple)
 MAX_DEPTH = 64
 MAX_DIM = 2**63 - 1  # a dim is an int64 in torch (and in every format that stores one)
+DERIVED_METADATA = frozenset({"total_size", "total_parameters"})  # about a written file: recomputed, not carried
 MAX_NDIM = 64  # dims of a tensor: numpy's limit (flax), the .pt reader's; keeps numel's product small
 
 
@@ -169,6 +170,12 @@ class Checkpoint:
     # not carried (TorchScript's code): ``inspect`` says both.
     kind: str | None = None
     notes: tuple[str, ...] = ()
+
+    def carried_metadata(self) -> dict[str, Any]:
+        """The file's own metadata that a conversion carries to its output (every format stores it,
+        and ``verify`` compares it): ``file_metadata`` without the facts each writer recomputes
+        about the file it writes (a shard index's ``total_size`` and ``total_parameters``)."""
+        return {key: value for key, value in (self.file_metadata or {}).items() if key not in DERIVED_METADATA}
 
     def tensors(self) -> Iterator[tuple[tuple[str | int, ...], TensorRef]]:
         """Every tensor with its tree path, in tree order (a tied tensor once per path)."""

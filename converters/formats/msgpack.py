@@ -84,14 +84,16 @@ class MsgpackFormat(FormatBase):
         digests = {keys[tensor_path]: DIGEST_PLACEHOLDER for tensor_path, _ in unique}
         casts = manifests.cast_records(unique, keys, final=False)  # placeholders until the bytes went by
         tensor_writer = TensorWriter(context, checkpoint.origin)
+        own = checkpoint.carried_metadata()
         head = (
-            codec.map_header(5 + bool(casts))
+            codec.map_header(5 + bool(casts) + bool(own))
             + codec.pack_str("version")
             + codec.pack_int(META_VERSION)
             + codec.pack_str("wrapped")
             + codec.pack_bool(wrapped)
             + codec.pack_str("tree")
             + codec.pack_plain(node, bigint_ext=EXT_BIGINT)
+            + (codec.pack_str("file_metadata") + codec.pack_plain(own, bigint_ext=EXT_BIGINT) if own else b"")
             + codec.pack_str("blake3")
             + codec.map_header(len(digests))
         )
@@ -133,7 +135,7 @@ class MsgpackFormat(FormatBase):
             reader = _TreeReader(buffer, path, self.max_depth, budget)
             with paused_gc():
                 tree = reader.resolve(reader.parse_root(size))
-        return Checkpoint(tree, path, tree_digest=reader.tree_digest)
+        return Checkpoint(tree, path, tree_digest=reader.tree_digest, file_metadata=reader.file_metadata)
 
 
 class _Emitter:
@@ -296,6 +298,7 @@ class _TreeReader:
         self.ext_parser = codec.Parser(buffer, path, budget=budget, max_depth=2)
         self.stored: dict[str, TensorRef] = {}  # storage key -> tensor, for ext 82 to point at
         self.casts: dict[str, CastOrigin] = {}  # storage key -> what its tensor was cast from
+        self.file_metadata: dict[str, Any] | None = None  # what the source file said about itself
         self.digests: dict[str, str] = {}
         self.tree_digest: str | None = None
 
@@ -330,6 +333,10 @@ class _TreeReader:
         if "tree_blake3" in meta:
             self.tree_digest = check_tree_digest(meta["tree_blake3"], self.path, f"{META_KEY!r} tree_blake3")
         self.casts = check_casts(meta.get("casts", {}), self.path, f"{META_KEY!r} casts")
+        own = meta.get("file_metadata", {})
+        if type(own) is not dict or not all(type(key) is str for key in own):
+            raise CorruptFileError(f"{META_KEY!r} file_metadata must map str keys to values", file=self.path)
+        self.file_metadata = self._plain(own, ()) if own else None
         if type(meta["version"]) is not int or meta["version"] != META_VERSION:
             raise UnsupportedValueError(
                 f"{META_KEY!r} version {_short(meta['version'])} is not one this reader knows ({META_VERSION})",
@@ -586,7 +593,7 @@ _BIN_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 _DTYPE_NAMES = {name.encode(): name for name in dtypes.DTYPES}
 _NIL_NATIVE = (ObjectRecord, NumpyScalar)
 _META_REQUIRED = frozenset({"version", "wrapped", "tree"})
-_META_KEYS = _META_REQUIRED | {"blake3", "tree_blake3", "casts"}
+_META_KEYS = _META_REQUIRED | {"blake3", "tree_blake3", "casts", "file_metadata"}
 _BIGINT = re.compile(rb"-?[0-9]+")
 
 

@@ -9,6 +9,7 @@ is a new tree (sharing unchanged leaves and ``TensorRef`` objects, so ties survi
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -100,9 +101,9 @@ def map_tensors(checkpoint: Checkpoint, fn: Callable[[TreePath, TensorRef], Tens
 
 
 def replace_tree(checkpoint: Checkpoint, tree: Any) -> Checkpoint:
-    """``checkpoint`` with another tree; origin and format kept, the stored tree digest dropped
-    (it describes the old tree)."""
-    return Checkpoint(tree, checkpoint.origin, checkpoint.format)
+    """``checkpoint`` with another tree; origin, format and what the file said about itself (its
+    own metadata, its kind) kept, the stored tree digest dropped (it describes the old tree)."""
+    return dataclasses.replace(checkpoint, tree=tree, tree_digest=None)
 
 
 class RawPath(tuple):  # type: ignore[type-arg]

@@ -54,6 +54,7 @@ MODEL_KEYS = ("model_state_dict", "model", "state_dict", "net")
 TREE_KEY, VERSION_KEY = "sdconvert.tree", "sdconvert.version"
 CONSTANTS_KEY, FALLBACK_KEY = "sdconvert.graph_constants", "sdconvert.fallback"
 DIGESTS_KEY = "sdconvert.blake3"
+CONSTANTS_NOTE = "the model has no initializers: its weights were read from its Constant nodes, named by their outputs"
 CASTS_KEY = "sdconvert.casts"  # manifests.cast_records: what each cast tensor was cast from
 TREE_DIGEST_KEY = "sdconvert.tree_blake3"  # manifests.tree_digest: keys, types, values, dtypes, shapes
 EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
@@ -180,7 +181,10 @@ class OnnxFormat(FormatBase):
         graph_fields = graph.graph_fields if graph is not None else _weights_graph_fields(main)
         constant_protos = [graph.initializers[name] for name in constants] if graph is not None else []
         head = model_fields + wire.string_field(2, "statedict-convert") + wire.string_field(3, "1")
-        metadata = _metadata(checkpoint.tree, names, planned, constants, digests, DIGEST_PLACEHOLDER, final=False)
+        own = manifests.metadata_strings(checkpoint.carried_metadata())
+        metadata = _metadata(
+            checkpoint.tree, names, planned, constants, digests, DIGEST_PLACEHOLDER, final=False, own_metadata=own
+        )
         graph_length = (
             len(graph_fields) + sum(_embedded(len(p)) for p in constant_protos) + sum(_embedded(p.length) for p in main)
         )
@@ -207,7 +211,14 @@ class OnnxFormat(FormatBase):
             reserved = Reserved(
                 out,
                 lambda: _metadata(
-                    checkpoint.tree, names, planned, constants, digests, tensors.tree_digest(checkpoint), final=True
+                    checkpoint.tree,
+                    names,
+                    planned,
+                    constants,
+                    digests,
+                    tensors.tree_digest(checkpoint),
+                    final=True,
+                    own_metadata=own,
                 ),
             )
             out.write(wire.len_header(7, graph_length) + graph_fields)
@@ -244,7 +255,15 @@ class OnnxFormat(FormatBase):
                 tree_digest = read_tree_digest(metadata[TREE_DIGEST_KEY], path, f"metadata_props[{TREE_DIGEST_KEY!r}]")
         else:
             tree = {name: ref for name, (ref, _) in tensors.items()}
-        return Checkpoint(tree, path, tree_digest=tree_digest)
+        if not tensors and TREE_KEY not in metadata:  # never a 0-tensor "checkpoint" of another tool's model
+            raise UnsupportedValueError(
+                "the model has no initializers and no Constant nodes holding tensors: no weights to read "
+                "(weights in other node attributes or in a subgraph are not read)",
+                file=path,
+            )
+        own = {key: value for key, value in metadata.items() if not key.startswith("sdconvert.")}
+        notes = (CONSTANTS_NOTE,) if reader.from_constants else ()
+        return Checkpoint(tree, path, tree_digest=tree_digest, file_metadata=own or None, notes=notes)
 
 
 # ----------------------------------------------------------------------------------- naming
@@ -399,8 +418,10 @@ def _metadata(
     tree_digest: str,
     *,
     final: bool,
+    own_metadata: dict[str, str],
 ) -> bytes:
     entries = {
+        **own_metadata,  # what the source said about itself (another ONNX file's metadata_props...)
         VERSION_KEY: str(manifests.MANIFEST_VERSION),
         TREE_KEY: json.dumps(manifests.encode_tree(tree, names), separators=(",", ":")),
     }
@@ -526,6 +547,7 @@ class _Reader:
     def __init__(self, buffer: Any, path: Path, size: int, budget: Budget, external: _ExternalFiles | None) -> None:
         self.buffer, self.path, self.size, self.budget = buffer, path, size, budget
         self.external_files = external
+        self.from_constants = False  # the weights came from Constant nodes (no initializers)
 
     def _walk(self, start: int, end: int) -> Fields:
         return _walk(self.buffer, start, end, self.path, self.budget)
@@ -556,6 +578,7 @@ class _Reader:
         tensors: dict[str, tuple[TensorRef, bool]] = {}
         parts = [(*graph, True)]
         parts_of_training = ((training[i], training[i + 1], False) for i in range(0, len(training), 2))
+        nodes: list[tuple[int, int]] = []  # the main graph's nodes, for a model without initializers
         for start, end, in_main in itertools.chain(parts, parts_of_training):
             for number, kind, value, offset in self._walk(start, end):
                 if number == 15:
@@ -565,7 +588,44 @@ class _Reader:
                     if name in tensors:
                         raise CorruptFileError(f"two initializers are named {name!r}", file=self.path)
                     tensors[name] = (ref, in_main)
+                elif number == 1 and kind == wire.LEN and in_main:
+                    nodes.append((offset, offset + value))
+        if not tensors and nodes:
+            tensors = self._constants(nodes)
+            self.from_constants = bool(tensors)
         return tensors, metadata
+
+    def _constants(self, nodes: list[tuple[int, int]]) -> dict[str, tuple[TensorRef, bool]]:
+        """A model without initializers keeps its weights in ``Constant`` nodes (``value``, a
+        TensorProto): those tensors, named by the node's output, in graph order."""
+        found: dict[str, tuple[TensorRef, bool]] = {}
+        for start, end in nodes:
+            op_type = domain = ""
+            outputs: list[str] = []
+            value: tuple[int, int] | None = None
+            for number, kind, length, offset in self._walk(start, end):
+                if number == 4:
+                    op_type = self._text(kind, offset, length, "a node's op_type")
+                elif number == 7:
+                    domain = self._text(kind, offset, length, "a node's domain")
+                elif number == 2:
+                    outputs.append(self._text(kind, offset, length, "a node's output"))
+                elif number == 5 and kind == wire.LEN:
+                    attribute_name, tensor = "", None
+                    for inner, inner_kind, inner_length, inner_offset in self._walk(offset, offset + length):
+                        if inner == 1:
+                            attribute_name = self._text(inner_kind, inner_offset, inner_length, "an attribute name")
+                        elif inner == 5 and inner_kind == wire.LEN:
+                            tensor = (inner_offset, inner_offset + inner_length)
+                    if attribute_name == "value" and tensor is not None:
+                        value = tensor
+            if op_type != "Constant" or domain not in ("", "ai.onnx") or value is None or len(outputs) != 1:
+                continue
+            _, ref = self._tensor(*value)
+            if outputs[0] in found:
+                raise CorruptFileError(f"two Constant nodes output {outputs[0]!r}", file=self.path)
+            found[outputs[0]] = (ref, True)
+        return found
 
     def _text(self, kind: int, offset: int, length: int, what: str) -> str:
         if kind != wire.LEN:

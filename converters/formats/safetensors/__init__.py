@@ -200,6 +200,8 @@ class SafetensorsFormat(FormatBase):
         order = sorted(tensors, key=lambda item: -itemsize(item[1].dtype))
         metadata = {
             "format": "pt",
+            # what the source file said about itself (a LoRA trainer's ss_* keys...), carried over
+            **manifests.metadata_strings(checkpoint.carried_metadata()),
             VERSION_KEY: str(manifests.MANIFEST_VERSION),
             TREE_KEY: json.dumps(manifests.encode_tree(checkpoint.tree, keys), separators=(",", ":")),
             TREE_DIGEST_KEY: DIGEST_PLACEHOLDER,  # known once every tensor's digest is: rewritten then

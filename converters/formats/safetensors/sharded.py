@@ -91,6 +91,7 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
             fmt.write_file(shard_checkpoint, staging / name, tensor_writer, fsync=context.fsync, overwrite=True)
         index = {
             "metadata": {
+                **checkpoint.carried_metadata(),  # what the source said about itself, carried over
                 "total_size": sum(ref.nbytes for _, ref in checkpoint.unique_tensors()),
                 # as current transformers' save_pretrained writes it: elements of every stored tensor
                 "total_parameters": sum(numel(ref.shape) for _, ref in checkpoint.unique_tensors()),
