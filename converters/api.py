@@ -186,9 +186,9 @@ def convert(
     """Convert ``src`` to ``dst`` bit for bit, changing on the way only what is asked: ``select``
     and ``exclude`` (paths or globs: ``model_state_dict``, ``**/*.num_batches_tracked``),
     ``strip_prefix`` (``"module."``, or ``"auto"`` for DDP's ``module.`` and torch.compile's
-    ``_orig_mod.``), ``rename`` (``"REGEX=REPLACEMENT"`` rules in order), ``dtype`` (cast
-    floating-point tensors exactly as ``tensor.to(dtype)``; ``dtype_include``/``dtype_exclude``
-    globs), ``ties`` (``keep``, ``materialize``, ``drop-aliases``), in that order (``drop_objects``,
+    ``_orig_mod.``), ``rename`` (``"REGEX=REPLACEMENT"`` rules in order), ``ties`` (``keep``,
+    ``materialize``, ``drop-aliases``), ``dtype`` (cast floating-point tensors exactly as
+    ``tensor.to(dtype)``; ``dtype_include``/``dtype_exclude`` globs), in that order (``drop_objects``,
     which removes recorded objects such as an ``argparse.Namespace``, runs after ``exclude``); then
     ``transforms`` (``converters.transforms`` objects) run in order.
 

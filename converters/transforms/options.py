@@ -1,5 +1,5 @@
 """The transformations a conversion asks for by option (CLI flags, library keywords), in the one
-order they run: select, exclude, drop-objects, strip-prefix, rename, dtype, ties."""
+order they run: select, exclude, drop-objects, strip-prefix, rename, ties, dtype."""
 
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ def from_options(
         steps.append(StripPrefix.from_options(_many(strip_prefix)))
     if _many(rename):
         steps.append(Rename(_many(rename)))
+    # ties before dtype: "--ties materialize" unties what a cast of one of the paths then changes
+    if ties is not None and ties != "keep":
+        steps.append(Ties(ties))
+    elif ties == "keep":
+        Ties(ties)  # checked, changes nothing
     if dtype is not None:
         steps.append(Cast(dtype, include=_many(dtype_include), exclude=_many(dtype_exclude), check=check))
     elif _many(dtype_include) or _many(dtype_exclude):
@@ -55,8 +60,4 @@ def from_options(
 
         option = "--dtype-include" if _many(dtype_include) else "--dtype-exclude"
         raise InvalidOptionError(option, (_many(dtype_include) or _many(dtype_exclude))[0], "goes with --dtype")
-    if ties is not None and ties != "keep":
-        steps.append(Ties(ties))
-    elif ties == "keep":
-        Ties(ties)  # checked, changes nothing
     return steps
