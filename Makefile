@@ -31,6 +31,8 @@ clean:
 bench: $(STAMP)
 	$(PY) bench/bench.py
 	$(PY) bench/bench.py --scaling
+	$(PY) bench/transforms.py
+	$(PY) bench/legacy.py
 
 fuzz: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt atheris

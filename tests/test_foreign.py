@@ -50,11 +50,12 @@ def test_legacy_non_zip_torch_file_is_read(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_torchscript_archive_is_refused_with_advice(tmp_path: Path) -> None:
+def test_torchscript_archive_reads_as_its_state_dict(tmp_path: Path) -> None:
+    # More in test_torchscript.py (issue 14): the order rule, every format, no code run, hostile archives.
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
-    with pytest.raises(converters.ConverterError, match="TorchScript archive"):
-        converters.read(path)
+    assert converters.read(path).kind == "TorchScript archive"
+    assert_bit_identical(torch.jit.load(path).state_dict(), converters.load(path))
 
 
 def test_safetensors_save_file(tmp_path: Path, trained: Any) -> None:

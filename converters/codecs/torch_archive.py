@@ -15,7 +15,7 @@ and the tensor bytes named beyond what the archive stores (overlapping views, in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..core import dtypes
 from ..core.budget import Budget
@@ -24,6 +24,7 @@ from ..core.integrity import read_tree_digest
 from ..core.sources import BufferSource, ByteSource, FileRange, slice_source
 from ..core.stored import check_casts, loads_json_strict, read_digests
 from ..core.tree import CastOrigin, TensorRef
+from . import torchscript as torchscript_codec
 from .torch_pickle import Gather, SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
 from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_entries
 
@@ -34,6 +35,8 @@ DIGESTS_RECORD = "sdconvert/blake3.json"
 TREE_DIGEST_RECORD = "sdconvert/tree.blake3"
 # And, when a tensor was made by a dtype cast, what it was cast from (manifests.cast_records).
 CASTS_RECORD = "sdconvert/casts.json"
+# And what the source file said about itself (another tool's metadata), carried: JSON {str: value}.
+METADATA_RECORD = "sdconvert/metadata.json"
 NUMPY_IMPORT_BYTES = 16 << 20  # what importing numpy costs (10 MiB measured), charged once per read
 
 
@@ -50,6 +53,23 @@ def read_archive_and_tree_digest(
     path: Path, base: int = 0, length: int | None = None, *, budget: Budget | None = None
 ) -> tuple[Any, str | None]:
     """``read_archive``'s tree, and the tree digest the archive stores (our files do)."""
+    contents = read_archive_contents(path, base, length, budget=budget)
+    return contents.tree, contents.tree_digest
+
+
+class ArchiveContents(NamedTuple):
+    tree: Any
+    tree_digest: str | None  # the tree digest the archive stores (our files do)
+    torchscript: bool  # a TorchScript archive: the tree is its modules' state_dict (codecs/torchscript.py)
+    metadata: dict[str, Any] | None = None  # what the source of our file said about itself (METADATA_RECORD)
+    ours: bool = False  # it stores our tensor digests (DIGESTS_RECORD), so it should store a tree digest
+
+
+def read_archive_contents(
+    path: Path, base: int = 0, length: int | None = None, *, budget: Budget | None = None, torchscript: bool = False
+) -> ArchiveContents:
+    """``read_archive_and_tree_digest``, and a TorchScript archive (``torch.jit.save``) read as its
+    state_dict when ``torchscript`` is set (refused otherwise: a DCP data file never holds one)."""
     size = path.stat().st_size - base if length is None else length
     budget = Budget(path, size) if budget is None else budget
     with open(path, "rb") as handle:
@@ -63,16 +83,16 @@ def read_archive_and_tree_digest(
         )
     entries = stored_entries(path, size, base, budget=budget)
     prefix = _archive_prefix(entries, path)
-    if prefix + "constants.pkl" in entries:
+    scripted = prefix + torchscript_codec.CONSTANTS in entries
+    if scripted and not torchscript:
         raise UnsupportedValueError(
-            "this is a TorchScript archive (torch.jit.save), not a checkpoint; "
-            "save its state_dict() with torch.save instead",
-            file=path,
+            "this is a TorchScript archive (torch.jit.save) where a torch.save archive was expected", file=path
         )
     # Every record but the storages is read here and checked against its CRC-32 (the ones used in
     # memory by read_entry, the others streamed); a storage's bytes are checked when they are used
     # (each tensor's source carries its record).
-    used = {prefix + name for name in ("byteorder", "data.pkl", DIGESTS_RECORD, TREE_DIGEST_RECORD, CASTS_RECORD)}
+    ours = (DIGESTS_RECORD, TREE_DIGEST_RECORD, CASTS_RECORD, METADATA_RECORD)
+    used = {prefix + name for name in ("byteorder", "data.pkl", *ours)}
     for name, entry in entries.items():
         if not name.startswith(prefix + "data/") and name not in used:
             check_entry(path, entry, budget)
@@ -80,6 +100,10 @@ def read_archive_and_tree_digest(
     if byteorder is not None and read_entry(path, byteorder, budget) != b"little":
         raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
     data = read_entry(path, entries[prefix + "data.pkl"], budget)
+    if scripted:
+        tensors = _Tensors(path, entries, prefix, {}, {}, budget)
+        state_dict = torchscript_codec.read_modules(path, data, entries, prefix, tensors.storage, tensors.view, budget)
+        return ArchiveContents(state_dict, None, True)
     prescan(data, path, budget=budget)
     record = entries.get(prefix + DIGESTS_RECORD)
     digests = read_digests(bytes(read_entry(path, record, budget)), path, DIGESTS_RECORD, budget) if record else {}
@@ -93,8 +117,15 @@ def read_archive_and_tree_digest(
     if record is not None:
         value = loads_json_strict(bytes(read_entry(path, record, budget)), path, CASTS_RECORD, budget)
         casts = check_casts(value, path, CASTS_RECORD)
+    record = entries.get(prefix + METADATA_RECORD)
+    metadata = None
+    if record is not None:
+        metadata = loads_json_strict(bytes(read_entry(path, record, budget)), path, METADATA_RECORD, budget)
+        if type(metadata) is not dict:
+            raise CorruptFileError(f"{METADATA_RECORD} must be a JSON object", file=path)
     tensors = _Tensors(path, entries, prefix, digests, casts, budget)
-    return unpickle(SafeUnpickler(data, path, tensors.storage, tensors.view, budget), path), tree_digest
+    tree = unpickle(SafeUnpickler(data, path, tensors.storage, tensors.view, budget), path)
+    return ArchiveContents(tree, tree_digest, False, metadata, prefix + DIGESTS_RECORD in entries)
 
 
 class _Tensors:

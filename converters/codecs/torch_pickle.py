@@ -294,6 +294,7 @@ def prescan(
     *,
     opcodes: frozenset[str] = ALLOWED_OPCODES,
     allowed_globals: set[tuple[str, str]] | None = None,  # None: all but the dangerous ones (records)
+    also_allowed: frozenset[str] = frozenset(),  # dotted names allowed besides (TorchScript's list builders)
     what: str = "data.pkl",
     budget: Budget | None = None,
 ) -> None:
@@ -373,7 +374,7 @@ def prescan(
                     if check == _STOP:
                         stopped = True
                         break
-                    _check(check, data, at, argument, position, what, file, allowed_globals, end)
+                    _check(check, data, at, argument, position, what, file, allowed_globals, end, also_allowed)
             if position > end:
                 raise CorruptFileError(f"{what} is not a valid pickle: it is truncated", file=file)
             charge()
@@ -404,12 +405,13 @@ def _check(
     file: Path,
     allowed_globals: set[tuple[str, str]] | None,
     size: int,
+    also_allowed: frozenset[str] = frozenset(),
 ) -> None:
     """The checks of one opcode's argument (``data[argument:end]``), found at byte ``at``."""
     if check == _GLOBAL:
         newline = data.index(b"\n", argument)
         module, name = data[argument:newline].decode("utf-8"), data[newline + 1 : end - 1].decode("utf-8")
-        if not _global_allowed(module, name, allowed_globals):
+        if not _global_allowed(module, name, allowed_globals) and objects.normalized(module, name) not in also_allowed:
             why = ", which can run code" if allowed_globals is None else ""
             global_name = f"{shown(module)}.{shown(name)}"
             raise UnsafeFileError(
@@ -624,9 +626,7 @@ class SafeUnpickler:
                 function = stack[-1]
                 if type(function) is ObjectRecord and function.how == "global":
                     if type(arguments) is not tuple:
-                        raise CorruptFileError(
-                            f"data.pkl calls {function.name} with {describe(arguments)} as arguments", file=self._file
-                        )
+                        arguments = self._not_a_tuple(function, arguments)
                     stack[-1] = ObjectRecord(function.name, "call", arguments)  # recorded, never called
                     continue
                 if type(function) is not StandIn:
@@ -810,6 +810,13 @@ class SafeUnpickler:
                 return stack.pop()
             else:
                 _refuse_opcode(code, position - 1, "data.pkl", self._file)
+
+    def _not_a_tuple(self, function: ObjectRecord, arguments: Any) -> tuple[Any, ...]:
+        """The arguments of a recorded call given something else than a tuple: refused (a
+        TorchScript enum member is one value; ``codecs/torchscript.py`` takes it)."""
+        raise CorruptFileError(
+            f"data.pkl calls {function.name} with {describe(arguments)} as arguments", file=self._file
+        )
 
     # -- what the mutating opcodes may act on
 

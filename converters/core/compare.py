@@ -99,12 +99,13 @@ def metadata_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     a = {key: value for key, value in a.items() if key not in NOT_COMPARED_METADATA}
     b = {key: value for key, value in b.items() if key not in NOT_COMPARED_METADATA}
     found = []
-    only_a, only_b = [key for key in a if key not in b], [key for key in b if key not in a]
+    # sorted: other writers keep no order here (safetensors' own writer stores a hash map)
+    only_a, only_b = sorted(key for key in a if key not in b), sorted(key for key in b if key not in a)
     if only_a:
         found.append(f"file metadata: keys only in the first: {_keys(only_a)}")
     if only_b:
         found.append(f"file metadata: keys only in the second: {_keys(only_b)}")
-    for key in a:
+    for key in sorted(a):
         if key in b and (type(a[key]) is not type(b[key]) or a[key] != b[key]):
             found.append(f"file metadata {key!r}: {a[key]!r:.60} vs {b[key]!r:.60}")
     return found

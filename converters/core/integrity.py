@@ -25,7 +25,8 @@ def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
     problems = []
     unchecked = 0
     checked: set[Record] = set()
-    for path, ref in checkpoint.unique_tensors():
+    stored = checkpoint.unique_tensors()
+    for path, ref in stored:
         for record in records_of(ref.source):
             problem = record_problem(record, checked)
             if problem is not None:
@@ -39,6 +40,12 @@ def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
     problem = tree_problem(checkpoint)
     if problem is not None:
         problems.append(problem)
+    elif checkpoint.tree_digest is None and checkpoint.expects_tree_digest:
+        # Our writers store both; digests without a tree digest mean it was lost (a flipped bit in
+        # its key), and with it the check of every key, type and value.
+        problems.append(
+            "the file stores tensor digests but no tree digest: its keys, types and values cannot be checked"
+        )
     return problems, unchecked
 
 

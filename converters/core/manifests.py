@@ -364,11 +364,16 @@ def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
     }
 
 
-def tree_digest(tree: Any, digests: Callable[[tuple[str | int, ...], TensorRef], str | None]) -> str | None:
+def tree_digest(
+    tree: Any,
+    digests: Callable[[tuple[str | int, ...], TensorRef], str | None],
+    metadata: Mapping[str, Any] | None = None,
+) -> str | None:
     """BLAKE3 of everything a checkpoint says besides its tensor bytes: the tree (keys, key order,
     container types, values) and each tensor's key, dtype, shape and digest, in a canonical JSON.
 
-    A cast tensor's row also holds what it was cast from (source dtype and digest).
+    A cast tensor's row also holds what it was cast from (source dtype and digest); ``metadata`` is
+    the file's own metadata that conversions carry (a LoRA trainer's ``ss_*`` keys), covered too.
     ``digests(path, ref)`` gives each tensor's digest (a writer: the one it stores; a reader: the
     one the file stores); None when a tensor has none, since then the digest cannot cover it.
     Writers store it beside the tree; ``verify --deep`` recomputes it from what was read, so a flip
@@ -388,15 +393,20 @@ def tree_digest(tree: Any, digests: Callable[[tuple[str | int, ...], TensorRef],
         if leaf.cast_from is not None:  # only cast tensors add it: digests of files without casts stay as they were
             row += [leaf.cast_from.dtype, leaf.cast_from.resolved()]
         tensors.append(row)
-    canonical = json.dumps(
-        {"tree": encode_tree(tree, keys), "tensors": tensors}, separators=(",", ":"), ensure_ascii=True
-    )
+    document: dict[str, Any] = {"tree": encode_tree(tree, keys), "tensors": tensors}
+    # The file's own metadata that conversions carry (Checkpoint.carried_metadata), as the strings
+    # every format can give back, without safetensors' "format" marker; absent when there is none,
+    # so the digest of a file without such metadata is what it always was.
+    own = {key: value for key, value in metadata_strings(metadata or {}).items() if key != "format"}
+    if own:
+        document["metadata"] = dict(sorted(own.items()))
+    canonical = json.dumps(document, separators=(",", ":"), ensure_ascii=True)
     return str(blake3(canonical.encode("ascii")).hexdigest())
 
 
 def recomputed_tree_digest(checkpoint: Checkpoint) -> str | None:
     """The tree digest of a checkpoint as read, from the tensor digests its file stores."""
-    return tree_digest(checkpoint.tree, lambda _path, ref: ref.digest)
+    return tree_digest(checkpoint.tree, lambda _path, ref: ref.digest, checkpoint.carried_metadata())
 
 
 def metadata_strings(metadata: Mapping[str, Any]) -> dict[str, str]:

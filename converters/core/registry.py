@@ -128,6 +128,13 @@ class FormatRegistry:
             if found is not None:
                 return found
         known = ", ".join(f"{f.name} ({' '.join(f.suffixes) or 'a folder'})" for f in self)
+        if not for_write and path.is_dir():
+            from .folders import unrecognised  # lazy: folders reads through this registry
+
+            raise UnknownFormatError(
+                f"cannot recognise the folder: {unrecognised(path)}; pass a format explicitly (known: {known})",
+                file=path,
+            )
         action = "write" if for_write else "recognise"
         raise UnknownFormatError(
             f"cannot {action} the format from the name{'' if for_write else ' or contents'}; "

@@ -59,13 +59,17 @@ def json_charge(text: bytes | str) -> tuple[int, int]:
     return counted, 2 * width * len(text) + STR_OBJECT_BYTES * (text.count(b'"') // 2)
 
 
-def loads_json_strict(text: bytes | str, file: Path | str, what: str, budget: Budget | None = None) -> Any:
+def loads_json_strict(
+    text: bytes | str, file: Path | str, what: str, budget: Budget | None = None, *, allow_nan: bool = False
+) -> Any:
     """Parse JSON from an input, within ``budget`` (the read's; by default one sized for ``text``).
 
     Charged before parsing (:func:`json_charge`), so a header of millions of empty lists is refused
     before one is built. Refused, as ``CorruptFileError`` naming ``what``: invalid UTF-8 or JSON,
     duplicate keys (a reader must not silently keep the last one), ``NaN``/``Infinity`` (not JSON),
     integers past Python's 4300-digit int limit, nesting past the interpreter's recursion limit.
+    ``allow_nan``: read ``NaN``/``Infinity``/``-Infinity`` as those floats (what Python's ``json``
+    writes, for a file it wrote: a Trainer's ``trainer_state.json``).
     """
     budget = Budget(file, len(text)) if budget is None else budget
     values, text_bytes = json_charge(text)
@@ -89,7 +93,8 @@ def loads_json_strict(text: bytes | str, file: Path | str, what: str, budget: Bu
         if isinstance(text, bytes):
             text = text.decode("utf-8")
         with paused_gc():
-            return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+            constant = float if allow_nan else no_constants
+            return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=constant)
     except CorruptFileError:
         raise
     except UnicodeDecodeError as exc:

@@ -170,6 +170,9 @@ class Checkpoint:
     # not carried (TorchScript's code): ``inspect`` says both.
     kind: str | None = None
     notes: tuple[str, ...] = ()
+    # The file is one of ours that stores tensor digests, so it should store a tree digest too:
+    # ``verify --deep`` reports one that is missing (a flipped bit in its key loses it).
+    expects_tree_digest: bool = False
 
     def carried_metadata(self) -> dict[str, Any]:
         """The file's own metadata that a conversion carries to its output (every format stores it,

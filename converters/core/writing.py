@@ -45,7 +45,9 @@ class TensorWriter:
     def tree_digest(self, checkpoint: Checkpoint) -> str:
         """The tree digest to store (``manifests.tree_digest``) once every tensor was copied;
         ``DIGEST_PLACEHOLDER`` before that (a header reserved for it keeps its length)."""
-        digest = manifests.tree_digest(checkpoint.tree, lambda _path, ref: self._digests.get(id(ref)))
+        digest = manifests.tree_digest(
+            checkpoint.tree, lambda _path, ref: self._digests.get(id(ref)), checkpoint.carried_metadata()
+        )
         return digest or DIGEST_PLACEHOLDER
 
     def copy(self, out: BinaryIO, ref: TensorRef, path: TreePath, *, crc32: bool = False) -> Copied:

@@ -135,7 +135,13 @@ class MsgpackFormat(FormatBase):
             reader = _TreeReader(buffer, path, self.max_depth, budget)
             with paused_gc():
                 tree = reader.resolve(reader.parse_root(size))
-        return Checkpoint(tree, path, tree_digest=reader.tree_digest, file_metadata=reader.file_metadata)
+        return Checkpoint(
+            tree,
+            path,
+            tree_digest=reader.tree_digest,
+            file_metadata=reader.file_metadata,
+            expects_tree_digest=bool(reader.digests),
+        )
 
 
 class _Emitter:

@@ -27,24 +27,32 @@ keys to tensors, exactly the tensors the ``weight_map`` puts in it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
+from ..codecs import torch_export, torchscript
 from ..codecs.pickle_objects import check_writable
-from ..codecs.torch_archive import CASTS_RECORD, DIGESTS_RECORD, TREE_DIGEST_RECORD, read_archive_and_tree_digest
+from ..codecs.torch_archive import (
+    CASTS_RECORD,
+    DIGESTS_RECORD,
+    METADATA_RECORD,
+    TREE_DIGEST_RECORD,
+    read_archive_contents,
+)
 from ..codecs.torch_legacy import TAR_MESSAGE, is_legacy, is_legacy_tar, read_legacy
 from ..codecs.torch_pickle import PickleWriter, describe
 from ..codecs.zip import ZipWriter
-from ..core import manifests
+from ..core import folders, manifests
 from ..core.atomic import atomic_output
 from ..core.budget import Budget
 from ..core.contract import FormatBase, WriteContext, option
 from ..core.dtypes import DTYPES
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
-from ..core.stored import find_index, read_shard_index, shard_file
+from ..core.stored import read_shard_index, shard_file
 from ..core.tree import MAPPING_TYPES, Checkpoint, TensorRef
 from ..core.writing import TensorWriter
 
@@ -77,17 +85,26 @@ class PtFormat(FormatBase):
         return head.startswith(ZIP_MAGIC) or is_legacy(head) or is_legacy_tar(head)
 
     def reads_folder(self, path: Path) -> bool:
-        return find_index(path, BIN_INDEX_NAME, BIN_INDEX_SUFFIX) is not None
+        # A save_pretrained folder of .bin weights, or a Trainer checkpoint folder (core/folders.py).
+        family = folders.default_family(path)
+        return (family is not None and family.suffix == ".bin") or folders.is_trainer(path)
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
         if path.is_dir():
-            index = find_index(path, BIN_INDEX_NAME, BIN_INDEX_SUFFIX)
-            if index is None:
-                raise CorruptFileError(f"the folder holds no {BIN_INDEX_NAME}", file=path)
-            return self.read_shards(index, budget)
+            if folders.is_trainer(path):
+                return folders.read_trainer(path, budget)
+            weights, notes = folders.weights_for(path, ".bin", self.name)
+            if weights.name.lower().endswith(BIN_INDEX_SUFFIX):
+                checkpoint = self.read_shards(weights, budget)
+                return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes)
+            checkpoint = self.read_file(folders.regular_part(weights), budget)
+            kind = f"{folders.MODEL_KIND}: {weights.name}, {checkpoint.kind}"
+            return dataclasses.replace(checkpoint, kind=kind, notes=checkpoint.notes + notes)
         if path.name.lower().endswith(BIN_INDEX_SUFFIX):
             return self.read_shards(path, budget)
+        if path.name.lower().endswith(folders.INDEX_SUFFIX):  # another kind's (model.safetensors.index.json)
+            raise folders.wrong_index(path, self.name)
         return self.read_file(path, budget)
 
     def read_file(self, path: Path, budget: Budget) -> Checkpoint:
@@ -98,8 +115,21 @@ class PtFormat(FormatBase):
             raise UnsupportedValueError(TAR_MESSAGE, file=path)
         if head[:1] == b"\x80":  # a pickle: torch's legacy file (or a plain pickle, refused by its reader)
             return Checkpoint(read_legacy(path, budget), path, kind="torch legacy (non-zip) file")
-        tree, tree_digest = read_archive_and_tree_digest(path, budget=budget)
-        return Checkpoint(tree, path, tree_digest=tree_digest, kind="torch zip archive")
+        if not torch_export.starts_like_torch_save(head):  # a .pt2 program archive, or another zip
+            exported = torch_export.read_if_exported(path, budget)
+            if exported is not None:
+                return Checkpoint(exported.tree, path, kind=torch_export.KIND, notes=exported.notes)
+        contents = read_archive_contents(path, budget=budget, torchscript=True)
+        if contents.torchscript:  # torch.jit.save: its parameters and buffers (codecs/torchscript.py)
+            return Checkpoint(contents.tree, path, kind=torchscript.KIND, notes=torchscript.notes(contents.tree))
+        return Checkpoint(
+            contents.tree,
+            path,
+            tree_digest=contents.tree_digest,
+            file_metadata=contents.metadata or None,
+            kind="torch zip archive",
+            expects_tree_digest=contents.ours,
+        )
 
     def read_shards(self, index_path: Path, budget: Budget) -> Checkpoint:
         """A ``.bin`` shard folder through its index, as one flat dict (order: see the module doc)."""
@@ -175,6 +205,9 @@ class PtFormat(FormatBase):
             casts = manifests.cast_records(unique, {path: key_of[id(ref)] for path, ref in unique}, final=True)
             if casts:
                 archive.add(f"{ARCHIVE}/{CASTS_RECORD}", json.dumps(casts, separators=(",", ":")).encode())
+            own = checkpoint.carried_metadata()  # what the source said about itself, carried over
+            if own:
+                archive.add(f"{ARCHIVE}/{METADATA_RECORD}", json.dumps(own, separators=(",", ":")).encode())
             archive.close()
 
 

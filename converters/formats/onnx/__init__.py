@@ -263,7 +263,14 @@ class OnnxFormat(FormatBase):
             )
         own = {key: value for key, value in metadata.items() if not key.startswith("sdconvert.")}
         notes = (CONSTANTS_NOTE,) if reader.from_constants else ()
-        return Checkpoint(tree, path, tree_digest=tree_digest, file_metadata=own or None, notes=notes)
+        return Checkpoint(
+            tree,
+            path,
+            tree_digest=tree_digest,
+            file_metadata=own or None,
+            notes=notes,
+            expects_tree_digest=DIGESTS_KEY in metadata,
+        )
 
 
 # ----------------------------------------------------------------------------------- naming

@@ -19,6 +19,7 @@ creates and every tensor are charged to the read's budget before they are create
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ...core import manifests
+from ...core import folders, manifests
 from ...core.atomic import atomic_output
 from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
@@ -92,7 +93,9 @@ class SafetensorsFormat(FormatBase):
         self.max_header_bytes = max_header_bytes
 
     def reads_folder(self, path: Path) -> bool:
-        return sharded.index_in(path) is not None
+        # A save_pretrained folder of safetensors weights (core/folders.py: one file or an index).
+        family = folders.default_family(path)
+        return family is not None and family.suffix == ".safetensors"
 
     def sniff(self, head: bytes) -> bool:
         if len(head) < 10:
@@ -102,11 +105,18 @@ class SafetensorsFormat(FormatBase):
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         path = Path(path)
-        index = sharded.index_in(path) if path.is_dir() else path if path.name.endswith(sharded.INDEX_SUFFIX) else None
-        if index is not None:
-            return sharded.read_sharded(self, index, budget)
         if path.is_dir():
-            raise CorruptFileError(f"the folder holds no {sharded.INDEX_NAME}", file=path)
+            weights, notes = folders.weights_for(path, ".safetensors", self.name)
+            if weights.name.endswith(sharded.INDEX_SUFFIX):
+                checkpoint = sharded.read_sharded(self, weights, budget)
+                return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes)
+            checkpoint = self.read_file(folders.regular_part(weights), budget)
+            kind = f"{folders.MODEL_KIND}: {weights.name}"
+            return dataclasses.replace(checkpoint, kind=kind, notes=checkpoint.notes + notes)
+        if path.name.endswith(sharded.INDEX_SUFFIX):
+            return sharded.read_sharded(self, path, budget)
+        if path.name.endswith(folders.INDEX_SUFFIX):  # another kind's index (pytorch_model.bin.index.json)
+            raise folders.wrong_index(path, self.name)
         return self.read_file(path, budget)
 
     def read_file(self, path: Path, budget: Budget) -> Checkpoint:
@@ -140,7 +150,8 @@ class SafetensorsFormat(FormatBase):
         else:
             tree = refs
         own = {key: value for key, value in (metadata or {}).items() if not key.startswith(OWN_PREFIX)}
-        return Checkpoint(tree, path, tree_digest=tree_digest, file_metadata=own or None)
+        ours = metadata is not None and DIGESTS_KEY in metadata
+        return Checkpoint(tree, path, tree_digest=tree_digest, file_metadata=own or None, expects_tree_digest=ours)
 
     def _read_header(self, path: Path, budget: Budget) -> tuple[dict[str, Any], int, int]:
         with open(path, "rb") as handle:
