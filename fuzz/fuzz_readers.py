@@ -95,6 +95,11 @@ def write_seeds(corpus: Path) -> None:
         objects,
     )
     (corpus / "seed-pt-objects").write_bytes(bytes([FORMATS.index("pt")]) + objects.read_bytes())
+    # a TorchScript archive: pickled modules, their code files (parsed as text, never run)
+    scripted = FOLDER / "seed-torchscript.pt"
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 2))
+    torch.jit.save(torch.jit.script(model), str(scripted))
+    (corpus / "seed-pt-torchscript").write_bytes(bytes([FORMATS.index("pt")]) + scripted.read_bytes())
 
 
 def write_hostile_seeds(corpus: Path, limit: int = 1 << 20) -> None:

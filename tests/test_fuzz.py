@@ -129,3 +129,26 @@ def test_mutated_object_records_raise_only_converter_errors(objects_file: bytes,
         path.write_bytes(data)
         with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
             read_everything(path, "pt")
+
+
+@pytest.fixture(scope="module")
+def torchscript_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A TorchScript archive (torch.jit.save of a scripted module with a BatchNorm), read without
+    running its code: its pickled modules and code files are what the mutations hit."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 2))
+    path = tmp_path_factory.mktemp("jit") / "model.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    return path.read_bytes()
+
+
+@settings(
+    max_examples=100, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(steps=st.lists(mutation, min_size=1, max_size=4))
+def test_mutated_torchscript_archives_raise_only_converter_errors(torchscript_file: bytes, steps: list[Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "mutated.pt"
+        data = mutate(torchscript_file, steps)
+        path.write_bytes(data)
+        with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
+            read_everything(path, "pt")
