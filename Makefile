@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/bench.py
 	$(PY) bench/bench.py --scaling
 	$(PY) bench/transforms.py
+	$(PY) bench/flax_layout.py
 	$(PY) bench/legacy.py
 
 fuzz: $(STAMP)

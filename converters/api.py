@@ -176,6 +176,7 @@ def convert(
     dtype_exclude: str | Iterable[str] | None = None,
     ties: str | None = None,
     drop_objects: bool = False,
+    layout: str | None = None,
     transforms: Iterable[Transform] = (),
     progress: Callable[[int, int], None] | None = None,
     fsync: bool = True,
@@ -189,8 +190,10 @@ def convert(
     ``_orig_mod.``), ``rename`` (``"REGEX=REPLACEMENT"`` rules in order), ``ties`` (``keep``,
     ``materialize``, ``drop-aliases``), ``dtype`` (cast floating-point tensors exactly as
     ``tensor.to(dtype)``; ``dtype_include``/``dtype_exclude`` globs), in that order (``drop_objects``,
-    which removes recorded objects such as an ``argparse.Namespace``, runs after ``exclude``); then
-    ``transforms`` (``converters.transforms`` objects) run in order.
+    which removes recorded objects such as an ``argparse.Namespace``, runs after ``exclude``), then
+    ``layout`` (``"flax"``, ``"mlx"`` or a rules file: state_dicts as that framework's parameter
+    tree, recorded in the output's metadata; ``"torch"`` undoes a recorded layout, and runs first);
+    then ``transforms`` (``converters.transforms`` objects) run in order.
 
     The destination is replaced atomically if it exists (with ``overwrite=False`` it is kept and
     ``DestinationError`` raised, even if it appears during the conversion); it may never be the
@@ -216,6 +219,7 @@ def convert(
         dtype_exclude=dtype_exclude,
         ties=ties,
         drop_objects=drop_objects,
+        layout=layout,
         check=check,
     ) + list(transforms)
     checkpoint = read(source, src_format, transforms=steps)

@@ -107,6 +107,12 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
         action="store_true",
         help="drop recorded objects (argparse.Namespace, hyper-parameter classes...): weights and plain values only",
     )
+    changes.add_argument(
+        "--layout",
+        metavar="LAYOUT",
+        help="state_dicts as flax or mlx parameter trees (or a JSON rules file), recorded in DST; "
+        "'torch' undoes a recorded layout (runs first)",
+    )
     changes.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     changes.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     if with_format_options:
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
             "dtype_exclude": args.dtype_exclude,
             "ties": args.ties,
             "drop_objects": args.drop_objects,
+            "layout": args.layout,
         }
         if args.json and not args.dry_run:
             raise UsageError("sdconvert convert: --json goes with --dry-run")
@@ -476,6 +483,7 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     import converters
     from converters.api import stored_size
     from converters.core.report import cast_totals, describe, dtype_totals, human_bytes, records
+    from converters.transforms.layout import LAYOUT_KEY, describe_record
 
     checkpoint = converters.read(path, format)
     tensors = checkpoint.unique_tensors()
@@ -490,6 +498,9 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     for note in checkpoint.notes:
         print(f"note: {shown(note, 400)}")
     for key, value in (checkpoint.file_metadata or {}).items():
+        if key == LAYOUT_KEY:  # what a --layout conversion recorded
+            print(f"layout: {shown(describe_record(value), 400)}")
+            continue
         print(f"file metadata {shown(key, 120)}: {shown(value, 300)}")
     for line in describe(checkpoint.tree, patterns=patterns):
         print(line)

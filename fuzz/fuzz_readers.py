@@ -106,13 +106,17 @@ def write_hostile_seeds(corpus: Path, limit: int = 1 << 20) -> None:
     """The hostile tables of the test suite as seeds (each under ``limit`` bytes), so mutation starts
     from the shapes that once cost gigabytes or crashed: bombs, lying counts, inert-object abuse."""
     import test_bad_inputs
+    import test_gguf
     import test_hostile_pt
     import test_hostile_writes
     import test_legacy_pt
+    import test_npz
 
     tables: list[tuple[str, str, Any]] = [("pt", f"pt-{row[0]}", row[1]) for row in test_hostile_pt.CASES]
     tables += [("pt", f"pt-legacy-{row[0]}", row[1]) for row in test_legacy_pt.CASES]
     tables += [("onnx", f"onnx-{name}", build) for name, build in test_hostile_writes.HOSTILE_ONNX.items()]
+    tables += [("gguf", f"gguf-{row[0]}", row[1]) for row in test_gguf.CASES]
+    tables += [("npz", f"npz-{row[0]}", row[2]) for row in test_npz.HOSTILE]
     for row in test_bad_inputs.CASES:
         fmt = converters.registry.for_suffix(Path(row[1]))
         if fmt is not None:

@@ -353,7 +353,7 @@ CASES: list[tuple[str, str, Callable[[], bytes], type[Exception], str]] = [
         lambda: b"nothing we know",
         UnknownFormatError,
         r"cannot recognise the format from the name or contents; pass a format explicitly "
-        r"\(known: safetensors \(.safetensors .safetensors.index.json\), pt \(.pt .pth .bin .ckpt .pth.tar .bin.index.json\), msgpack \(.msgpack\), onnx \(.onnx\), dcp \(a folder\)\)",
+        r"\(known: safetensors \(.safetensors .safetensors.index.json\), pt \(.pt .pth .bin .ckpt .pth.tar .bin.index.json\), msgpack \(.msgpack\), onnx \(.onnx\), dcp \(a folder\), gguf \(.gguf\), npz \(.npz .npy\)\)",
     ),
 ]
 
@@ -380,7 +380,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_unknown_format_name(tmp_path: Path) -> None:
     with pytest.raises(
-        UnknownFormatError, match="unknown format 'xyz'; known formats: safetensors, pt, msgpack, onnx, dcp"
+        UnknownFormatError, match="unknown format 'xyz'; known formats: safetensors, pt, msgpack, onnx, dcp, gguf"
     ):
         converters.save({"a": torch.ones(1)}, tmp_path / "a.bin", format="xyz")
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from helpers import assert_bit_identical
+from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
 
@@ -142,11 +142,17 @@ def test_formats_lists_formats_and_dtype_matrix() -> None:
     assert result.returncode == 0
     assert "pt           .pt .pth .bin" in result.stdout
     assert "safetensors  .safetensors" in result.stdout
-    complex128 = next(line for line in result.stdout.splitlines() if line.startswith("complex128"))
-    assert complex128.split() == ["complex128", "-", "yes", "yes", "yes", "yes"]  # safetensors has no C128
+    lines = result.stdout.splitlines()
+    columns = next(line for line in lines if line.startswith("dtype ")).split()
+    complex128 = dict(zip(columns, next(line for line in lines if line.startswith("complex128")).split(), strict=True))
+    # safetensors and gguf have no C128
+    assert [complex128[name] for name in ("safetensors", "pt", "msgpack", "onnx", "dcp", "gguf")] == (
+        ["-", "yes", "yes", "yes", "yes", "-"]
+    )
     # every format's write options, with the flag and the library keyword
     assert re.search(r"onnx +--external-data +external_data ", result.stdout)
     assert re.search(r"safetensors +--max-shard-size +max_shard_size ", result.stdout)
+    assert re.search(r"gguf +--gguf-alignment +alignment ", result.stdout)
 
 
 @pytest.mark.parametrize(
@@ -171,23 +177,24 @@ def test_demo_runs_the_main_job(tmp_path: Path) -> None:
     result = sdconvert("demo", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "every format round-tripped bit-identically" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.graph.onnx",
-        "checkpoint.msgpack",
-        "checkpoint.onnx",
-        "checkpoint.pt",
-        "checkpoint.safetensors",
-        "checkpoint.schema.json",
-        "ddp-stripped.safetensors",
-        "ddp.pt",
-        "model.safetensors",
-        "source.pt",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"checkpoint{suffix}" for suffix in builtin_suffixes()]  # every single-file format
+        + [
+            "checkpoint.graph.onnx",
+            "checkpoint.schema.json",
+            "ddp-stripped.safetensors",
+            "ddp.pt",
+            "model.safetensors",
+            "source.pt",
+        ]
+    )
+    assert {"checkpoint.pt", "checkpoint.gguf"} <= {p.name for p in out.iterdir()}
     assert "matches torch in onnxruntime" in result.stdout
     assert "--strip-prefix auto: loads into a fresh Net, bit-identical" in result.stdout
     for line in result.stdout.splitlines():
         words = line.split()
-        if len(words) > 1 and words[0] in ("pt", "safetensors", "msgpack", "onnx") and words[1] != "graph":
+        formats = ("pt", "safetensors", "msgpack", "onnx", "gguf", "npz")
+        if len(words) > 1 and words[0] in formats and words[1] != "graph":
             assert "ok: rebuilt Net + SGD bit-identical" in line
 
 

@@ -70,10 +70,10 @@ TORCH_IMPORTERS = {"converters.torch_bridge", "converters.recipe", "converters.d
 # Files that must not branch on a built-in format: no non-docstring string constant may be exactly
 # a built-in format's name.
 NO_FORMAT_NAMES_IN = ("converters/api.py", "converters/cli.py", "converters/core/*.py")
-BUILTIN_FORMAT_NAMES = ("pt", "safetensors", "msgpack", "onnx", "dcp")
+BUILTIN_FORMAT_NAMES = ("pt", "safetensors", "msgpack", "onnx", "dcp", "gguf", "npz")
 
 # What `import converters.api` and `sdconvert inspect x.safetensors` must not drag in.
-OTHER_FORMAT_MODULES = tuple(f"converters.formats.{name}" for name in ("pt", "msgpack", "onnx", "dcp"))
+OTHER_FORMAT_MODULES = tuple(f"converters.formats.{name}" for name in ("pt", "msgpack", "onnx", "dcp", "gguf", "npz"))
 
 
 # ---------------------------------------------------------------------------------------------

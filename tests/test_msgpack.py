@@ -148,6 +148,68 @@ def test_flax_unchunks_our_chunked_leaves(tmp_path: Path) -> None:
     assert restored["w"].shape == (50, 3) and restored["w"].tobytes() == tensor_bytes(tensor)
 
 
+# ------------------------------------------------------------------------------ tied tensors
+
+
+def _tied_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(4)
+    embed = torch.randn(32, 8)  # 1 KiB
+    return {"embed.weight": embed, "fc.bias": torch.randn(8), "lm_head.weight": embed}
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_flax_reads_an_array_at_every_tied_path_and_we_tie_them_back(tmp_path: Path, big: bool) -> None:
+    """flax has no references: a tied tensor is an array at each of its paths (its bytes again),
+    and the metadata tree names one storage key at both, so our reader gives one tensor back
+    (``big``: chunked like flax's leaves over MAX_CHUNK_SIZE, here 100 bytes)."""
+    state = _tied_state()
+    path = tmp_path / "tied.msgpack"
+    MsgpackFormat(max_leaf_bytes=100 if big else 2**30).write(from_torch(state), path, WriteContext(), NoOptions())
+    restored = flax_serialization.msgpack_restore(path.read_bytes())
+    for key in ("embed.weight", "lm_head.weight"):
+        assert isinstance(restored[key], np.ndarray) and restored[key].tobytes() == tensor_bytes(state[key]), key
+    tree = converters.read(path).tree
+    assert tree["embed.weight"] is tree["lm_head.weight"]  # one tensor again
+    assert converters.verify(path, path, deep=True) == []
+    loaded = converters.load(path)
+    assert loaded["embed.weight"].untyped_storage().data_ptr() == loaded["lm_head.weight"].untyped_storage().data_ptr()
+
+
+def test_the_copy_costs_its_bytes_and_drop_aliases_avoids_it(tmp_path: Path) -> None:
+    source = tmp_path / "tied.pt"
+    torch.save(_tied_state(), source)
+    keep, dropped = tmp_path / "keep.msgpack", tmp_path / "dropped.msgpack"
+    converters.convert(source, keep)
+    converters.convert(source, dropped, ties="drop-aliases")
+    extra = keep.stat().st_size - dropped.stat().st_size
+    # the alias's array (1 KiB + ext and array headers), its key, its metadata tree node and digest-free
+    assert 1024 < extra < 1024 + 100, extra
+    assert "lm_head.weight" not in flax_serialization.msgpack_restore(dropped.read_bytes())
+
+
+def _handmade(path: Path, alias: Any) -> Path:
+    """An older file's layout (or a hostile one): "a" an array, "b" what ``alias`` says, and a
+    metadata tree that names the storage key "a" at both."""
+    meta = {"version": 1, "wrapped": False, "tree": {"dict": [["a", {"tensor": "a"}], ["b", {"tensor": "a"}]]}}
+    array = msgpack.ExtType(1, msgpack.packb([[2], "float32", struct.pack("<2f", 1.5, -2.0)]))
+    root = {"__sdconvert__": msgpack.ExtType(80, msgpack.packb(meta)), "a": array, "b": alias}
+    path.write_bytes(msgpack.packb(root))
+    return path
+
+
+def test_older_files_with_ext_82_references_are_still_read(tmp_path: Path) -> None:
+    tree = converters.read(_handmade(tmp_path / "old.msgpack", msgpack.ExtType(82, b"a"))).tree
+    assert tree["a"] is tree["b"] and tensor_bytes(converters.load(tmp_path / "old.msgpack")["b"]) == struct.pack(
+        "<2f", 1.5, -2.0
+    )
+
+
+def test_a_tied_copy_of_another_shape_is_refused(tmp_path: Path) -> None:
+    other = msgpack.ExtType(1, msgpack.packb([[1, 2], "float32", bytes(8)]))
+    with pytest.raises(CorruptFileError, match=r"at b: .* a tensor disagrees .* the tensor 'a' again \(float32\[2\]\)"):
+        converters.read(_handmade(tmp_path / "bad.msgpack", other))
+
+
 # ------------------------------------------------------------------------------ the native tree
 
 

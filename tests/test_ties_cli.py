@@ -6,10 +6,12 @@ storage records and torch.load, msgpack ext codes, ONNX initializers, DCP's meta
 
 What each destination documents for a tied tensor (schemas/*.md) and what is asserted here:
 
-- safetensors, sharded safetensors, pt, msgpack, onnx: stored once; read back as one tensor at
-  every path. A bare state_dict's tied duplicate key is absent from the safetensors header (as
+- safetensors, sharded safetensors, pt, onnx: stored once; read back as one tensor at every path.
+  A bare state_dict's tied duplicate key is absent from the safetensors header (as
   ``save_pretrained`` writes it), the pt file has one storage record that ``torch.load`` shares, the
-  msgpack file an ext 82 reference, the ONNX file one initializer.
+  ONNX file one initializer.
+- msgpack: an ext 1 array at every path (the bytes again at the alias, so flax reads an array
+  there), with the metadata tree naming one storage key at both: read back as one tensor.
 - dcp: ``dcp.save`` flattens the tree and writes one entry per FQN, so the folder stores the tied
   bytes at each path and reads back as separate tensors with identical bytes (as
   ``dcp_to_torch_save`` gives them); ``keep`` is therefore what ``materialize`` is for DCP.
@@ -98,10 +100,9 @@ def raw(ref: Any) -> bytes:
     return bytes(read_all(ref.source))
 
 
-def stored_tensors(dst: str, out: Path, first: str = TIED) -> tuple[int, set[str] | None]:
+def stored_tensors(dst: str, out: Path) -> tuple[int, set[str] | None]:
     """How many tensor byte blocks the written file(s) hold, read by each format's own reference
-    reader (not ours), and their names where the format names them (``first``: the key a msgpack
-    reference to the tied tensor must name)."""
+    reader (not ours), and their names where the format names them."""
     if dst == "safetensors":
         from safetensors import safe_open
 
@@ -126,14 +127,8 @@ def stored_tensors(dst: str, out: Path, first: str = TIED) -> tuple[int, set[str
         import msgpack
 
         codes: list[int] = []
-
-        def hook(code: int, payload: bytes) -> None:
-            codes.append(code)
-            if code == 82:  # a tied tensor's later place names the storage key of its first place
-                codes.append(-1 if payload.decode() != first else 0)
-
-        msgpack.unpackb(out.read_bytes(), ext_hook=hook, strict_map_key=False)
-        assert -1 not in codes
+        msgpack.unpackb(out.read_bytes(), ext_hook=lambda code, _: codes.append(code), strict_map_key=False)
+        assert set(codes) <= {1, 80}  # arrays and our metadata: no ext 82 references any more
         return codes.count(1), None
     if dst == "onnx":
         import onnx
@@ -151,12 +146,21 @@ def stored_tensors(dst: str, out: Path, first: str = TIED) -> tuple[int, set[str
     return len(tensors), tensors
 
 
-def msgpack_references(out: Path) -> int:
+def msgpack_tied_keys(out: Path) -> tuple[str, str]:
+    """The storage keys our metadata tree (ext 80) names at the tied tensor's two paths."""
     import msgpack
 
-    codes: list[int] = []
-    msgpack.unpackb(out.read_bytes(), ext_hook=lambda code, payload: codes.append(code), strict_map_key=False)
-    return codes.count(82)
+    metadata: list[Any] = []
+
+    def hook(code: int, payload: bytes) -> Any:
+        if code == 80:
+            metadata.append(msgpack.unpackb(payload, strict_map_key=False))
+        return None
+
+    msgpack.unpackb(out.read_bytes(), ext_hook=hook, strict_map_key=False)
+    (tree,) = [value for kind, value in metadata[0]["tree"].items() if kind in ("dict", "odict")]
+    keys = {key: node.get("tensor") for key, node in tree}
+    return keys[TIED], keys[ALIAS]
 
 
 def dry_run_json(capsys: pytest.CaptureFixture[str], *args: object) -> dict[str, Any]:
@@ -201,13 +205,14 @@ def test_ties_choice_from_source_to_destination(
         assert list(tree) == [TIED, *UNTIED, ALIAS]
         assert raw(tree[ALIAS]) == embed_bytes
         if mode == "keep" and dst != "dcp":
-            assert tree[TIED] is tree[ALIAS]  # one tensor, stored once
-            assert count == untied_count and names in (None, {TIED, *UNTIED})
+            assert tree[TIED] is tree[ALIAS]  # one tensor, stored once (msgpack: again at the alias, for flax)
+            assert count == untied_count + (dst == "msgpack") and names in (None, {TIED, *UNTIED})
         else:  # materialize, and DCP whatever the choice: each path its own tensor and its own bytes
             assert tree[TIED] is not tree[ALIAS]
             assert count == untied_count + 1 and names in (None, {TIED, *UNTIED, ALIAS})
-    if dst == "msgpack":
-        assert msgpack_references(out) == (1 if mode == "keep" else 0)
+    if dst == "msgpack" and mode != "drop-aliases":
+        first, alias = msgpack_tied_keys(out)
+        assert (first == alias) is (mode == "keep")
     if dst == "pt":  # torch itself: the tie is shared storage
         loaded = torch.load(out)
         if mode != "drop-aliases":
@@ -223,7 +228,7 @@ def test_ties_choice_from_source_to_destination(
     if not (dst == "dcp" and mode == "keep"):
         aliases = {item["path"]: item.get("alias_of") for item in plan["tensors"]}
         assert aliases == {key: (TIED if key == ALIAS and tree[key] is tree[TIED] else None) for key in tree}
-        assert plan["totals"]["tensors"] == count
+        assert plan["totals"]["tensors"] == count - (dst == "msgpack" and mode == "keep")  # the copy is no tensor
 
 
 # ------------------------------------------------------------------------------ the dry run
@@ -305,14 +310,14 @@ def test_a_tie_through_rename_and_cast_stays_one_tensor(
     first, alias = "tok.weight", "output.weight"
     assert raw(tree[first]) == expected[TIED] and tree[first].dtype == "bfloat16"
     assert all(raw(tree[key]) == expected[key] and tree[key].dtype == "bfloat16" for key in UNTIED)
-    count, names = stored_tensors(dst, out, first)
+    count, names = stored_tensors(dst, out)
     if mode == "drop-aliases":
         assert list(tree) == [first, *UNTIED] and count == 3 and names in (None, {first, *UNTIED})
     else:
         assert list(tree) == [first, *UNTIED, alias] and raw(tree[alias]) == expected[TIED]
         one = mode == "keep" and dst != "dcp"  # DCP stores each path (module docstring)
         assert (tree[first] is tree[alias]) is one
-        assert count == (3 if one else 4)
+        assert count == (3 if one else 4) + (one and dst == "msgpack")  # msgpack: the bytes again at the alias
         assert names in (None, {first, *UNTIED} if one else {first, *UNTIED, alias})
     planned = {item["path"]: item for item in plan["tensors"]}
     assert list(planned) == list(tree)

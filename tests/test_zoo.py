@@ -163,15 +163,22 @@ def test_general_checkpoint_with_scaler_rng_config_and_metrics(tmp_path: Path, s
             "amp": {"enabled": True, "dtype": None},
         },
     }
+    rng_state = checkpoint["rng"]["torch"]
+    if "uint8" not in converters.registry.for_suffix(Path(f"x{suffix}")).dtype_codes:
+        # GGUF has no uint8 type: the torch RNG state is refused naming it; the rest goes through
+        with pytest.raises(converters.UnsupportedValueError, match=r"at rng/torch: \w+ cannot hold dtype uint8"):
+            through(tmp_path, checkpoint, suffix)
+        del checkpoint["rng"]["torch"]
     loaded = through(tmp_path, checkpoint, suffix)
     assert_bit_identical(torch.load(tmp_path / "source.pt"), loaded)
     restored_rng = random.Random()
     restored_rng.setstate(loaded["rng"]["python"])
     assert restored_rng.random() == rng_python.random()
-    torch.set_rng_state(loaded["rng"]["torch"])
-    first = torch.rand(3)
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    assert torch.equal(first, torch.rand(3))
+    if "torch" in checkpoint["rng"]:
+        torch.set_rng_state(loaded["rng"]["torch"])
+        first = torch.rand(3)
+        torch.set_rng_state(rng_state)
+        assert torch.equal(first, torch.rand(3))
     restored_scaler = torch.amp.GradScaler("cpu")
     restored_scaler.load_state_dict(loaded["scaler"])
     assert restored_scaler.state_dict() == scaler.state_dict()

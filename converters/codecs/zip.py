@@ -1,5 +1,5 @@
-"""Just enough ZIP for torch checkpoints: entries read in place (stored) or inflated while they are
-read (deflated), written streaming (stored).
+"""Just enough ZIP for torch checkpoints and numpy's .npz: entries read in place (stored) or inflated
+while they are read (deflated), written streaming (stored, or deflated a chunk at a time).
 
 torch's archives store every record uncompressed with its data aligned to 64 bytes, so a tensor is a
 plain byte range of the file. A zip tool may re-deflate the records and ``torch.load`` still reads
@@ -17,13 +17,14 @@ read's budget before any entry is parsed.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsupportedValueError
@@ -344,9 +345,7 @@ class InflatedRecord:
             handle.seek(self.offset)
             remaining = self.compressed_size
             while not inflater.eof:
-                if not pending:
-                    if not remaining:
-                        raise self._corrupt("its deflate stream ends early")
+                if not pending and remaining:
                     pending = handle.read(min(remaining, INFLATE_INPUT))
                     if not pending:
                         raise self._corrupt("the file ends inside it")
@@ -357,6 +356,10 @@ class InflatedRecord:
                 except zlib.error as exc:
                     raise self._corrupt(f"it is not a valid deflate stream ({exc})") from None
                 pending = inflater.unconsumed_tail
+                # All input consumed is not the end: a long match may still be pending output (a
+                # record of zeros); only a call that gives nothing more, with no input left, is.
+                if not piece and not pending and not remaining and not inflater.eof:
+                    raise self._corrupt("its deflate stream ends early")
                 if piece:
                     produced += len(piece)
                     if produced > self.size:
@@ -401,52 +404,110 @@ def check_crc(entry: StoredEntry, actual: int, path: Path) -> None:
         )
 
 
+# ---------------------------------------------------------------------------- CRC-32 arithmetic
+# The zip CRC-32 of bytes A+B from the CRCs of A and B, without reading them again (zlib's
+# crc32_combine, which Python's zlib does not expose): CRC-32 is linear over GF(2), so appending
+# n bytes multiplies A's CRC by x^(8n) modulo the polynomial. A record holding a small header and
+# then an array (an .npy member) gets the CRC of its array part this way, so the array is checked
+# in the same pass that copies it; and the writer gets the record's CRC from the array's.
+
+_CRC_POLYNOMIAL = 0xEDB88320  # zip's CRC-32, bit-reflected
+_X_POWERS: list[int] = [1 << 30]  # x^(2^k) mod P: x^1, x^2, x^4, ... (bit-reflected, x^0 is 1 << 31)
+
+
+def _multiply(a: int, b: int) -> int:
+    """a * b modulo the CRC-32 polynomial (zlib's multmodp)."""
+    mask, product = 1 << 31, 0
+    while True:
+        if a & mask:
+            product ^= b
+            if not a & (mask - 1):
+                return product
+        mask >>= 1
+        b = (b >> 1) ^ _CRC_POLYNOMIAL if b & 1 else b >> 1
+
+
+while len(_X_POWERS) < 72:
+    _X_POWERS.append(_multiply(_X_POWERS[-1], _X_POWERS[-1]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _append_zeros(nbytes: int) -> int:
+    """x^(8 * nbytes) modulo the polynomial: what appending ``nbytes`` bytes does to a CRC, one
+    multiplication per byte of ``nbytes`` (cached: a checkpoint's arrays have few distinct sizes)."""
+    power, j = 1 << 31, 0
+    while nbytes:
+        if nbytes & 0xFF:
+            power = _multiply(_digit_power(j, nbytes & 0xFF), power)
+        nbytes >>= 8
+        j += 1
+    return power
+
+
+@functools.cache  # at most 8 x 255 of them
+def _digit_power(j: int, digit: int) -> int:
+    """x^(8 * digit * 256**j) modulo the polynomial."""
+    power, k = 1 << 31, 3 + 8 * j
+    while digit:
+        if digit & 1:
+            power = _multiply(_X_POWERS[k], power)
+        digit >>= 1
+        k += 1
+    return power
+
+
+def crc32_combine(head: int, tail: int, tail_length: int) -> int:
+    """The CRC-32 of A+B from A's (``head``), B's (``tail``) and B's length.
+
+    >>> crc32_combine(zlib.crc32(b"abc"), zlib.crc32(b"defg"), 4) == zlib.crc32(b"abcdefg")
+    True
+    """
+    return _multiply(_append_zeros(tail_length), head) ^ tail
+
+
+def crc32_tail(whole: int, head: int, tail_length: int) -> int:
+    """The CRC-32 of B from the CRC of A+B (``whole``), A's (``head``) and B's length.
+
+    >>> crc32_tail(zlib.crc32(b"abcdefg"), zlib.crc32(b"abc"), 4) == zlib.crc32(b"defg")
+    True
+    """
+    return _multiply(_append_zeros(tail_length), head) ^ whole
+
+
+def first_member_name(head: bytes) -> bytes | None:
+    """The name of a zip's first record as its local header spells it, when ``head`` (a file's
+    first bytes) holds the whole name; None otherwise (not a zip, or a longer name)."""
+    if len(head) < LOCAL_HEADER.size or not head.startswith(b"PK\x03\x04"):
+        return None
+    name_length = LOCAL_HEADER.unpack_from(head)[9]
+    name = head[LOCAL_HEADER.size : LOCAL_HEADER.size + name_length]
+    return name if len(name) == name_length else None
+
+
 class ZipWriter:
-    """Writes stored entries to a seekable binary file. Call ``add`` per entry, then ``close``."""
+    """Writes entries to a seekable binary file. Call ``add``/``add_copied``/``add_deflated`` per
+    entry, then ``close``. Each returns the entry's index, for ``rewrite``."""
 
     def __init__(self, out: BinaryIO, *, align: int = 64) -> None:
         self._out = out
         self._align = align
         self._central: list[bytes] = []
+        self._stored: list[tuple[int, int, int]] = []  # per entry: local header offset, data offset, size
         self._count = 0
         self._dos_time, self._dos_date = _dos_datetime()
 
-    def add(self, name: str, data: bytes) -> None:
+    def add(self, name: str, data: bytes) -> int:
         """Append a stored record of small, in-memory bytes."""
-        self.add_copied(name, len(data), lambda out: _write_with_crc(out, data))
+        return self.add_copied(name, len(data), lambda out: _write_with_crc(out, data))
 
-    def add_copied(self, name: str, size: int, copy: Callable[[BinaryIO], int]) -> None:
+    def add_copied(self, name: str, size: int, copy: Callable[[BinaryIO], int]) -> int:
         """Append a stored record of ``size`` bytes that ``copy(out)`` writes at the file's position,
         returning their CRC-32 (so big records are copied and checked in one pass by the caller)."""
         out = self._out
         encoded = name.encode("utf-8")
         offset = out.tell()
         zip64 = size >= U32_MAX
-        zip64_extra = struct.pack("<HHQQ", ZIP64_EXTRA_ID, 16, size, size) if zip64 else b""
-        start = offset + LOCAL_HEADER.size + len(encoded) + len(zip64_extra)
-        padding = (-start) % self._align
-        if padding and padding < 4:  # an extra field needs 4 bytes of its own header
-            padding += self._align
-        pad_extra = struct.pack("<HH", PADDING_EXTRA_ID, padding - 4) + bytes(padding - 4) if padding else b""
-        extra = zip64_extra + pad_extra
-        version = 45 if zip64 else 20
-        small_size = U32_MAX if zip64 else size
-        out.write(
-            LOCAL_HEADER.pack(
-                b"PK\x03\x04",
-                version,
-                UTF8_FLAG,
-                0,
-                self._dos_time,
-                self._dos_date,
-                0,
-                small_size,
-                small_size,
-                len(encoded),
-                len(extra),
-            )
-        )
-        out.write(encoded + extra)
+        version = self._local_header(encoded, STORED, size, size, zip64)
         data_start = out.tell()
         crc = copy(out)
         end = out.tell()
@@ -455,12 +516,103 @@ class ZipWriter:
         out.seek(offset + 14)  # the CRC field of the local header
         out.write(struct.pack("<I", crc))
         out.seek(end)
+        self._stored.append((offset, data_start, size))
         self._add_central(encoded, crc, size, offset, version)
+        return self._count - 1
 
-    def _add_central(self, encoded: bytes, crc: int, size: int, offset: int, version: int) -> None:
-        extra_values = []
-        if size >= U32_MAX:
-            extra_values += [size, size]
+    def add_deflated(self, name: str, size: int, write: Callable[[Deflater], None], *, level: int = -1) -> int:
+        """Append a deflated record of ``size`` bytes that ``write(sink)`` passes to ``sink.write``
+        in pieces; each piece is deflated and written at once (memory does not grow with the record).
+        The sink is not a file: bytes reach it through ``write`` only (no kernel copy into it).
+        ``level``: zlib's (-1 its default); with ISA-L installed its levels 0-3 are used instead."""
+        out = self._out
+        encoded = name.encode("utf-8")
+        offset = out.tell()
+        # Deflate may grow incompressible bytes a little (5 bytes per stored block): ZIP64 is chosen
+        # when even a grown record could pass 4 GiB, since the header's size cannot grow later.
+        zip64 = size + (size >> 8) + 1024 >= U32_MAX
+        version = self._local_header(encoded, DEFLATED, 0, size, zip64)
+        data_start = out.tell()
+        sink = Deflater(out, level)
+        write(sink)
+        sink.finish()
+        end = out.tell()
+        if sink.size != size:
+            raise AssertionError(f"zip record {name!r}: {sink.size} bytes deflated, {size} declared")
+        compressed = end - data_start
+        if compressed >= U32_MAX and not zip64:
+            raise AssertionError(f"zip record {name!r}: deflated to {compressed} bytes without ZIP64")
+        out.seek(offset + 14)  # CRC, compressed size, size
+        out.write(struct.pack("<III", sink.crc, U32_MAX if zip64 else compressed, U32_MAX if zip64 else size))
+        if zip64:  # the ZIP64 extra field's sizes follow the name: size, then compressed size
+            out.seek(offset + LOCAL_HEADER.size + len(encoded) + 4)
+            out.write(struct.pack("<QQ", size, compressed))
+        out.seek(end)
+        self._stored.append((offset, data_start, -1))
+        self._add_central(encoded, sink.crc, size, offset, version, DEFLATED, compressed)
+        return self._count - 1
+
+    def rewrite(self, index: int, data: bytes) -> None:
+        """Replace the bytes of stored entry ``index`` by as many others (a header whose digests are
+        known only at the end), CRC-32 included; the file's position is kept."""
+        offset, data_start, size = self._stored[index]
+        if len(data) != size:
+            raise AssertionError(f"zip entry {index}: rewritten with {len(data)} bytes, it holds {size}")
+        out = self._out
+        end = out.tell()
+        crc = struct.pack("<I", zlib.crc32(data))
+        out.seek(data_start)
+        out.write(data)
+        out.seek(offset + 14)
+        out.write(crc)
+        out.seek(end)
+        record = self._central[index]
+        self._central[index] = record[:16] + crc + record[20:]
+
+    def _local_header(self, encoded: bytes, method: int, compressed: int, size: int, zip64: bool) -> int:
+        """Write a local header (its CRC and sizes patched after the data), padded so that the data
+        starts aligned; the version needed to read the entry."""
+        out = self._out
+        offset = out.tell()
+        zip64_extra = struct.pack("<HHQQ", ZIP64_EXTRA_ID, 16, size, compressed) if zip64 else b""
+        start = offset + LOCAL_HEADER.size + len(encoded) + len(zip64_extra)
+        padding = (-start) % self._align
+        if padding and padding < 4:  # an extra field needs 4 bytes of its own header
+            padding += self._align
+        pad_extra = struct.pack("<HH", PADDING_EXTRA_ID, padding - 4) + bytes(padding - 4) if padding else b""
+        extra = zip64_extra + pad_extra
+        version = 45 if zip64 else 20
+        out.write(
+            LOCAL_HEADER.pack(
+                b"PK\x03\x04",
+                version,
+                UTF8_FLAG,
+                method,
+                self._dos_time,
+                self._dos_date,
+                0,
+                U32_MAX if zip64 else compressed,
+                U32_MAX if zip64 else size,
+                len(encoded),
+                len(extra),
+            )
+        )
+        out.write(encoded + extra)
+        return version
+
+    def _add_central(
+        self,
+        encoded: bytes,
+        crc: int,
+        size: int,
+        offset: int,
+        version: int,
+        method: int = STORED,
+        compressed: int | None = None,
+    ) -> None:
+        compressed = size if compressed is None else compressed
+        big = size >= U32_MAX or compressed >= U32_MAX  # both sizes then go in the ZIP64 extra field
+        extra_values = [size, compressed] if big else []
         if offset >= U32_MAX:
             extra_values.append(offset)
         extra = (
@@ -476,12 +628,12 @@ class ZipWriter:
                 version,
                 version,
                 UTF8_FLAG,
-                0,
+                method,
                 self._dos_time,
                 self._dos_date,
                 crc,
-                min(size, U32_MAX),
-                min(size, U32_MAX),
+                U32_MAX if big else compressed,
+                U32_MAX if big else size,
                 len(encoded),
                 len(extra),
                 0,
@@ -530,6 +682,39 @@ class ZipWriter:
                 0,
             )
         )
+
+
+class Deflater:
+    """The sink of ``ZipWriter.add_deflated``: what is written to it is deflated into the archive
+    at once, its CRC-32 and size counted on the way."""
+
+    def __init__(self, out: BinaryIO, level: int = -1) -> None:
+        self._out = out
+        self._deflate = _compressor(level)
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        packed = self._deflate.compress(data)
+        if packed:
+            self._out.write(packed)
+        return len(data)
+
+    def finish(self) -> None:
+        self._out.write(self._deflate.flush())
+
+
+def _compressor(level: int) -> Any:
+    """A raw deflate compressor: ISA-L's when installed (several times faster than zlib's, the
+    same format), else zlib's."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - isal ships wheels for every platform we test
+        return zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    isal_level = isal_zlib.ISAL_DEFAULT_COMPRESSION if level < 0 else min(level, isal_zlib.ISAL_BEST_COMPRESSION)
+    return isal_zlib.compressobj(isal_level, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
 
 
 def _write_with_crc(out: BinaryIO, data: bytes) -> int:

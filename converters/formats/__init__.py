@@ -17,6 +17,8 @@ BUILTIN_MODULES: dict[str, str] = {
     "msgpack": "converters.formats.msgpack",
     "onnx": "converters.formats.onnx",
     "dcp": "converters.formats.dcp",
+    "gguf": "converters.formats.gguf",
+    "npz": "converters.formats.npz",
 }
 
 for _name, _module in BUILTIN_MODULES.items():

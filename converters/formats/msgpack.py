@@ -11,9 +11,12 @@ Spec: ``schemas/msgpack.md``. In short, the file is one msgpack map:
   "tree": <manifest tree node>}``, which says what native msgpack cannot (tuple vs list,
   OrderedDict and ``_metadata``, int keys). Plain decoders see one opaque ext value there.
 
-Ints beyond 64 bits are ext type 81 (decimal ASCII); a tied tensor is stored at its first path and is
-ext type 82 (that path's storage key) at the others. Reading checks the native tree against the
-metadata tree and refuses a file where they disagree.
+Ints beyond 64 bits are ext type 81 (decimal ASCII). A tied tensor is an ext 1 array at every path
+it has (its bytes again at the later ones, so flax reads an array everywhere), and the metadata
+tree names the same storage key at each: our reader ties them back into one tensor. Files written
+before that hold ext type 82 (the storage key of the first place) at the later places, and are
+still read. Reading checks the native tree against the metadata tree and refuses a file where they
+disagree.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..core.objects import NumpyScalar, ObjectRecord
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
 from ..core.stored import check_casts, check_digests, check_tree_digest, paused_gc
+from ..core.transfer import Checks, copy_into
 from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, CastOrigin, Checkpoint, TensorRef, walk
 from ..core.writing import DIGEST_PLACEHOLDER, PiecewiseCopy, Reserved, TensorWriter
 
@@ -43,7 +47,7 @@ EXT_NDARRAY = 1  # flax: _MsgpackExtType.ndarray
 EXT_NPSCALAR = 3  # flax: a numpy scalar, stored like a 0-d array
 EXT_METADATA = 80
 EXT_BIGINT = 81
-EXT_TIED = 82  # a tied tensor's second and later places: the storage key of its first place
+EXT_TIED = 82  # read only (older files): a tied tensor's later places, the storage key of its first place
 META_KEY = "__sdconvert__"
 WRAPPED_ROOT_KEY = "__sdconvert_root__"
 CHUNKED_KEY = "__msgpack_chunked_array__"
@@ -164,17 +168,20 @@ class _Emitter:
             out.write(codec.array_header(len(node)))
             for index, value in enumerate(node):
                 self.node(value, (*path, index))
-        elif kind is TensorRef and id(node) in self.written:
-            key = self.keys[path].encode("utf-8")
-            out.write(codec.ext_header(EXT_TIED, len(key)) + key)
         elif kind is TensorRef:
-            self.written.add(id(node))
-            copy = self.tensors.piecewise(node, path)
-            if node.nbytes > self.max_leaf_bytes:
-                self.chunked(node, copy)
+            # A tied tensor's later places hold its bytes again, so that flax (which has no
+            # references) reads an array at every path; the metadata tree names the same storage
+            # key at each place, which is how our reader ties them back into one tensor.
+            key = self.keys[path]
+            if id(node) in self.written:
+                again = _Again(self.tensors.context.check)
+                self.tensor(node, again)
+                again.finish(self.digests[key])
             else:
-                self.ndarray(node.dtype, node.shape, node.source, copy)
-            self.digests[self.keys[path]] = copy.finish().digest
+                self.written.add(id(node))
+                copy = self.tensors.piecewise(node, path)
+                self.tensor(node, copy)
+                self.digests[key] = copy.finish().digest
         elif kind is ObjectRecord or kind is NumpyScalar:
             # flax has no such values: nil stands in the native tree, the metadata tree holds them
             out.write(codec.pack_plain(None))
@@ -190,7 +197,13 @@ class _Emitter:
             self.out.write(codec.pack_str(native_key))
             self.node(value, (*path, key))
 
-    def chunked(self, ref: TensorRef, copy: PiecewiseCopy) -> None:
+    def tensor(self, ref: TensorRef, copy: _Copy) -> None:
+        if ref.nbytes > self.max_leaf_bytes:
+            self.chunked(ref, copy)
+        else:
+            self.ndarray(ref.dtype, ref.shape, ref.source, copy)
+
+    def chunked(self, ref: TensorRef, copy: _Copy) -> None:
         """flax's layout for big leaves.
 
         ``{"__msgpack_chunked_array__": true, "shape": {"0": d0, ...}, "chunks": {"0": 1-D array, ...}}``
@@ -208,7 +221,7 @@ class _Emitter:
             piece = slice_source(ref.source, index * per_chunk, length)
             self.ndarray(ref.dtype, (length // itemsize,), piece, copy)
 
-    def ndarray(self, dtype: str, shape: tuple[int, ...], source: ByteSource, copy: PiecewiseCopy) -> None:
+    def ndarray(self, dtype: str, shape: tuple[int, ...], source: ByteSource, copy: _Copy) -> None:
         """flax's ext 1: [shape, dtype, bin]; the bin's bytes copied straight from the source."""
         prefix = (
             codec.array_header(3)
@@ -219,6 +232,29 @@ class _Emitter:
         )
         self.out.write(codec.ext_header(EXT_NDARRAY, len(prefix) + source.nbytes) + prefix)
         copy.write(self.out, source)
+
+
+class _Again:
+    """The bytes of a tied tensor written again at a later place: a plain copy (no progress: the
+    progress total counts each tensor once); with ``check``, hashed and compared with the digest
+    stored for its first place."""
+
+    def __init__(self, check: bool) -> None:
+        self.checks = Checks.make(digest=check)
+
+    def write(self, out: BinaryIO, source: ByteSource) -> None:
+        copy_into(out, source, self.checks)
+
+    def finish(self, first: str) -> None:
+        computed = self.checks.hexdigest()
+        if computed is not None and computed != first:
+            raise CorruptFileError(
+                f"a tied tensor's bytes changed while they were written again (BLAKE3 {computed}, "
+                f"its first place {first})"
+            )
+
+
+_Copy = PiecewiseCopy | _Again
 
 
 @functools.cache
@@ -369,9 +405,14 @@ class _TreeReader:
         checking they agree."""
         kind = type(expected)
         if kind is _Slot:
-            if type(native) is _Tied and native.key == expected.key and native.key in self.stored:
-                return self.stored[native.key]
-            if type(native) is not TensorRef or expected.key in self.stored:
+            first = self.stored.get(expected.key)
+            if first is not None:  # a tied tensor's later place: a copy of its bytes (or an older file's ext 82)
+                if type(native) is _Tied and native.key == expected.key:
+                    return first
+                if type(native) is TensorRef and (native.dtype, native.shape) == (first.dtype, first.shape):
+                    return first
+                self._disagree(path, f"the tensor {expected.key!r} again ({first.dtype}{list(first.shape)})", native)
+            if type(native) is not TensorRef:
                 self._disagree(path, f"the tensor {expected.key!r}", native)
             digest = self.digests.get(expected.key)
             ref = native if digest is None else native.with_stored_digest(digest)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from ..codecs import torch_export, torchscript
+from ..codecs.npy import starts_like_npz
 from ..codecs.pickle_objects import check_writable
 from ..codecs.torch_archive import (
     CASTS_RECORD,
@@ -82,7 +83,9 @@ class PtFormat(FormatBase):
     dtype_codes: ClassVar[Mapping[str, Any]] = {name: name for name in DTYPES}
 
     def sniff(self, head: bytes) -> bool:
-        return head.startswith(ZIP_MAGIC) or is_legacy(head) or is_legacy_tar(head)
+        # Any zip but an .npz (numpy's arrays: a first member named .npy), which the npz format reads.
+        zip_archive = head.startswith(ZIP_MAGIC) and not starts_like_npz(head)
+        return zip_archive or is_legacy(head) or is_legacy_tar(head)
 
     def reads_folder(self, path: Path) -> bool:
         # A save_pretrained folder of .bin weights, or a Trainer checkpoint folder (core/folders.py).

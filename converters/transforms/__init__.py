@@ -10,6 +10,8 @@ tensor drops the digest of the bytes it replaces.
 - :class:`Cast` (``--dtype``, ``--dtype-include``/``--dtype-exclude``): floating-point tensors,
   bit-identical to torch's ``tensor.to(dtype)``, streamed through :class:`CastSource`.
 - :class:`Ties` (``--ties``): keep, materialize or drop the aliases of tied tensors.
+- :class:`Layout` (``--layout flax|mlx|RULES.json|torch``): state_dicts as another framework's
+  parameter tree (rules tables in ``converters/layouts/``), permuted through :class:`PermuteSource`.
 - :func:`describe_plan` / :func:`plan_lines` (``--dry-run``): what would be written.
 
 Each transformation checks its options when it is made and raises a :class:`TransformError`
@@ -35,6 +37,7 @@ from .base import (
 )
 from .cast import FLOAT_DTYPES, Cast, CastSource, cast_bits, cast_bytes
 from .keys import Rename, StripPrefix, split_rule
+from .layout import Layout, LayoutRules, PermuteSource
 from .paths import PathPattern, escape_key, format_path
 from .plan import describe_plan
 from .plan import lines as plan_lines
@@ -48,8 +51,11 @@ __all__ = [
     "Exclude",
     "InvalidOptionError",
     "KeyCollisionError",
+    "Layout",
+    "LayoutRules",
     "NoMatchError",
     "PathPattern",
+    "PermuteSource",
     "Rename",
     "Select",
     "StripPrefix",

@@ -1,5 +1,6 @@
 """The transformations a conversion asks for by option (CLI flags, library keywords), in the one
-order they run: select, exclude, drop-objects, strip-prefix, rename, ties, dtype."""
+order they run: layout torch (undoing a recorded layout, so the others see PyTorch's keys), select,
+exclude, drop-objects, strip-prefix, rename, ties, dtype, then a layout (flax, mlx, a rules file)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterable
 from .base import Transform
 from .cast import Cast
 from .keys import Rename, StripPrefix
+from .layout import Layout
 from .objects import DropObjects
 from .select import Exclude, Select
 from .ties import Ties
@@ -30,6 +32,7 @@ def from_options(
     dtype_exclude: str | Iterable[str] | None = None,
     ties: str | None = None,
     drop_objects: bool = False,
+    layout: str | None = None,
     check: bool = False,
 ) -> list[Transform]:
     """The transformations for these options (each checked now, before any file is read).
@@ -38,6 +41,9 @@ def from_options(
     ['Select', 'StripPrefix', 'Cast']
     """
     steps: list[Transform] = []
+    arranged = None if layout is None else Layout(layout, check=check)
+    if arranged is not None and arranged.undoes:
+        steps.append(arranged)
     if _many(select):
         steps.append(Select(*_many(select)))
     if _many(exclude):
@@ -60,4 +66,6 @@ def from_options(
 
         option = "--dtype-include" if _many(dtype_include) else "--dtype-exclude"
         raise InvalidOptionError(option, (_many(dtype_include) or _many(dtype_exclude))[0], "goes with --dtype")
+    if arranged is not None and not arranged.undoes:
+        steps.append(arranged)
     return steps
