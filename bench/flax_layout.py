@@ -28,24 +28,17 @@ flax.serialization`` for the naive path). CPU is user + system.
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transforms import GNU_TIME, Measured, run
+import common
 
 import bench  # bench/bench.py: the shared conventions
-from bench import CLI, ROOT, machine
+from bench import CLI
 
 SIZES = {"64M": 512, "256M": 1024, "1G": 2048}  # width w
-TARGET = {"64M": 64 << 20, "256M": 256 << 20, "1G": 1 << 30}
 
 MAKE_CHECKPOINT = """
 import sys, torch
@@ -154,8 +147,8 @@ def assert_same_arrays(a: Path, b: Path) -> int:
     return sum(len(payload) for payload in ours.values())
 
 
-def measure(folder: Path, pt: Path, rounds: int) -> dict[str, Measured]:
-    results: dict[str, Measured] = {}
+def measure(folder: Path, pt: Path, rounds: int) -> dict[str, common.Measured]:
+    results: dict[str, common.Measured] = {}
     ours = [sys.executable, str(CLI), "convert", str(pt)]
     mine, theirs, plain = folder / "ours.msgpack", folder / "naive.msgpack", folder / "plain.msgpack"
     jobs = [
@@ -164,17 +157,8 @@ def measure(folder: Path, pt: Path, rounds: int) -> dict[str, Measured]:
         ("ours plain", [*ours, str(plain), "--quiet", "--no-fsync"], plain),
     ]
     for round_index in range(rounds):
-        print(f"  round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
-        for label, command in (
-            ("startup ours", [sys.executable, str(CLI), "--help"]),
-            ("startup naive", [sys.executable, "-c", STARTUP_NAIVE]),
-        ):
-            results.setdefault(label, Measured()).record(*run(command))
-        shift = round_index % len(jobs)
-        for label, command, out in jobs[shift:] + jobs[:shift]:
-            out.unlink(missing_ok=True)
-            os.sync()
-            results.setdefault(label, Measured()).record(*run(command))
+        common.start_round(results, round_index, rounds, STARTUP_NAIVE)
+        common.run_rotated(results, jobs, round_index)
         compared = assert_same_arrays(mine, theirs)
         print(f"    ours and naive: {compared / 2**20:.0f} MiB of arrays identical", file=sys.stderr, flush=True)
         for out in (mine, theirs, plain):
@@ -182,47 +166,19 @@ def measure(folder: Path, pt: Path, rounds: int) -> dict[str, Measured]:
     return results
 
 
-def table(results: dict[str, Measured], size_mib: float) -> list[str]:
-    start_rss = {kind: statistics.median(results[f"startup {kind}"].rss_mib) for kind in ("ours", "naive")}
-    rows = [
-        (f"pt → flax msgpack, `convert --layout flax` ({size_mib:.0f} MiB)", "ours layout", "ours"),
-        ("naive: torch.load + `.numpy().transpose` + `flax.serialization.to_bytes`", "naive", "naive"),
-        ("pt → msgpack, plain `convert` (no layout)", "ours plain", "ours"),
+def table(results: dict[str, common.Measured], size_mib: float) -> list[str]:
+    rows: list[tuple[str, str, str, str | None]] = [
+        (f"pt → flax msgpack, `convert --layout flax` ({size_mib:.0f} MiB)", "ours layout", "naive", "ours"),
+        ("naive: torch.load + `.numpy().transpose` + `flax.serialization.to_bytes`", "naive", "naive", "naive"),
+        ("pt → msgpack, plain `convert` (no layout)", "ours plain", "naive", "ours"),
     ]
-    naive = results["naive"]
-    lines = [
-        "| command | time (median) | range | ratio vs naive | CPU (median) | peak RSS | above start-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for text, label, kind in rows:
-        sample = results[label]
-        lines.append(
-            f"| {text} | {sample.time:.2f} s | {min(sample.seconds):.2f}–{max(sample.seconds):.2f} s "
-            f"| {sample.time / naive.time:.2f}× | {sample.cpu_time:.2f} s | {sample.rss:.0f} MiB "
-            f"| {sample.rss - start_rss[kind]:.0f} MiB |"
-        )
-    lines.append(
-        f"| (start-up alone: ours `cli.py --help` / naive `{STARTUP_NAIVE}`) "
-        f"| {results['startup ours'].time:.2f} s / {results['startup naive'].time:.2f} s | | | "
-        f"| {start_rss['ours']:.0f} / {start_rss['naive']:.0f} MiB | |"
-    )
-    return lines
+    return common.table(results, rows, STARTUP_NAIVE, cpu_column=True)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=list(SIZES), default="1G")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--folder", type=Path, default=None, help="where to put the files (default: a temp folder)")
-    args = parser.parse_args()
-    if not os.access(GNU_TIME, os.X_OK):
-        raise SystemExit(f"{GNU_TIME} (GNU time) is needed for the peak RSS of each command")
-    folder = Path(tempfile.mkdtemp(prefix="sdconvert-bench-flax-", dir=args.folder))
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "converters")], check=False)
-    try:
-        print(f"machine: {machine()}")
+    with common.session(__doc__, SIZES, "flax") as (args, folder):
         width = SIZES[args.size]
-        blocks = blocks_for(width, TARGET[args.size])
+        blocks = blocks_for(width, common.TARGET[args.size])
         pt = folder / "source.pt"
         bench.run([sys.executable, "-c", MAKE_CHECKPOINT, str(width), str(blocks), str(pt)])
         size_mib = pt.stat().st_size / 2**20
@@ -238,8 +194,6 @@ def main() -> None:
             f"\nthe permutation's own cost: {layout.time - plain.time:.2f} s wall, "
             f"{layout.cpu_time - plain.cpu_time:.2f} s CPU over the plain conversion"
         )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -342,12 +342,12 @@ def _short(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class RecordChecked:
-    """A byte range that is one whole checksummed record (an .npy member's array data), streamed
-    and checked against the record's CRC-32 at the end of every full read, for the sources below,
-    which are not byte ranges and so are not checked by the writer."""
+class Streamed:
+    """A source handed out in chunks only (``readinto`` goes through ``chunks``), so that a copy goes
+    through Python (into a deflater, say) instead of the kernel; the classes below change the bytes
+    on the way."""
 
-    source: FileRange
+    source: ByteSource
 
     @property
     def nbytes(self) -> int:
@@ -355,6 +355,18 @@ class RecordChecked:
 
     def readinto(self, buffer: memoryview) -> None:
         fill_from_chunks(self, buffer)
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        return self.source.chunks(chunk_size)
+
+
+@dataclass(frozen=True)
+class RecordChecked(Streamed):
+    """A byte range that is one whole checksummed record (an .npy member's array data), streamed
+    and checked against the record's CRC-32 at the end of every full read, for the sources below,
+    which are not byte ranges and so are not checked by the writer."""
+
+    source: FileRange
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         record = self.source.record
@@ -368,19 +380,11 @@ class RecordChecked:
 
 
 @dataclass(frozen=True)
-class ByteSwapped:
+class ByteSwapped(Streamed):
     """Big-endian elements handed out little-endian: each ``unit`` bytes reversed (a complex
     number's halves each), a chunk at a time."""
 
-    source: ByteSource
     unit: int  # 2, 4 or 8
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.nbytes
-
-    def readinto(self, buffer: memoryview) -> None:
-        fill_from_chunks(self, buffer)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         code = {2: "H", 4: "I", 8: "Q"}[self.unit]
@@ -399,29 +403,21 @@ class ByteSwapped:
 
 
 @dataclass(frozen=True)
-class FortranOrder:
+class FortranOrder(Streamed):
     """The C-order bytes of an array stored in Fortran (column-major) order, made in bands of its
     first axis: each band is one sequential pass over the stored bytes (a stream: a deflated
     member too), scattered into the band, which is then handed out. Memory: the band twice (at
     most ``band`` bytes, or one index of the first axis when that is larger) and a chunk; passes:
     the array's size over the band's."""
 
-    source: ByteSource
     shape: tuple[int, ...]
     itemsize: int
     band: int = FORTRAN_BAND
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.nbytes
 
     def band_bytes(self) -> int:
         """The largest band this array makes (for the read's budget)."""
         row = numel(self.shape[1:]) * self.itemsize
         return min(self.nbytes, max(row, self.band // max(row, 1) * row))
-
-    def readinto(self, buffer: memoryview) -> None:
-        fill_from_chunks(self, buffer)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         import numpy as np

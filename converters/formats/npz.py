@@ -31,7 +31,7 @@ import contextlib
 import json
 import os
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
@@ -53,7 +53,7 @@ from ..core.budget import Budget
 from ..core.contract import FormatBase, WriteContext, option
 from ..core.dtypes import DTYPES, numel
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError, format_tree_path
-from ..core.sources import CHUNK_SIZE, ByteSource, FileRange, Record, fill_from_chunks
+from ..core.sources import CHUNK_SIZE, ByteSource, FileRange, Record
 from ..core.stored import check_digests, check_tree_digest, loads_json_strict, paused_gc, read_casts, tree_from_stored
 from ..core.tree import Checkpoint, TensorRef
 from ..core.writing import DIGEST_PLACEHOLDER, TensorWriter
@@ -141,7 +141,7 @@ class NpzFormat(FormatBase):
                     ) -> None:
                         sink.write(header)
                         piecewise = tensor_writer.piecewise(ref, tensor_path)
-                        piecewise.write(cast(BinaryIO, sink), _Streamed(ref.source))  # through deflate, in chunks
+                        piecewise.write(cast(BinaryIO, sink), npy.Streamed(ref.source))  # through deflate, in chunks
                         digests[key] = piecewise.finish().digest
 
                     archive.add_deflated(names[key], len(header) + ref.nbytes, deflate)
@@ -272,24 +272,6 @@ def _write_single(
     with atomic_output(path, fsync=context.fsync, overwrite=context.overwrite) as out:
         out.write(npy.header_bytes(descr, ref.shape))
         tensor_writer.copy(out, ref, ())
-
-
-@dataclass(frozen=True)
-class _Streamed:
-    """A source handed out in chunks only, so that a copy goes through Python (into a deflater)
-    instead of the kernel."""
-
-    source: ByteSource
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.nbytes
-
-    def readinto(self, buffer: memoryview) -> None:
-        fill_from_chunks(self, buffer)
-
-    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
-        return self.source.chunks(chunk_size)
 
 
 # ------------------------------------------------------------------------------------ reading
