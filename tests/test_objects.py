@@ -423,3 +423,112 @@ def test_the_pickle_of_a_record_is_what_pickle_itself_writes(original: Path, tmp
     converters.convert(original, back)
     expected = pickle.loads(pickle.dumps(torch.load(original, weights_only=False)["namespace"], protocol=2))
     assert torch.load(back, weights_only=False)["namespace"] == expected
+
+
+# ------------------------------------------------------------------------------ review findings
+
+
+def _tree_file(tmp_path: Path, node: dict[str, Any]) -> Path:
+    """A safetensors file whose stored tree (JSON) is ``node``: how a hostile manifest arrives."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "crafted.safetensors"
+    save_file({"w": torch.ones(1)}, str(path), metadata={"format": "pt", "sdconvert.tree": json.dumps(node)})
+    return path
+
+
+def _record(name: str, how: str = "call", args: list[Any] | None = None) -> dict[str, Any]:
+    return {"record": {"class": name, "how": how, "args": args or []}}
+
+
+@pytest.mark.parametrize(
+    ("node", "message"),
+    [
+        # a record in an OrderedDict's _metadata (walked by nobody that checks classes): refused
+        (
+            {
+                "dict": [
+                    ["w", {"tensor": "w"}],
+                    ["m", {"odict": [], "metadata": {"dict": [["x", _record("builtins.print")]]}}],
+                ]
+            },
+            "_metadata holds a recorded object",
+        ),
+        # a record among its own constructor arguments: pickle cannot make it
+        (
+            {"dict": [["w", {"tensor": "w"}], ["a", _record("argparse.Namespace", args=[{"list": [{"backref": 1}]}])]]},
+            "backref",
+        ),
+        # a global is a name: no arguments
+        (
+            {"dict": [["w", {"tensor": "w"}], ["g", _record("typing.Any", "global", [{"int": 1}])]]},
+            "is a name, not an object",
+        ),
+        # an ndarray node naming a dtype numpy has no name for
+        ({"dict": [["w", {"ndarray": "w"}]]}, None),
+        # a numpy scalar whose bytes do not fit its dtype, or whose dtype is not numeric
+        ({"dict": [["w", {"tensor": "w"}], ["s", {"npscalar": ["<f8", "00"]}]]}, "holds 8 bytes, found 1"),
+        ({"dict": [["w", {"tensor": "w"}], ["s", {"npscalar": ["|O8", "00" * 8]}]]}, "numeric dtype"),
+    ],
+)
+def test_a_crafted_tree_is_refused(tmp_path: Path, node: dict[str, Any], message: str | None) -> None:
+    path = _tree_file(tmp_path, node)
+    if message is None:  # float32 "w" as ndarray is fine: use a bfloat16 tensor instead
+        import json
+
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.ones(1, dtype=torch.bfloat16)}, str(path), metadata={"sdconvert.tree": json.dumps(node)})
+        message = "a numpy array cannot hold bfloat16"
+    with pytest.raises(converters.ConverterError, match=re.escape(message)):
+        converters.read(path)
+
+
+def test_the_pickle_writer_refuses_any_record_it_is_not_allowed_to_make(tmp_path: Path) -> None:
+    """The last guard sits in the writer itself: a record the tree checks never saw is still refused."""
+    from converters.codecs.torch_pickle import PickleWriter
+
+    hidden = ObjectRecord(
+        "argparse.Namespace", "new", (), state={"x": ObjectRecord("os.system", "call", ("id",))}, built=True
+    )
+    with pytest.raises(UnsupportedValueError, match="may not be re-created"):
+        PickleWriter(lambda _path, _ref: "0").dumps({"a": hidden})  # by default no record may be written
+    allowed = frozenset({"argparse.Namespace"})
+    with pytest.raises(UnsupportedValueError, match=r"os\.system may not be re-created"):
+        PickleWriter(
+            lambda _path, _ref: "0", lambda record: pickle_objects.writable(record, allowed, frozenset())
+        ).dumps({"a": hidden})
+
+
+def test_a_set_that_holds_itself_is_refused_when_written(tmp_path: Path) -> None:
+    """EMPTY_SET, ADDITEMS of itself: a hostile pickle can build it; no writer can write it."""
+    payload = b"\x80\x04\x8f\x94(h\x00\x90."  # EMPTY_SET, MEMOIZE, MARK, BINGET 0, ADDITEMS, STOP
+    path = _pickle_zip(tmp_path, payload)
+    with pytest.raises(converters.ConverterError, match="among its own constructor arguments"):
+        converters.convert(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_python2_spellings_of_dangerous_names_are_dangerous(tmp_path: Path) -> None:
+    for name in ("__builtin__.eval", "__builtin__.getattr", "copy_reg._reconstructor", "torch.fx.graph_module.x"):
+        assert pickle_objects.is_dangerous(name), name
+    node = {"dict": [["w", {"tensor": "w"}], ["e", _record("__builtin__.eval", args=[{"str": "1"}])]]}
+    path = _tree_file(tmp_path, node)
+    with pytest.raises(UnsupportedValueError, match=r"can run code: a \.pt never re-creates it"):
+        converters.convert(path, tmp_path / "out.pt", allow_class=("__builtin__.eval",))
+
+
+def test_a_bytearray_of_a_size_stays_a_record(tmp_path: Path) -> None:
+    payload = b"\x80\x02c__builtin__\nbytearray\nJ\x00\xe1\xf5\x05\x85R."  # bytearray(100_000_000)
+    path = _pickle_zip(tmp_path, payload)
+    value = converters.load(path)
+    assert type(value) is ObjectRecord and value.name == "builtins.bytearray"
+
+
+def test_a_numpy_array_subclass_is_not_read_as_a_plain_array(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save({"m": np.matrix([[1.0, 2.0]])}, path)
+    with pytest.raises(UnsupportedValueError, match=r"at m: a numpy array of the subclass numpy\.matrix"):
+        converters.read(path)

@@ -44,6 +44,8 @@ DANGEROUS_MODULES = frozenset(
         *("functools", "itertools", "builtins.__dict__", "torch.hub", "torch.jit", "torch._C", "torch.ops"),
         *("torch.classes", "torch._dynamo", "torch._inductor", "torch.utils.cpp_extension", "numpy.f2py"),
         *("numpy.distutils", "numpy.testing", "numpy.lib.npyio", "pandas.io", "keras", "tensorflow"),
+        *("torch.fx", "torch.package", "torch.utils.cpp_extension", "torch.multiprocessing", "torch.distributed"),
+        *("logging.config", "doctest", "pandas", "numpy.ctypeslib", "numpy.lib.format", "numpy.f2py"),
     }
 )
 # Single names refused in otherwise harmless modules.
@@ -60,6 +62,9 @@ DANGEROUS_NAMES = frozenset(
         "torch.save",
         "torch.serialization.load",
         "torch.serialization.save",
+        "torch.serialization._load",
+        "torch.serialization._legacy_load",
+        "numpy.loads",
         "torch.storage._load_from_bytes",
         "numpy.load",
         "numpy.save",
@@ -91,7 +96,11 @@ def normalized(module: str, name: str) -> str:
 def is_dangerous(dotted: str) -> bool:
     """Whether a pickle naming ``dotted`` is refused outright (see the module doc). A name is
     matched with every module prefix (``os.path.join`` is refused through ``os``)."""
-    if dotted in DANGEROUS_NAMES or not dotted.isprintable() or ".." in dotted or dotted.startswith("."):
+    if not dotted.isprintable() or ".." in dotted or dotted.startswith(".") or dotted.endswith("."):
+        return True
+    module, _, name = dotted.rpartition(".")
+    dotted = normalized(module, name)  # __builtin__.eval is builtins.eval, as pickle loads it
+    if dotted in DANGEROUS_NAMES:
         return True
     parts = dotted.split(".")
     if any(part.startswith("__") and part.endswith("__") for part in parts[1:]):
@@ -140,6 +149,10 @@ def numpy_array(record: ObjectRecord, state: Any, file: Any) -> TensorRef | Unre
         or type(state[3]) is not bool
     ):
         raise CorruptFileError("a numpy array's pickled state is malformed", file=file)
+    kind = record.args[0] if record.args else None
+    if type(kind) is not ObjectRecord or kind.name != NDARRAY or kind.how != "global":
+        what = kind.name if type(kind) is ObjectRecord else type(kind).__name__
+        return Unreadable(f"a numpy array of the subclass {what} is not read: save a plain ndarray (np.asarray(a))")
     shape, descr, fortran, raw = state[1], numpy_descr(state[2], file), state[3], state[4]
     dtype = TORCH_DTYPE.get(descr.replace("=", "<"))
     if dtype is None:
@@ -221,6 +234,18 @@ def is_torch_dtype(dotted: str, dtype_names: frozenset[str] | set[str]) -> bool:
     return module == "torch" and name in dtype_names
 
 
+def writable(record: ObjectRecord, allowed: frozenset[str], dtype_names: frozenset[str] | set[str]) -> bool:
+    """Whether a ``.pt`` may re-create ``record`` itself (not what it holds): a data-only class made
+    the way such a class is (a torch dtype only as itself), or a class the user allows — never a
+    dangerous name, allowed or not."""
+    name = record.name
+    if is_dangerous(name):
+        return False
+    if is_torch_dtype(name, dtype_names):
+        return record.how == "global"
+    return name in DATA_CLASSES or name in allowed
+
+
 def unsafe_to_write(
     record: ObjectRecord, allowed: frozenset[str], dtype_names: frozenset[str] | set[str]
 ) -> str | None:
@@ -233,8 +258,7 @@ def unsafe_to_write(
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            data_only = node.name in DATA_CLASSES or is_torch_dtype(node.name, dtype_names)
-            if is_dangerous(node.name) or not (data_only or node.name in allowed):  # allowed: never a dangerous one
+            if not writable(node, allowed, dtype_names):
                 return node.name
             stack.extend(node.children())
         elif isinstance(node, dict):
@@ -263,6 +287,12 @@ def check_writable(
             name = unsafe_to_write(leaf, allowed, dtype_names)
             if name is not None:
                 held = "" if name == leaf.name else f" (inside a {leaf.name} object)"
+                if is_dangerous(name):
+                    raise UnsupportedValueError(
+                        f"the recorded object of class {name}{held} names a callable that can run code: a .pt "
+                        "never re-creates it (--allow-class cannot allow it); drop it with --drop-objects",
+                        path=path,
+                    )
                 raise UnsupportedValueError(
                     f"the recorded object of class {name}{held} is not on the list of data-only classes a .pt may "
                     f"re-create (its name is only a string from the source file); pass --allow-class {name} if you "

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import codecs
 import io
-import itertools
 import pickle
 import pickletools
 import re
@@ -120,7 +119,6 @@ REFERENCE_BYTES = 16
 SEEN_BYTES = 120  # what the tree check remembers per distinct container (a dict slot and two ints)
 SEEN_CHARGE_EVERY = 1 << 12
 NUMPY_CORE = "numpy.core.multiarray"  # what numpy 1.x pickles; numpy 2 reads it too (numpy._core is 2.x only)
-NUMPY_MEMO_WINDOW = 64  # memo entries searched for a numpy array's record once its state made it a tensor
 SCAN_WINDOW = 1 << 16  # the pre-scan charges the budget after each this many bytes, so refusals come early
 
 _Class = TypeVar("_Class", bound=type)
@@ -572,6 +570,7 @@ class SafeUnpickler:
         stack: list[Any] = []
         metastack: list[list[Any]] = []
         memo: dict[int, Any] = {}
+        records_put: dict[int, list[int]] = {}  # id of a record -> the memo indices holding it
         push = stack.append
         position = 0
 
@@ -597,13 +596,21 @@ class SafeUnpickler:
             code = data[position]
             position += 1
             if code == BINPUT:
-                memo[data[position]] = stack[-1]
+                value = memo[data[position]] = stack[-1]
+                if type(value) is ObjectRecord:
+                    records_put.setdefault(id(value), []).append(data[position])
                 position += 1
             elif code == LONG_BINPUT:
-                memo[int.from_bytes(data[position : position + 4], "little")] = stack[-1]
+                index = int.from_bytes(data[position : position + 4], "little")
+                value = memo[index] = stack[-1]
+                if type(value) is ObjectRecord:
+                    records_put.setdefault(id(value), []).append(index)
                 position += 4
             elif code == MEMOIZE:
-                memo[len(memo)] = stack[-1]
+                index = len(memo)
+                value = memo[index] = stack[-1]
+                if type(value) is ObjectRecord:
+                    records_put.setdefault(id(value), []).append(index)
             elif code == BINGET:
                 push(memo[data[position]])
                 position += 1
@@ -720,14 +727,11 @@ class SafeUnpickler:
                 state = stack.pop()
                 target = stack[-1]
                 built = self._build(target, state)
-                if built is not target:  # a numpy array: the memo entry naming it names the tensor
+                if built is not target:  # a numpy array: the memo entries naming it name the tensor
                     stack[-1] = built
-                    # numpy's pickle memoizes the array right after making it, before its state:
-                    # the entry is among the last few (no scan of the whole memo per array)
-                    for index in itertools.islice(reversed(memo), NUMPY_MEMO_WINDOW):
-                        if memo[index] is target:
+                    for index in records_put.pop(id(target), ()):
+                        if memo.get(index) is target:
                             memo[index] = built
-                            break
             elif code == GLOBAL:
                 module = line().decode("utf-8")
                 push(self.find_class(module, line().decode("utf-8")))
@@ -774,7 +778,9 @@ class SafeUnpickler:
                 index = int(line())
                 if index < 0:
                     raise CorruptFileError("data.pkl has a negative memo index", file=self._file)
-                memo[index] = stack[-1]
+                value = memo[index] = stack[-1]
+                if type(value) is ObjectRecord:
+                    records_put.setdefault(id(value), []).append(index)
             elif code == GET:
                 push(memo[int(line())])
             elif code == DUP:
@@ -1122,10 +1128,18 @@ class PickleWriter:
 
     BATCH = 1000
 
-    def __init__(self, storage_key: Callable[[tuple[str | int, ...], TensorRef], str]) -> None:
+    def __init__(
+        self,
+        storage_key: Callable[[tuple[str | int, ...], TensorRef], str],
+        may_write: Callable[[ObjectRecord], bool] | None = None,
+    ) -> None:
         self._out = io.BytesIO()
         self._storage_key = storage_key
+        # Which records may become objects again (pickle_objects.writable); by default none. Asked
+        # of every record written, wherever it sits (state, _metadata, arguments): the last guard.
+        self._may_write = may_write or (lambda _record: False)
         self._memo: dict[int, int] = {}  # id of a record or numpy array -> its memo index
+        self._making: set[int] = set()  # records whose arguments are being written
 
     def dumps(self, tree: Any) -> bytes:
         self._out.write(b"\x80\x02")
@@ -1258,13 +1272,24 @@ class PickleWriter:
 
     def _record(self, record: ObjectRecord, path: tuple[str | int, ...]) -> None:
         """The pickle that made the object: the class, its arguments, REDUCE or NEWOBJ, then its
-        items, elements and state. Which records may be written is the caller's decision."""
+        items, elements and state; only records ``may_write`` allows."""
+        if id(record) in self._making:  # pickle makes an object after its arguments: no cycle there
+            raise UnsupportedValueError(
+                f"a {shown(record.name)} object is among its own constructor arguments; pickle cannot write that",
+                path=path,
+            )
         if self._memoized(id(record)):  # shared, or a parent pointer: the object written before
             return
+        if not self._may_write(record):
+            raise UnsupportedValueError(
+                f"the recorded object of class {shown(record.name)} may not be re-created in a .pt", path=path
+            )
         out = self._out
         self._global(record.name)
         if record.how != "global":
+            self._making.add(id(record))
             self._node(tuple(record.args), path)
+            self._making.discard(id(record))
             out.write(pickle.REDUCE if record.how == "call" else pickle.NEWOBJ)
         self._memoize(id(record))
         if record.how == "global":

@@ -29,7 +29,7 @@ from typing import Any
 
 from blake3 import blake3
 
-from .errors import CorruptFileError, TreePath
+from .errors import CorruptFileError, TreePath, UnsupportedValueError, shown
 from .objects import HOW, NumpyScalar, ObjectRecord
 from .transfer import blake3_hex
 from .tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
@@ -84,7 +84,7 @@ def _encode(
     node: Any,
     path: tuple[str | int, ...],
     keys: dict[tuple[str | int, ...], str],
-    records: list[ObjectRecord] | None = None,
+    records: list[list[Any]] | None = None,
 ) -> JsonNode:
     kind = type(node)
     if kind in MAPPING_TYPES:
@@ -120,16 +120,22 @@ def _encode(
     raise TypeError(f"unvalidated tree: {kind!r} at {path}")  # validate() runs first
 
 
-def _encode_record(record: ObjectRecord, path: tuple[str | int, ...], records: list[ObjectRecord]) -> JsonNode:
-    for level, outer in enumerate(reversed(records), 1):
+def _encode_record(record: ObjectRecord, path: tuple[str | int, ...], records: list[list[Any]]) -> JsonNode:
+    # records: [record, its arguments written] of the records being encoded, outermost first
+    for level, (outer, arguments_done) in enumerate(reversed(records), 1):
         if outer is record:
+            if not arguments_done:  # pickle makes an object after its arguments: no cycle there
+                raise UnsupportedValueError(
+                    f"a {shown(record.name)} object is among its own constructor arguments", path=path
+                )
             return {"backref": level}
-    records.append(record)
+    records.append([record, False])
     body: JsonNode = {
         "class": record.name,
         "how": record.how,
         "args": [_encode(value, path, {}, records) for value in record.args],
     }
+    records[-1][1] = True
     if record.built:
         body["state"] = _encode(record.state, path, {}, records)
     if record.items:
@@ -218,7 +224,10 @@ class _Decoder:
             key = _expect(value, str, path, file, tag)
             ref = self.tensor(key, path)
             if key not in self.arrays:  # by key: one array for a key named twice (a tie)
-                self.arrays[key] = ref.as_numpy()  # a TensorRef, or a reader's placeholder that says so
+                try:
+                    self.arrays[key] = ref.as_numpy()  # a TensorRef, or a reader's placeholder that says so
+                except UnsupportedValueError as exc:
+                    raise CorruptFileError(f"'ndarray' node {key!r}: {exc}", file=file, path=path) from None
             return self.arrays[key]
         if tag == "bytes":
             return _hex(value, path, file, tag)
@@ -227,7 +236,10 @@ class _Decoder:
                 raise CorruptFileError(
                     f"'npscalar' node must hold [numpy dtype, hex bytes], found {_short(value)}", file=file, path=path
                 )
-            return NumpyScalar(value[0], _hex(value[1], path, file, tag))
+            try:
+                return NumpyScalar(value[0], _hex(value[1], path, file, tag))
+            except UnsupportedValueError as exc:
+                raise CorruptFileError(f"'npscalar' node: {exc}", file=file, path=path) from None
         if tag == "record":
             return self.record(value, path, depth)
         if tag == "backref":
@@ -260,8 +272,9 @@ class _Decoder:
                 path=path,
             )
         record = ObjectRecord(body["class"], body["how"])
-        self.records.append(record)
+        # its arguments first: a back-reference may name it only from what is set after it is made
         record.args = tuple(self.decode(value, path, depth + 1) for value in body["args"])
+        self.records.append(record)
         if "state" in body:
             record.state, record.built = self.decode(body["state"], path, depth + 1), True
         for pair in body.get("items", []):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import UnsupportedValueError
+
 # How a pickle made the object: "global" is the class or function itself used as a value
 # (``typing.Any``, ``torch.float16``), "call" is ``name(*args)`` (REDUCE), "new" is
 # ``name.__new__(name, *args)`` (NEWOBJ).
@@ -91,6 +93,11 @@ class NumpyScalar:
     __slots__ = ("data", "dtype")
 
     def __init__(self, dtype: str, data: bytes) -> None:
+        size = dtype[2:]
+        if len(dtype) < 3 or dtype[0] not in "<>|=" or dtype[1] not in "fiucb" or not size.isdigit():
+            raise UnsupportedValueError(f"a numpy scalar must have a numeric dtype, found {dtype[:20]!r}")
+        if int(size) != len(data):
+            raise UnsupportedValueError(f"a numpy {dtype} scalar holds {size} bytes, found {len(data)}")
         self.dtype = dtype
         self.data = data
 
@@ -130,6 +137,8 @@ def torch_safe(record: ObjectRecord, dtype_names: Any) -> bool:
         return record.name.startswith("torch.") and record.name[6:] in dtype_names
     if record.how != "call" or record.built or record.items or record.elements or record.name not in TORCH_SAFE_CALLS:
         return False
+    if record.name == "builtins.bytearray" and not (len(record.args) == 1 and type(record.args[0]) is bytes):
+        return False  # bytearray(8_000_000_000) would allocate what no file stores
     stack: list[Any] = list(record.args)
     while stack:
         node = stack.pop()

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import dtypes
 from .errors import ConverterError, UnsupportedValueError, shown
-from .objects import NumpyScalar, ObjectRecord, Unreadable
+from .objects import NUMPY_DESCR, NumpyScalar, ObjectRecord, Unreadable
 from .sources import ByteSource
 
 SCALAR_TYPES = (type(None), bool, int, float, str, bytes, NumpyScalar)
@@ -122,7 +122,9 @@ class TensorRef:
         return ref
 
     def as_numpy(self) -> TensorRef:
-        """The same tensor, marked as a numpy array (readers)."""
+        """The same tensor, marked as a numpy array (readers); only a dtype numpy names."""
+        if self.dtype not in NUMPY_DESCR:
+            raise UnsupportedValueError(f"a numpy array cannot hold {self.dtype} (numpy has no such dtype)")
         ref = object.__new__(TensorRef)
         ref.__dict__.update(self.__dict__)
         object.__setattr__(ref, "numpy", True)
@@ -288,6 +290,12 @@ def _validate_record(
         return
     if type(record.name) is not str or not record.name or type(record.args) is not tuple:
         raise UnsupportedValueError("a record needs a class name and a tuple of arguments", file=file, path=path)
+    if record.how == "global" and (record.args or record.built or record.items or record.elements):
+        raise UnsupportedValueError(
+            f"the global {shown(record.name, 120)} is a name, not an object: it has no arguments or state",
+            file=file,
+            path=path,
+        )
     chain.append(id(record))
     stack: list[tuple[Any, int]] = [(value, depth + 1) for value in reversed(record.children())]
     while stack:
@@ -350,9 +358,10 @@ def _validate_metadata(metadata: Any, path: tuple[str | int, ...], file: Path | 
         )
     _validate(metadata, path, file, depth)
     for leaf_path, leaf in walk(metadata, path):
-        if type(leaf) is TensorRef:
+        if type(leaf) is TensorRef or type(leaf) is ObjectRecord or type(leaf) is NumpyScalar:
+            what = {TensorRef: "a tensor", ObjectRecord: "a recorded object"}.get(type(leaf), "a numpy scalar")
             raise UnsupportedValueError(
-                "an OrderedDict's _metadata holds a tensor; only plain values (versions) are kept there",
+                f"an OrderedDict's _metadata holds {what}; only plain values (versions) are kept there",
                 file=file,
                 path=leaf_path,
             )

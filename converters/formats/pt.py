@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, ClassVar
 
 from ..codecs import torch_export, torchscript
 from ..codecs.npy import starts_like_npz
-from ..codecs.pickle_objects import check_writable
+from ..codecs.pickle_objects import check_writable, writable
 from ..codecs.torch_archive import (
     CASTS_RECORD,
     DIGESTS_RECORD,
@@ -172,13 +172,16 @@ class PtFormat(FormatBase):
         )
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: PtOptions) -> None:
-        check_writable(checkpoint.tree, options.allow_class, frozenset(DTYPES))
+        allowed, dtype_names = frozenset(options.allow_class), frozenset(DTYPES)
+        check_writable(checkpoint.tree, allowed, dtype_names)  # names the path of a refused record
         # numpy arrays are pickled as numpy pickles them (their bytes inside data.pkl), not as storages
         everything = checkpoint.unique_tensors()
         unique = [(tensor_path, ref) for tensor_path, ref in everything if not ref.numpy]
         # One storage record per distinct tensor: tied tensors share it, as torch.save writes them.
         key_of = {id(ref): str(index) for index, (_, ref) in enumerate(unique)}
-        pickled = PickleWriter(lambda _path, ref: key_of[id(ref)]).dumps(checkpoint.tree)
+        pickled = PickleWriter(
+            lambda _path, ref: key_of[id(ref)], lambda record: writable(record, allowed, dtype_names)
+        ).dumps(checkpoint.tree)
         tensor_writer = TensorWriter(context, checkpoint.origin)
         for _, ref in everything:
             if ref.numpy:
