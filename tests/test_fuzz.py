@@ -95,60 +95,40 @@ def test_mutated_files_raise_only_converter_errors(valid_files: dict[str, bytes]
 
 
 @pytest.fixture(scope="module")
-def objects_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A .pt holding recorded objects, numpy values, bytes and a set (issue 14's record capture)."""
+def pt_kinds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """.pt files beyond plain trees (issue 14): one holding recorded objects, numpy values, bytes
+    and a set; a TorchScript archive (torch.jit.save of a scripted module with a BatchNorm), read
+    without running its code: its pickled modules and code files are what the mutations hit."""
     import argparse
     import collections
 
     import numpy as np
 
-    path = tmp_path_factory.mktemp("objects") / "objects.pt"
-    torch.save(
-        {
-            **sample_tree(),
-            "args": argparse.Namespace(lr=0.1, layers=[1, 2]),
-            "counts": collections.defaultdict(list, {"a": [1]}),
-            "array": np.arange(6, dtype=np.float32).reshape(2, 3),
-            "scalar": np.float64(0.5),
-            "raw": b"\x00\xff",
-            "ids": {1, 2},
-        },
-        path,
-    )
-    return path.read_bytes()
-
-
-@settings(
-    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
-)
-@given(steps=st.lists(mutation, min_size=1, max_size=4))
-def test_mutated_object_records_raise_only_converter_errors(objects_file: bytes, steps: list[Any]) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "mutated.pt"
-        data = mutate(objects_file, steps)
-        path.write_bytes(data)
-        with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
-            read_everything(path, "pt")
-
-
-@pytest.fixture(scope="module")
-def torchscript_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    """A TorchScript archive (torch.jit.save of a scripted module with a BatchNorm), read without
-    running its code: its pickled modules and code files are what the mutations hit."""
+    folder = tmp_path_factory.mktemp("pt-kinds")
+    objects = {
+        **sample_tree(),
+        "args": argparse.Namespace(lr=0.1, layers=[1, 2]),
+        "counts": collections.defaultdict(list, {"a": [1]}),
+        "array": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "scalar": np.float64(0.5),
+        "raw": b"\x00\xff",
+        "ids": {1, 2},
+    }
+    torch.save(objects, folder / "objects.pt")
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 2))
-    path = tmp_path_factory.mktemp("jit") / "model.pt"
-    torch.jit.save(torch.jit.script(model), str(path))
-    return path.read_bytes()
+    torch.jit.save(torch.jit.script(model), str(folder / "torchscript.pt"))
+    return {name: (folder / f"{name}.pt").read_bytes() for name in ("objects", "torchscript")}
 
 
+@pytest.mark.parametrize("kind", ["objects", "torchscript"])
 @settings(
     max_examples=100, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 @given(steps=st.lists(mutation, min_size=1, max_size=4))
-def test_mutated_torchscript_archives_raise_only_converter_errors(torchscript_file: bytes, steps: list[Any]) -> None:
+def test_mutated_pt_kinds_raise_only_converter_errors(pt_kinds: dict[str, bytes], kind: str, steps: list[Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "mutated.pt"
-        data = mutate(torchscript_file, steps)
+        data = mutate(pt_kinds[kind], steps)
         path.write_bytes(data)
         with within_resource_bounds(len(data)), contextlib.suppress(converters.ConverterError):
             read_everything(path, "pt")
