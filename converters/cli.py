@@ -521,9 +521,11 @@ def _formats() -> None:
     from converters.core.dtypes import DTYPES
 
     formats = list(registry)
-    print(f"{'format':<12} {'suffixes':<22} description")
+    suffixes = {fmt.name: " ".join(fmt.suffixes) or "(a folder)" for fmt in formats}
+    width = max(len("suffixes"), *map(len, suffixes.values()))
+    print(f"{'format':<12} {'suffixes':<{width}} description")
     for fmt in formats:
-        print(f"{fmt.name:<12} {' '.join(fmt.suffixes) or '(a folder)':<22} {fmt.description}")
+        print(f"{fmt.name:<12} {suffixes[fmt.name]:<{width}} {fmt.description}")
     print()
     print("write options (sdconvert convert ... FLAG; the library takes the name as a keyword):")
     for fmt in formats:
@@ -557,7 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(shown(exc, 2000), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ConverterError, OSError) as exc:
+    except BrokenPipeError:  # `sdconvert formats | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (ConverterError, OSError) as exc:  # after BrokenPipeError, an OSError too
         print(f"sdconvert: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -566,9 +571,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as exc:
         print(f"sdconvert: stopped by {signal.Signals(exc.signum).name}; temporary files removed", file=sys.stderr)
         return 128 + exc.signum
-    except BrokenPipeError:  # `sdconvert formats | head`: the reader left; nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
     except Exception as exc:
         if os.environ.get("SDCONVERT_DEBUG"):
             raise

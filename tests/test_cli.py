@@ -216,3 +216,13 @@ def test_inspect_totals_per_dtype_and_patterns(tmp_path: Path) -> None:
     assert "layers.#.norm.weight    float32   [4]  ×12" in collapsed
     assert "layers.3.extra          int64     [2]" in collapsed and len(collapsed) == 7
     assert collapsed[1] == "file metadata format: pt"  # the file's own __metadata__, before the tree
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    """`sdconvert formats | head -1`: the pipe closes before we write; exit 0, nothing on stderr
+    (a broken pipe is an OSError, which must not be reported as bad input)."""
+    process = subprocess.Popen([sys.executable, str(CLI), "formats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (0, b"")
