@@ -70,30 +70,7 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     changes = convert.add_argument_group(
         "changes on the way (in this order; a pattern or rule that matches nothing is an error)"
     )
-    changes.add_argument(
-        "--select",
-        metavar="PATH",
-        action="append",
-        help="keep only these sub-trees (repeatable, globs: model_state_dict/fc*)",
-    )
-    changes.add_argument(
-        "--exclude",
-        metavar="PATH",
-        action="append",
-        help="drop sub-trees (repeatable, globs: '**/*.num_batches_tracked')",
-    )
-    changes.add_argument(
-        "--strip-prefix",
-        metavar="PREFIX",
-        action="append",
-        help="remove a key prefix from every state_dict (repeatable); 'auto': module. (DDP), _orig_mod. (compile)",
-    )
-    changes.add_argument(
-        "--rename",
-        metavar="REGEX=REPL",
-        action="append",
-        help="rename state_dict keys (Python re, repeatable, in order)",
-    )
+    _add_key_options(changes)
     changes.add_argument(
         "--dtype", metavar="DTYPE", help="cast floating-point tensors: bfloat16, float16, float32, float64 (as torch)"
     )
@@ -157,20 +134,7 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
         help="where A and B hold a tensor in two floating dtypes, cast A's to B's dtype (as convert --dtype, "
         "torch's tensor.to) and compare that with B's bit for bit",
     )
-    first = verify.add_argument_group("changes to A (the first checkpoint) before comparing, as in convert")
-    first.add_argument(
-        "--select", metavar="PATH", action="append", help="keep only these sub-trees of A (repeatable, globs)"
-    )
-    first.add_argument("--exclude", metavar="PATH", action="append", help="drop these sub-trees of A (repeatable)")
-    first.add_argument(
-        "--strip-prefix",
-        metavar="PREFIX",
-        action="append",
-        help="remove a key prefix from every state_dict of A; 'auto': module. (DDP), _orig_mod. (compile)",
-    )
-    first.add_argument(
-        "--rename", metavar="REGEX=REPL", action="append", help="rename A's state_dict keys (Python re, repeatable)"
-    )
+    _add_key_options(verify.add_argument_group("changes to A (the first checkpoint) before comparing, as in convert"))
 
     commands.add_parser("formats", help="the registered formats, their suffixes and dtypes")
 
@@ -535,6 +499,34 @@ def _formats() -> None:
     print(f"{'dtype':<16}" + "".join(f"{fmt.name:<12}" for fmt in formats))
     for name in DTYPES:
         print(f"{name:<16}" + "".join(f"{'yes' if name in fmt.dtype_codes else '-':<12}" for fmt in formats))
+
+
+def _add_key_options(group: argparse._ArgumentGroup) -> None:
+    """--select, --exclude, --strip-prefix, --rename: convert's, and verify's for its first checkpoint."""
+    group.add_argument(
+        "--select",
+        metavar="PATH",
+        action="append",
+        help="keep only these sub-trees (repeatable, globs: model_state_dict/fc*)",
+    )
+    group.add_argument(
+        "--exclude",
+        metavar="PATH",
+        action="append",
+        help="drop sub-trees (repeatable, globs: '**/*.num_batches_tracked')",
+    )
+    group.add_argument(
+        "--strip-prefix",
+        metavar="PREFIX",
+        action="append",
+        help="remove a key prefix from every state_dict (repeatable); 'auto': module. (DDP), _orig_mod. (compile)",
+    )
+    group.add_argument(
+        "--rename",
+        metavar="REGEX=REPL",
+        action="append",
+        help="rename state_dict keys (Python re, repeatable, in order)",
+    )
 
 
 def parse_arguments(arguments: list[str]) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from .core.errors import (
     MissingDependencyError,
     UnsupportedValueError,
 )
-from .core.objects import NUMPY_DESCR, TORCH_DTYPE, NumpyScalar, ObjectRecord, torch_safe
+from .core.objects import NUMPY_DESCR, TORCH_DTYPE, NumpyScalar, ObjectRecord, torch_dtype, torch_safe
 from .core.sources import BufferSource, FileRange, read_all
 from .core.tree import Checkpoint, TensorRef, map_leaves, validate
 
@@ -173,8 +173,9 @@ def torch_value(torch: Any, record: ObjectRecord) -> Any:
     if not torch_safe(record, dtypes.DTYPES):
         return record
     name, args = record.name, record.args
-    if record.how == "global":
-        return getattr(torch, name[6:])
+    dtype = torch_dtype(record, dtypes.DTYPES)
+    if dtype is not None:
+        return getattr(torch, dtype)
     makers = {
         "torch.Size": torch.Size,
         "torch.device": torch.device,

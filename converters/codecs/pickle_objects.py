@@ -20,9 +20,7 @@ import _compat_pickle
 from typing import Any
 
 from ..core.errors import CorruptFileError, UnsafeFileError
-from ..core.objects import NUMPY_DESCR, TORCH_DTYPE, NumpyScalar, ObjectRecord, Unreadable
-
-__all__ = ["NUMPY_DESCR", "TORCH_DTYPE"]  # re-exported for the pickle writer
+from ..core.objects import TORCH_DTYPE, NumpyScalar, ObjectRecord, Unreadable, torch_dtype
 from ..core.sources import BufferSource
 from ..core.transfer import blake3_hex
 from ..core.tree import TensorRef
@@ -41,7 +39,7 @@ DANGEROUS_MODULES = frozenset(
         *("concurrent", "tempfile", "glob", "io", "_io", "fileinput", "pdb", "bdb", "trace", "timeit"),
         *("cProfile", "profile", "pydoc", "inspect", "ast", "types", "gc", "weakref", "atexit", "sqlite3"),
         *("distutils", "setuptools", "pip", "venv", "ensurepip", "site", "sysconfig", "operator", "_operator"),
-        *("functools", "itertools", "builtins.__dict__", "torch.hub", "torch.jit", "torch._C", "torch.ops"),
+        *("functools", "itertools", "torch.hub", "torch.jit", "torch._C", "torch.ops"),
         *("torch.classes", "torch._dynamo", "torch._inductor", "torch.utils.cpp_extension", "numpy.f2py"),
         *("numpy.distutils", "numpy.testing", "numpy.lib.npyio", "pandas.io", "keras", "tensorflow"),
         *("torch.fx", "torch.package", "torch.utils.cpp_extension", "torch.multiprocessing", "torch.distributed"),
@@ -229,11 +227,6 @@ DATA_CLASSES = frozenset(
 )
 
 
-def is_torch_dtype(dotted: str, dtype_names: frozenset[str] | set[str]) -> bool:
-    module, _, name = dotted.rpartition(".")
-    return module == "torch" and name in dtype_names
-
-
 def writable(record: ObjectRecord, allowed: frozenset[str], dtype_names: frozenset[str] | set[str]) -> bool:
     """Whether a ``.pt`` may re-create ``record`` itself (not what it holds): a data-only class made
     the way such a class is (a torch dtype only as itself), or a class the user allows — never a
@@ -241,8 +234,8 @@ def writable(record: ObjectRecord, allowed: frozenset[str], dtype_names: frozens
     name = record.name
     if is_dangerous(name):
         return False
-    if is_torch_dtype(name, dtype_names):
-        return record.how == "global"
+    if torch_dtype(ObjectRecord(name, "global"), dtype_names) is not None:
+        return record.how == "global"  # a dtype is only ever itself
     return name in DATA_CLASSES or name in allowed
 
 

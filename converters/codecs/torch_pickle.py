@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 from ..core import dtypes
 from ..core.budget import MAX_DEPTH, Budget
 from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ..core.objects import NumpyScalar, ObjectRecord, Unreadable
+from ..core.objects import NUMPY_DESCR, NumpyScalar, ObjectRecord, Unreadable, torch_dtype
 from ..core.sources import read_all
 from ..core.tree import MAPPING_TYPES, TensorRef
 from . import pickle_objects as objects
@@ -965,8 +965,8 @@ class SafeUnpickler:
     def _rebuild_v3(
         self, storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_: Any
     ) -> TensorRef:
-        name = dtype.name.removeprefix("torch.") if type(dtype) is ObjectRecord and dtype.how == "global" else None
-        if type(storage) is not Storage or name not in dtypes.DTYPES:
+        name = torch_dtype(dtype, dtypes.DTYPES)
+        if type(storage) is not Storage or name is None:
             raise CorruptFileError("_rebuild_tensor_v3 needs a storage and a dtype", file=self._file)
         return self._rebuild(storage, dtypes.DTYPES[name], offset, size, stride)
 
@@ -1265,7 +1265,7 @@ class PickleWriter:
         self._out.write(pickle.MARK)
         self._int(1)
         self._tuple_of_ints(ref.shape)
-        self._numpy_dtype(objects.NUMPY_DESCR[ref.dtype])
+        self._numpy_dtype(NUMPY_DESCR[ref.dtype])
         self._out.write(pickle.NEWFALSE)
         self._bytes(bytes(read_all(ref.source)))
         self._out.write(pickle.TUPLE + pickle.BUILD)

@@ -131,10 +131,19 @@ class Unreadable:
 TORCH_SAFE_CALLS = frozenset({"torch.Size", "torch.device", "builtins.set", "builtins.bytearray", "builtins.complex"})
 
 
+def torch_dtype(record: Any, dtype_names: Any) -> str | None:
+    """The dtype name (``float16``) when ``record`` is a torch dtype named by pickle (``torch.float16``,
+    a global), else None: the one test the reader, the pt writer and ``load()`` share."""
+    if type(record) is not ObjectRecord or record.how != "global":
+        return None
+    module, _, name = record.name.rpartition(".")
+    return name if module == "torch" and name in dtype_names else None
+
+
 def torch_safe(record: ObjectRecord, dtype_names: Any) -> bool:
     """Whether ``record`` is one of the values torch's safe loader makes (see ``TORCH_SAFE_CALLS``)."""
     if record.how == "global":
-        return record.name.startswith("torch.") and record.name[6:] in dtype_names
+        return torch_dtype(record, dtype_names) is not None
     if record.how != "call" or record.built or record.items or record.elements or record.name not in TORCH_SAFE_CALLS:
         return False
     if record.name == "builtins.bytearray" and not (len(record.args) == 1 and type(record.args[0]) is bytes):
