@@ -198,11 +198,13 @@ def assert_same_tensors(a: Path, b: Path) -> int:
 
 
 @contextmanager
-def session(description: str | None, sizes: dict[str, int], name: str) -> Iterator[tuple[argparse.Namespace, Path]]:
+def session(
+    description: str | None, sizes: dict[str, int], name: str, default: str = "1G"
+) -> Iterator[tuple[argparse.Namespace, Path]]:
     """Parse --size (one of ``sizes``), --rounds and --folder, check for GNU time, byte-compile the
     package and print the machine; the arguments and a temp folder, removed afterwards."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=list(sizes), default="1G")
+    parser.add_argument("--size", choices=list(sizes), default=default)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=None, help="where to put the files (default: a temp folder)")
     args = parser.parse_args()

@@ -12,22 +12,25 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .core import compare, integrity, manifests
+from .core import integrity, manifests
 from .core.atomic import EXISTS
 from .core.budget import Budget
-from .core.contract import Format, WriteContext, make_options
+from .core.contract import Format, WriteContext, make_options, writes_in_parallel
 from .core.errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnsupportedValueError
+from .core.parallel import Group, check_workers, default_workers
 from .core.registry import registry
 
 __all__ = ["convert", "load", "manifest", "read", "registry", "save", "verify", "verify_report", "write"]
 from .core.tree import Checkpoint, validate
-from .transforms import Transform, apply, describe_plan
-from .transforms.options import from_options
+from .transforms.base import Transform, apply
 
 # Importing the package registers the built-in formats.
 from . import formats  # noqa: F401  isort: skip
+
+if TYPE_CHECKING:
+    from .core import compare
 
 
 def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Transform] = ()) -> Checkpoint:
@@ -92,6 +95,8 @@ def write(
     fsync: bool = True,
     check: bool = False,
     overwrite: bool = True,
+    workers: int | None = None,
+    group: Group | None = None,
     **options: Any,
 ) -> None:
     """Write a neutral tree to ``path`` (atomically) in ``format`` or the one its suffix names.
@@ -100,11 +105,25 @@ def write(
     is told as ``n`` more tensor bytes are written; ``check`` re-hashes tensors that carry a stored
     digest and refuses bytes that do not match it. An existing destination is replaced atomically;
     with ``overwrite=False`` it is kept and ``DestinationError`` raised, also when it appears while
-    the file is being written (``sdconvert convert`` without ``--force``).
+    the file is being written (``sdconvert convert`` without ``--force``). A folder of several
+    files (shards, DCP) is written on ``workers`` threads (default: ``core.parallel.default_workers``);
+    with a ``group`` (``converters.distributed``) each rank writes its share of the files.
     """
     destination = Path(path)
     fmt = registry.resolve(destination, format, for_write=True, options=options)
-    _write(fmt, checkpoint, destination, WriteContext(progress, fsync, check, overwrite), options)
+    _write(fmt, checkpoint, destination, _context(progress, fsync, check, overwrite, workers, group), options)
+
+
+def _context(
+    progress: Callable[[int], None] | None,
+    fsync: bool,
+    check: bool,
+    overwrite: bool,
+    workers: int | None,
+    group: Group | None,
+) -> WriteContext:
+    chosen = default_workers() if workers is None else check_workers(workers)
+    return WriteContext(progress, fsync, check, overwrite, chosen, group)
 
 
 def _write(
@@ -113,6 +132,12 @@ def _write(
     if not context.overwrite and os.path.lexists(destination):  # before any work; the writer checks again
         raise DestinationError(EXISTS, file=destination)
     built = make_options(fmt, options)
+    if context.group is not None and context.group.size > 1 and not writes_in_parallel(fmt, built):
+        raise ConverterError(
+            f"a distributed conversion splits the files of a folder between ranks; this {fmt.name} destination "
+            "is one file: write a sharded folder (safetensors --max-shard-size, dcp), or convert in one process",
+            file=destination,
+        )
     for tensor_path, ref in checkpoint.tensors():
         if ref.dtype not in fmt.dtype_codes:
             raise UnsupportedValueError(
@@ -182,6 +207,8 @@ def convert(
     fsync: bool = True,
     check: bool = False,
     overwrite: bool = True,
+    workers: int | None = None,
+    group: Group | None = None,
     **options: Any,
 ) -> Path:
     """Convert ``src`` to ``dst`` bit for bit, changing on the way only what is asked: ``select``
@@ -199,6 +226,7 @@ def convert(
     ``DestinationError`` raised, even if it appears during the conversion); it may never be the
     source itself, nor a folder holding the source. ``progress(bytes_done_now, bytes_total)`` is
     called as tensor bytes are written; ``options`` are the destination format's write options.
+    ``workers`` and ``group`` are ``write``'s: files of a folder written side by side.
 
     Example::
 
@@ -209,6 +237,8 @@ def convert(
     _refuse_writing_over(source, destination)
     writer = registry.resolve(destination, dst_format, for_write=True, options=options)
     make_options(writer, options)  # fail on a bad option before reading anything
+    from .transforms.options import from_options  # imports every transformation: not on read's path
+
     steps = from_options(
         select=select,
         exclude=exclude,
@@ -227,7 +257,7 @@ def convert(
     if progress is not None:
         total = sum(ref.nbytes for _, ref in checkpoint.unique_tensors())
         report = lambda done: progress(done, total)  # noqa: E731
-    _write(writer, checkpoint, destination, WriteContext(report, fsync, check, overwrite), options)
+    _write(writer, checkpoint, destination, _context(report, fsync, check, overwrite, workers, group), options)
     return destination
 
 
@@ -313,6 +343,8 @@ def verify(
         if deep:
             found += _integrity_problems(checkpoint)
     if len(checkpoints) == 2:
+        from .core import compare
+
         found += compare.differences(checkpoints[0].tree, checkpoints[1].tree)
         found += compare.metadata_differences(checkpoints[0].carried_metadata(), checkpoints[1].carried_metadata())
     return found
@@ -355,6 +387,9 @@ def verify_report(
 
     Tensor bytes are read block by block (flat memory), also through casts.
     """
+    from .core import compare
+    from .transforms.options import from_options
+
     compare.check_tolerance("atol", atol)
     compare.check_tolerance("rtol", rtol)
     steps = from_options(select=select, exclude=exclude, strip_prefix=strip_prefix, rename=rename) + list(transforms)
@@ -457,6 +492,9 @@ def plan(
         plan("ddp.pt", strip_prefix="auto", dtype="bfloat16")["tensors"][0]["path"]
         # 'model_state_dict/conv1.weight'
     """
+    from .transforms import describe_plan
+    from .transforms.options import from_options
+
     steps = from_options(**chosen) + list(transforms)
     before = read(src, src_format)
     after = apply(before, steps)

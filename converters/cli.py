@@ -14,15 +14,23 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .core.contract import OptionSpec
 from .core.errors import ConverterError, shown
 
+if TYPE_CHECKING:
+    from .core.contract import OptionSpec
+    from .core.parallel import Group
+
+    Subcommands = argparse._SubParsersAction["_Parser"]
+
 EXIT_OK, EXIT_DIFFERENT, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+# transforms.layout.LAYOUT_KEY (tests/test_layers.py keeps them equal): inspect imports the layout
+# code only for a file that records a layout
+LAYOUT_KEY = "sdconvert_layout"
 STOPPING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
@@ -50,12 +58,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser:
+def build_parser(*, with_format_options: bool = True, command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``convert``'s format flags come from what each format declares
-    (building them imports every format, so commands other than ``convert`` skip it)."""
+    (building them imports every format, so commands other than ``convert`` skip it). Given a
+    ``command``, only its sub-command is built (each costs start-up time)."""
     parser = _Parser(prog="sdconvert", description="Convert PyTorch checkpoints between formats, bit for bit.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for name, add in SUBCOMMANDS.items():
+        if command in (None, name):
+            add(commands)
+    if with_format_options and "convert" in commands.choices:
+        _add_format_options(commands.choices["convert"])
+    return parser
 
+
+def _add_convert(commands: Subcommands) -> None:
     convert = commands.add_parser("convert", help="convert SRC to DST (format from suffix or --from/--to)")
     convert.add_argument("src", type=Path)
     convert.add_argument("dst", type=Path)
@@ -66,6 +83,13 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     convert.add_argument("--check", action="store_true", help="re-hash tensors against the digests SRC stores")
     convert.add_argument(
         "--no-fsync", action="store_true", help="skip fsync before the atomic rename (faster, not crash-durable)"
+    )
+    convert.add_argument(
+        "--workers",
+        metavar="N",
+        type=_positive_int,
+        help="write the files of a folder destination (shards, DCP) on N threads "
+        "(default: the CPUs available, at most 4)",
     )
     changes = convert.add_argument_group(
         "changes on the way (in this order; a pattern or rule that matches nothing is an error)"
@@ -92,9 +116,9 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     )
     changes.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
     changes.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
-    if with_format_options:
-        _add_format_options(convert)
 
+
+def _add_inspect(commands: Subcommands) -> None:
     inspect = commands.add_parser("inspect", help="list keys, dtypes and shapes, then the other values")
     inspect.add_argument("file", type=Path)
     inspect.add_argument("--from", dest="format", metavar="FMT")
@@ -103,11 +127,15 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
         "--patterns", action="store_true", help="tensor keys that differ only in numbers once: layers.#.w ×32"
     )
 
+
+def _add_schema(commands: Subcommands) -> None:
     schema = commands.add_parser("schema", help="write the manifest (JSON schema of keys, dtypes, shapes)")
     schema.add_argument("file", type=Path)
     schema.add_argument("--from", dest="format", metavar="FMT")
     schema.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
 
+
+def _add_verify(commands: Subcommands) -> None:
     verify = commands.add_parser(
         "verify", help="exit 0 if A and B are bit-identical (and, with --deep, match their stored digests), else 1"
     )
@@ -136,15 +164,35 @@ def build_parser(*, with_format_options: bool = True) -> argparse.ArgumentParser
     )
     _add_key_options(verify.add_argument_group("changes to A (the first checkpoint) before comparing, as in convert"))
 
+
+def _add_formats(commands: Subcommands) -> None:
     commands.add_parser("formats", help="the registered formats, their suffixes and dtypes")
 
+
+def _add_demo(commands: Subcommands) -> None:
     demo = commands.add_parser("demo", help="the recipe Net + SGD through every format and back")
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for the files (default: demo-out)")
     demo.add_argument("--steps", type=int, default=3, help="SGD steps before saving (default: 3)")
-    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+SUBCOMMANDS: dict[str, Callable[[Subcommands], None]] = {  # in the order of `sdconvert --help`
+    "convert": _add_convert,
+    "inspect": _add_inspect,
+    "schema": _add_schema,
+    "verify": _add_verify,
+    "formats": _add_formats,
+    "demo": _add_demo,
+}
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
+def run(args: argparse.Namespace, group: Group | None = None) -> int:
+    """Run one parsed command; ``group`` is set by ``converters.distributed`` (convert only)."""
     import converters
 
     if args.command == "convert":
@@ -180,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
                 fsync=not args.no_fsync,
                 check=args.check,
                 overwrite=args.force,  # without --force, a destination that appears meanwhile is kept
+                workers=args.workers,
+                group=group,
                 **options,
             )
         finally:
@@ -357,19 +407,29 @@ def _format_options() -> dict[str, tuple[OptionSpec, list[str]]]:
 
 
 def _add_format_options(convert: argparse.ArgumentParser) -> None:
+    from converters.api import registry
+    from converters.core.contract import option_specs
+
+    # A flag several formats take may mean something different to each: say what, per format.
+    helps: dict[str, dict[str, str]] = {}
+    for fmt in registry:
+        for item in option_specs(fmt.Options):
+            helps.setdefault(item.flag, {})[fmt.name] = item.help
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag, (spec, owners) in _format_options().items():
         title = f"{' / '.join(owners)} output"
         group = groups.setdefault(title, convert.add_argument_group(title))
         dest = f"option:{spec.name}"  # absent unless given (SUPPRESS), so "not given" is clear
+        texts = helps[flag]
+        text = spec.help if len(set(texts.values())) == 1 else "; ".join(f"{name}: {h}" for name, h in texts.items())
         if spec.kind == "flag":
-            group.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=spec.help)
+            group.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
         elif spec.kind == "list":
             group.add_argument(
-                flag, dest=dest, action="append", metavar=spec.metavar, default=argparse.SUPPRESS, help=spec.help
+                flag, dest=dest, action="append", metavar=spec.metavar, default=argparse.SUPPRESS, help=text
             )
         else:
-            group.add_argument(flag, dest=dest, metavar=spec.metavar, default=argparse.SUPPRESS, help=spec.help)
+            group.add_argument(flag, dest=dest, metavar=spec.metavar, default=argparse.SUPPRESS, help=text)
 
 
 def _writer_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -447,7 +507,6 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
     import converters
     from converters.api import stored_size
     from converters.core.report import cast_totals, describe, dtype_totals, human_bytes, records
-    from converters.transforms.layout import LAYOUT_KEY, describe_record
 
     checkpoint = converters.read(path, format)
     tensors = checkpoint.unique_tensors()
@@ -463,6 +522,8 @@ def _inspect(path: Path, format: str | None, *, patterns: bool = False) -> None:
         print(f"note: {shown(note, 400)}")
     for key, value in (checkpoint.file_metadata or {}).items():
         if key == LAYOUT_KEY:  # what a --layout conversion recorded
+            from converters.transforms.layout import describe_record
+
             print(f"layout: {shown(describe_record(value), 400)}")
             continue
         print(f"file metadata {shown(key, 120)}: {shown(value, 300)}")
@@ -534,20 +595,21 @@ def parse_arguments(arguments: list[str]) -> argparse.Namespace:
     built from every format's declaration, which imports every format and scans installed plugins;
     so they are added only when the command line holds a flag the common parser does not know, or
     asks for help."""
+    command = arguments[0] if arguments and arguments[0] in SUBCOMMANDS else None
     converting = not arguments or arguments[0] == "convert"
     if not converting or any(arg in ("-h", "--help") for arg in arguments):
-        return build_parser(with_format_options=converting).parse_args(arguments)
-    known, unknown = build_parser(with_format_options=False).parse_known_args(arguments)
+        return build_parser(with_format_options=converting, command=command).parse_args(arguments)
+    known, unknown = build_parser(with_format_options=False, command=command).parse_known_args(arguments)
     if not unknown:
         return known
-    return build_parser(with_format_options=True).parse_args(arguments)
+    return build_parser(with_format_options=True, command=command).parse_args(arguments)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, group: Group | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         with _stopping_signals_unwind():
-            return run(parse_arguments(arguments))
+            return run(parse_arguments(arguments), group)
     except UsageError as exc:
         print(shown(exc, 2000), file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from .core import dtypes
-from .core.atomic import FULL
 from .core.errors import (
     ConverterError,
     CorruptFileError,
-    DestinationError,
     MissingDependencyError,
     UnsupportedValueError,
 )
@@ -291,44 +289,13 @@ def export_onnx(model: Any, example_input: Any, *, opset: int) -> tuple[bytes, f
     return buffer.getvalue(), frozenset(model.state_dict())
 
 
-def dcp_save(checkpoint: Checkpoint, folder: Path, *, fsync: bool, progress: Callable[[int], None] | None) -> None:
-    """Write ``checkpoint`` into ``folder`` with ``torch.distributed.checkpoint.save`` (one process,
-    no process group); ``fsync`` is passed to its file writer."""
-    import warnings
-
-    import_torch()
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.filesystem import FileSystemWriter
-    from torch.distributed.checkpoint.state_dict_saver import save
-
-    obj = to_torch(checkpoint, progress=progress)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
-        try:
-            save(obj, storage_writer=FileSystemWriter(str(folder), sync_files=fsync), no_dist=True)
-        except CheckpointException as exc:  # a BaseException: it would escape as a traceback, exit 1
-            raise _dcp_failure(exc, folder) from exc
-
-
-def _dcp_failure(exc: BaseException, folder: Path) -> BaseException:
-    """What ``dcp.save``'s ``CheckpointException`` (each rank's exception, wrapped) stands for: the
-    interruption itself (Ctrl-C, SIGTERM: re-raised as it was), or an error naming the destination
-    (``folder``, the staging folder, which ``atomic_folder`` reports as the destination)."""
-    failures = getattr(exc, "failures", None)
-    items = [item[0] if isinstance(item, tuple) else item for item in (failures or {}).values()]
-    causes: list[BaseException] = [cause for cause in items if isinstance(cause, BaseException)]
-    for cause in causes:
-        if not isinstance(cause, Exception):  # KeyboardInterrupt, the CLI's Terminated, SystemExit
-            return cause
-    for cause in causes:
-        if isinstance(cause, ConverterError):
-            return cause
-    for cause in causes:
-        if isinstance(cause, OSError) and cause.errno in FULL:
-            error = DestinationError(f"{FULL[cause.errno]} (while writing it)", file=folder)
-            error.errno = cause.errno
-            return error
-    if causes and isinstance(causes[0], OSError):
-        return DestinationError(f"cannot write it: {causes[0].strerror or causes[0]}", file=folder)
-    what = f"{type(causes[0]).__name__}: {causes[0]}" if causes else str(exc)
-    return ConverterError(f"torch.distributed.checkpoint.save failed: {what}", file=folder)
+def model_parameters(model: Any) -> tuple[list[tuple[str, tuple[int, ...]]], list[tuple[str, tuple[int, ...]]]]:
+    """A module's parameters in ``named_parameters()`` order (the order an optimizer built over
+    ``model.parameters()`` numbers them 0, 1, 2...) and its ``state_dict()`` tensors (parameters and
+    buffers), each as (name, shape): what the DCP writer needs to name numbered optimizer state."""
+    torch = import_torch()
+    if not isinstance(model, torch.nn.Module):
+        raise ConverterError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    parameters = [(name, tuple(parameter.shape)) for name, parameter in model.named_parameters()]
+    state = [(key, tuple(value.shape)) for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)]
+    return parameters, state

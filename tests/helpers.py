@@ -75,7 +75,8 @@ def exotic_tree() -> dict[Any, Any]:
 
 def builtin_suffixes() -> list[str]:
     """The main suffix of every built-in single-file format: tests over "every format" follow the
-    registry. Folder formats (DCP) have their own tests: DCP itself changes container types."""
+    registry. Folder formats (DCP) have no suffix to name them by: tests add them by name (a DCP
+    folder we wrote reads back as the exact tree, like the single-file formats)."""
     return list(builtin_formats().values())
 
 

@@ -76,17 +76,27 @@ def test_every_command_accepts_a_dcp_folder(saved: tuple[Path, Any]) -> None:
         assert result.returncode == 0, (args, result.stderr)
 
 
-def test_dcp_flattening_is_dcps_own(tmp_path: Path) -> None:
-    """DCP turns int dict keys into strings and OrderedDicts into dicts; tensors stay exact."""
+def test_torch_sees_dcps_flattening_and_we_read_back_the_tree(tmp_path: Path) -> None:
+    """dcp_to_torch_save gives what it gives for torch's own dcp.save (int dict keys as strings,
+    OrderedDicts as dicts); we read back the tree that was written, exactly."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     state = {"model": torch.nn.Linear(3, 2).state_dict(), "state": {0: {"step": torch.tensor(2.0)}}, "lr": 0.1}
     source = tmp_path / "s.pt"
     torch.save(state, source)
     converters.convert(source, tmp_path / "d", dst_format="dcp")
-    dcp_to_torch_save(tmp_path / "d", tmp_path / "torch-view.pt")
-    assert_bit_identical(torch.load(tmp_path / "torch-view.pt", weights_only=False), converters.load(tmp_path / "d"))
-    assert list(converters.load(tmp_path / "d")["state"]) == ["0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=tmp_path / "torch", no_dist=True)
+        dcp_to_torch_save(tmp_path / "d", tmp_path / "ours-view.pt")
+        dcp_to_torch_save(tmp_path / "torch", tmp_path / "torch-view.pt")
+    view = torch.load(tmp_path / "ours-view.pt", weights_only=False)
+    assert_bit_identical(torch.load(tmp_path / "torch-view.pt", weights_only=False), view)
+    assert list(view["state"]) == ["0"]
+    assert_bit_identical(state, converters.load(tmp_path / "d"))  # the int key, the OrderedDict and its _metadata
 
 
 def _metadata_path(tmp_path: Path) -> Path:
@@ -124,4 +134,6 @@ def test_a_pickle_of_real_metadata_classes_is_only_data(tmp_path: Path) -> None:
     metadata = _metadata_path(tmp_path)
     # The same bytes torch would unpickle into its dataclasses are, here, inert records.
     assert pickle.loads(metadata.read_bytes()).__class__.__name__ == "Metadata"
+    assert converters.read(metadata.parent).tree.keys() == {"w"}
+    (metadata.parent / "sdconvert.json").unlink()  # read as any DCP folder: from .metadata alone
     assert converters.read(metadata.parent).tree.keys() == {"w"}

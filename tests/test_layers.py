@@ -7,8 +7,10 @@ absolute module name: module level and inside functions, relative or absolute, a
 ``import_module``/``__import__`` with a constant string count too. The rules are the tables below;
 failures name the file, the line and the statement.
 
-Two subprocess tests then check what the layering is for: importing the API imports no format,
-and ``sdconvert inspect x.safetensors`` imports the safetensors format and nothing else.
+Subprocess tests then check what the layering is for: importing the API imports no format,
+``sdconvert inspect x.safetensors`` imports the safetensors format and nothing else (no
+transformation, no comparison, none of the heavy modules start-up once paid for: bench/startup.py),
+and converting a small file imports no other format.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("=converters.recipe", ("converters.core", "=converters.api")),
     ("=converters.demo", ("!converters.cli", "*")),
     ("=converters.cli", ("*",)),
+    # torchrun's entry point: the CLI on each rank, with torch.distributed carrying the messages.
+    ("=converters.distributed", ("=converters.cli", "converters.core")),
     # The package facade re-exports the public names lazily (a module __getattr__); it is below
     # nothing, so it may name any layer, but it must stay importable without the CLI.
     ("=converters", ("!converters.cli", "*")),
@@ -65,7 +69,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 
 # The only modules that may import torch, at module level or inside functions: everything else
 # reaches torch through torch_bridge (the ONNX graph export and DCP writing included).
-TORCH_IMPORTERS = {"converters.torch_bridge", "converters.recipe", "converters.demo"}
+TORCH_IMPORTERS = {"converters.torch_bridge", "converters.recipe", "converters.demo", "converters.distributed"}
 
 # Files that must not branch on a built-in format: no non-docstring string constant may be exactly
 # a built-in format's name.
@@ -377,10 +381,31 @@ def test_importing_the_api_imports_no_format() -> None:
     assert result.stdout.strip() == "[]", result.stdout
 
 
-def test_inspecting_a_safetensors_file_imports_only_its_format(tmp_path: Path) -> None:
-    path = tmp_path / "small.safetensors"
-    converters.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(3)}, path)
-    # Run the checkout's cli.py as `python cli.py` would, then report every module it imported.
+# What `inspect` of a small file imported before it was made lazy, costing start-up (measured with
+# bench/startup.py and `python -X importtime`), besides every transformation but transforms.base
+# (which `read` applies). dataclasses imports `inspect` (and ast, dis...): that one stays while the
+# core's records are dataclasses.
+NOT_FOR_INSPECT = (
+    "converters.core.compare",  # verify's
+    "converters.torch_bridge",
+    "converters.models",
+    "converters.demo",
+    "converters.recipe",
+    "numpy",
+    "torch",
+    "tqdm",
+    "importlib.resources",  # the layout rules tables
+    "importlib.metadata",  # the plugin scan: a known suffix needs none
+    "secrets",
+    "hashlib",
+    "tempfile",  # and random: writing only
+    "random",
+    "ctypes",
+)
+
+
+def _imported_by_cli(*arguments: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run the checkout's cli.py as `python cli.py` would; its result and every module it imported."""
     script = (
         "import json, runpy, sys\n"
         "sys.argv = ['cli.py', *sys.argv[1:]]\n"
@@ -388,10 +413,27 @@ def test_inspecting_a_safetensors_file_imports_only_its_format(tmp_path: Path) -
         "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, "inspect", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-c", script, *arguments], capture_output=True, text=True, cwd=ROOT, timeout=120
     )
+    return result, set(json.loads(result.stderr.strip().splitlines()[-1]))
+
+
+def _not_for_inspect(module: str) -> bool:
+    if _covers("converters.transforms", module):
+        return module not in ("converters.transforms", "converters.transforms.base")
+    return any(_covers(pattern, module) for pattern in NOT_FOR_INSPECT)
+
+
+@pytest.fixture(scope="module")
+def small_safetensors(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("small") / "small.safetensors"
+    converters.save({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": torch.tensor(3)}, path)
+    return path
+
+
+def test_inspecting_a_safetensors_file_imports_only_its_format(small_safetensors: Path) -> None:
+    result, modules = _imported_by_cli("inspect", str(small_safetensors))
     assert "w  " in result.stdout and "float32" in result.stdout, result.stdout + result.stderr
-    modules = set(json.loads(result.stderr.strip().splitlines()[-1]))
     assert "converters.formats.safetensors" in modules  # the one it needed (not a vacuous pass)
     unwanted = sorted(
         m
@@ -402,3 +444,32 @@ def test_inspecting_a_safetensors_file_imports_only_its_format(tmp_path: Path) -
         or _covers("converters.codecs", m)
     )
     assert unwanted == [], f"`sdconvert inspect x.safetensors` imported {unwanted}"
+
+
+def test_inspecting_imports_no_transformation_comparison_or_heavy_module(small_safetensors: Path) -> None:
+    result, modules = _imported_by_cli("inspect", str(small_safetensors))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {"converters.core.report", "converters.transforms.base"} <= modules  # not a vacuous pass
+    unwanted = sorted(m for m in modules if _not_for_inspect(m))
+    assert unwanted == [], f"`sdconvert inspect x.safetensors` imported {unwanted} (see bench/startup.py)"
+
+
+def test_converting_a_small_file_imports_no_comparison_or_other_format(small_safetensors: Path) -> None:
+    out = small_safetensors.with_name("out.safetensors")
+    result, modules = _imported_by_cli("convert", str(small_safetensors), str(out), "--force")
+    assert result.returncode == 0, result.stdout + result.stderr
+    unwanted = sorted(
+        m
+        for m in modules
+        if m in ("converters.core.compare", "numpy", "torch", "importlib.metadata", "secrets", "hashlib")
+        or any(_covers(other, m) for other in OTHER_FORMAT_MODULES)
+        or _covers("converters.codecs", m)
+    )
+    assert unwanted == [], f"`sdconvert convert small.safetensors out.safetensors` imported {unwanted}"
+
+
+def test_inspect_knows_the_layout_key_without_importing_the_layout_code() -> None:
+    from converters import cli
+    from converters.transforms import layout
+
+    assert cli.LAYOUT_KEY == layout.LAYOUT_KEY

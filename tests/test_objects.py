@@ -37,7 +37,7 @@ from converters.codecs.torch_pickle import ALLOWED_GLOBALS, _global_allowed
 from converters.core.errors import UnsafeFileError, UnsupportedValueError
 from converters.core.objects import NumpyScalar, ObjectRecord
 
-THROUGH = ["x.safetensors", "x.msgpack", "x.onnx", "shards"]
+THROUGH = ["x.safetensors", "x.msgpack", "x.onnx", "shards", "dcp"]
 
 
 class Mode(enum.Enum):
@@ -145,7 +145,7 @@ def test_every_family_survives_every_format_and_comes_back_as_the_object(
     tmp_path: Path, original: Path, through: str
 ) -> None:
     middle, back = tmp_path / through, tmp_path / "back.pt"
-    extra = ["--max-shard-size", "1000"] if through == "shards" else []
+    extra = {"shards": ["--max-shard-size", "1000"], "dcp": ["--to", "dcp"]}.get(through, [])
     assert main(["convert", str(original), str(middle), "--quiet", *extra]) == 0
     assert main(["convert", str(middle), str(back), "--quiet"]) == 0
     assert converters.verify(original, back) == []
@@ -157,6 +157,14 @@ def test_every_family_survives_every_format_and_comes_back_as_the_object(
         assert _same(value, got[key]), key
     # parent pointers come back as parent pointers
     assert got["omegaconf"].model._get_parent() is got["omegaconf"]
+    if through == "dcp":  # torch's own DCP reader gives every object back too (each value is a torch.save pickle)
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(str(middle), str(tmp_path / "torch.pt"))
+        by_torch = torch.load(tmp_path / "torch.pt", weights_only=False)
+        assert list(by_torch) == list(expected)
+        for key, value in expected.items():  # dcp.load rebuilds a mapping of the tree as a dict
+            assert _same(dict(value) if type(value) is collections.OrderedDict else value, by_torch[key]), key
 
 
 def test_load_gives_numpy_values_and_torch_safe_values_and_inert_records(original: Path) -> None:
@@ -227,11 +235,39 @@ def test_dry_run_lists_dropped_objects(original: Path, capsys: pytest.CaptureFix
     assert "namespace  a recorded argparse.Namespace object  (--drop-objects)" in text
 
 
-def test_dcp_refuses_records_it_cannot_pickle_and_takes_the_rest(tmp_path: Path, original: Path) -> None:
-    with pytest.raises(UnsupportedValueError, match="at namespace: a DCP folder cannot hold the recorded argparse"):
-        converters.convert(original, tmp_path / "d", dst_format="dcp")
+def test_dcp_refuses_a_record_a_pt_could_not_recreate_and_takes_it_with_allow_class(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """User classes (not data-only) are recorded by a trip through safetensors; a DCP folder holds
+    them only with --allow-class, as a .pt does, and torch's own DCP reader re-creates them then."""
+    source = tmp_path / "user.pt"
+    torch.save({"w": torch.ones(2), "mode": Mode.FAST, "hyper": Hyper(0.1, [1, 2]), "state": WithState(5)}, source)
+    middle = tmp_path / "user.safetensors"
+    assert main(["convert", str(source), str(middle), "--quiet"]) == 0
+    out = tmp_path / "d"
+    refused = converters.DestinationError, UnsupportedValueError
+    with pytest.raises(refused, match=rf"^at mode: the recorded object of class {__name__}\.Mode is not on the list"):
+        converters.convert(middle, out, dst_format="dcp")
+    assert not out.exists()
+    capsys.readouterr()
+    assert main(["convert", str(middle), str(out), "--to", "dcp", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "at mode:" in error and f"--allow-class {__name__}.Mode" in error, error
+    assert "Traceback" not in error and not out.exists()
+    allow = tuple(f"{__name__}.{name}" for name in ("Mode", "Hyper", "WithState"))
+    converters.convert(middle, out, dst_format="dcp", allow_class=allow)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(out), str(tmp_path / "torch.pt"))
+    got = torch.load(tmp_path / "torch.pt", weights_only=False)
+    assert got["mode"] is Mode.FAST and got["hyper"] == Hyper(0.1, [1, 2]) and got["state"] == WithState(5)
+    assert converters.verify(middle, out) == []  # and our reader gives the records back as written
+
+
+def test_dcp_drop_objects_keeps_weights_and_torch_safe_values(tmp_path: Path, original: Path) -> None:
     converters.convert(original, tmp_path / "d", dst_format="dcp", drop_objects=True)
     tree = converters.load(tmp_path / "d")
+    assert "namespace" not in tree and "omegaconf" not in tree and "deque" not in tree
     assert tree["dtype"] is torch.bfloat16 and type(tree["numpy_f32"]) is np.ndarray
 
 

@@ -15,7 +15,7 @@ from helpers import assert_bit_identical, builtin_suffixes
 
 import converters
 from converters.core.errors import CorruptFileError, DestinationError, UnsafeFileError
-from converters.formats.safetensors.sharded import parse_size
+from converters.core.sizes import parse_size
 
 CLI = Path(__file__).resolve().parent.parent / "cli.py"
 

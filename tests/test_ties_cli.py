@@ -12,9 +12,9 @@ What each destination documents for a tied tensor (schemas/*.md) and what is ass
   ONNX file one initializer.
 - msgpack: an ext 1 array at every path (the bytes again at the alias, so flax reads an array
   there), with the metadata tree naming one storage key at both: read back as one tensor.
-- dcp: ``dcp.save`` flattens the tree and writes one entry per FQN, so the folder stores the tied
-  bytes at each path and reads back as separate tensors with identical bytes (as
-  ``dcp_to_torch_save`` gives them); ``keep`` is therefore what ``materialize`` is for DCP.
+- dcp: ``.metadata`` names every FQN (the alias too, as ``dcp.load`` asks for it), but the tied
+  bytes are stored once: both FQNs' ``_StorageInfo`` name the very same range of a data file, and
+  ``sdconvert.json`` gives back the tree with one tensor at both paths.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def raw(ref: Any) -> bytes:
 
 def stored_tensors(dst: str, out: Path) -> tuple[int, set[str] | None]:
     """How many tensor byte blocks the written file(s) hold, read by each format's own reference
-    reader (not ours), and their names where the format names them."""
+    reader (not ours), and their names where the format names them (DCP: every tensor FQN of
+    ``.metadata``, several of which may name one block)."""
     if dst == "safetensors":
         from safetensors import safe_open
 
@@ -137,13 +138,34 @@ def stored_tensors(dst: str, out: Path) -> tuple[int, set[str] | None]:
         assert len(names) == len(set(names))
         return len(names), set(names)
     assert dst == "dcp"
+    ranges = dcp_tensor_ranges(out)
+    return len(set(ranges.values())), set(ranges)
+
+
+def dcp_tensor_ranges(out: Path) -> dict[str, tuple[str, int, int]]:
+    """Per tensor FQN of a DCP folder, the (data file, offset, length) its one chunk is stored at,
+    as torch's own ``FileSystemReader`` reads ``.metadata``."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = FileSystemReader(str(out)).read_metadata()
-    fqns = {index.fqn for index in metadata.storage_data}
-    tensors = {fqn for fqn in fqns if isinstance(metadata.state_dict_metadata[fqn], TensorStorageMetadata)}
-    return len(tensors), tensors
+    ranges: dict[str, tuple[str, int, int]] = {}
+    for index, info in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata[index.fqn], TensorStorageMetadata):
+            assert index.fqn not in ranges  # one chunk per tensor: the whole tensor
+            ranges[index.fqn] = (info.relative_path, info.offset, info.length)
+    return ranges
+
+
+def dcp_loads(out: Path) -> dict[str, Any]:
+    """The folder as torch's ``dcp_to_torch_save`` gives it (torch's own reader, in one process)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    saved = out.parent / (out.name + ".torch.pt")
+    dcp_to_torch_save(str(out), str(saved))
+    loaded: dict[str, Any] = torch.load(saved)
+    saved.unlink()
+    return loaded
 
 
 def msgpack_tied_keys(out: Path) -> tuple[str, str]:
@@ -204,10 +226,12 @@ def test_ties_choice_from_source_to_destination(
     else:
         assert list(tree) == [TIED, *UNTIED, ALIAS]
         assert raw(tree[ALIAS]) == embed_bytes
-        if mode == "keep" and dst != "dcp":
+        if mode == "keep":
             assert tree[TIED] is tree[ALIAS]  # one tensor, stored once (msgpack: again at the alias, for flax)
-            assert count == untied_count + (dst == "msgpack") and names in (None, {TIED, *UNTIED})
-        else:  # materialize, and DCP whatever the choice: each path its own tensor and its own bytes
+            assert count == untied_count + (dst == "msgpack")
+            # DCP's .metadata names the alias's FQN too, pointing at the tied tensor's bytes
+            assert names in (None, {TIED, *UNTIED, ALIAS} if dst == "dcp" else {TIED, *UNTIED})
+        else:  # materialize: each path its own tensor and its own bytes
             assert tree[TIED] is not tree[ALIAS]
             assert count == untied_count + 1 and names in (None, {TIED, *UNTIED, ALIAS})
     if dst == "msgpack" and mode != "drop-aliases":
@@ -222,13 +246,19 @@ def test_ties_choice_from_source_to_destination(
         index = json.loads((out / "model.safetensors.index.json").read_text())
         stored = sum(len(tensor_bytes(state[key])) for key in [TIED, *UNTIED])
         assert index["metadata"]["total_size"] == stored + (len(embed_bytes) if mode == "materialize" else 0)
-    # the dry run listed exactly what was written (DCP keep aside: the plan is the format-free tree,
-    # in which the tie is kept; dcp.save then stores each path, see the module docstring)
+    if dst == "dcp":  # torch itself: every FQN loads, a tie's FQNs read one stored range
+        ranges = dcp_tensor_ranges(out)
+        assert sorted(ranges) == sorted(tree)
+        if mode != "drop-aliases":
+            assert (ranges[TIED] == ranges[ALIAS]) is (mode == "keep")
+        loaded = dcp_loads(out)
+        assert sorted(loaded) == sorted(tree)
+        assert all(tensor_bytes(loaded[key]) == raw(tree[key]) for key in tree)
+    # the dry run listed exactly what was written
     assert [item["path"] for item in plan["tensors"]] == list(tree)
-    if not (dst == "dcp" and mode == "keep"):
-        aliases = {item["path"]: item.get("alias_of") for item in plan["tensors"]}
-        assert aliases == {key: (TIED if key == ALIAS and tree[key] is tree[TIED] else None) for key in tree}
-        assert plan["totals"]["tensors"] == count - (dst == "msgpack" and mode == "keep")  # the copy is no tensor
+    aliases = {item["path"]: item.get("alias_of") for item in plan["tensors"]}
+    assert aliases == {key: (TIED if key == ALIAS and tree[key] is tree[TIED] else None) for key in tree}
+    assert plan["totals"]["tensors"] == count - (dst == "msgpack" and mode == "keep")  # the copy is no tensor
 
 
 # ------------------------------------------------------------------------------ the dry run
@@ -315,10 +345,14 @@ def test_a_tie_through_rename_and_cast_stays_one_tensor(
         assert list(tree) == [first, *UNTIED] and count == 3 and names in (None, {first, *UNTIED})
     else:
         assert list(tree) == [first, *UNTIED, alias] and raw(tree[alias]) == expected[TIED]
-        one = mode == "keep" and dst != "dcp"  # DCP stores each path (module docstring)
+        one = mode == "keep"
         assert (tree[first] is tree[alias]) is one
         assert count == (3 if one else 4) + (one and dst == "msgpack")  # msgpack: the bytes again at the alias
-        assert names in (None, {first, *UNTIED} if one else {first, *UNTIED, alias})
+        # DCP: .metadata names every FQN, the tie's two at one stored range (module docstring)
+        assert names in (None, {first, *UNTIED} if one and dst != "dcp" else {first, *UNTIED, alias})
+        if dst == "dcp":
+            ranges = dcp_tensor_ranges(out)
+            assert (ranges[first] == ranges[alias]) is one
     planned = {item["path"]: item for item in plan["tensors"]}
     assert list(planned) == list(tree)
     assert planned[first]["from"] == {"path": TIED, "dtype": "float32"} and planned[first]["dtype"] == "bfloat16"

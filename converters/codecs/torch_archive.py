@@ -1,5 +1,5 @@
 """torch's zip archive (what ``torch.save`` writes): ``<archive>/data.pkl`` plus one record per
-storage, read without torch and without running pickled code.
+storage, read without torch and without running pickled code, and written (:func:`write_archive`).
 
 Shared by the ``pt`` format (one archive per file) and ``dcp`` (one archive per tensor or value
 inside its data files). A stored record is a plain byte range of the file that carries its zip
@@ -14,8 +14,9 @@ and the tensor bytes named beyond what the archive stores (overlapping views, in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from ..core import dtypes
 from ..core.budget import Budget
@@ -26,7 +27,7 @@ from ..core.stored import check_casts, loads_json_strict, read_digests
 from ..core.tree import CastOrigin, TensorRef
 from . import torchscript as torchscript_codec
 from .torch_pickle import Gather, SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
-from .zip import InflatedRecord, StoredEntry, check_entry, read_entry, stored_entries
+from .zip import InflatedRecord, StoredEntry, ZipWriter, check_entry, read_entry, stored_entries
 
 # Our extra record: {storage key: BLAKE3 of its bytes}. torch.load reads records by name and
 # ignores it; the manifest takes its digests from it instead of reading every byte.
@@ -176,7 +177,9 @@ class _Tensors:
         if excess:
             self._budget.output(excess, f"tensor bytes viewed more than once in storage {quoted(storage.key)}")
         ref = self._tensor(storage, row, offset, shape, stride)
-        if ref.source is not storage.source:
+        # An empty tensor is a new empty source, but when its storage is empty too it is that whole
+        # storage: the storage's digest is its digest.
+        if ref.source is not storage.source and not (ref.nbytes == 0 == storage.nbytes):
             return ref
         return ref.with_stored_digest(self._digests.get(storage.key)).with_cast_from(self._casts.get(storage.key))
 
@@ -259,3 +262,116 @@ def _slice(source: Any, start: int, length: int) -> ByteSource:
 def _is_contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     expected = contiguous_strides(shape)
     return all(dim == 1 or step == want for dim, step, want in zip(shape, stride, expected, strict=True))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+ARCHIVE = "archive"  # the folder torch.save names the records of a file-like destination under
+# A storage record to write: its key (the record is <archive>/data/<key>), its size, and
+# copy(out) that appends exactly that many bytes at the file's position and returns their CRC-32.
+StorageCopy = tuple[str, int, Callable[[BinaryIO], int]]
+
+
+def write_archive(
+    out: BinaryIO,
+    pickled: bytes,
+    storages: Sequence[StorageCopy],
+    records: Callable[[], Sequence[tuple[str, bytes]]],
+    *,
+    prefix: str = ARCHIVE,
+) -> None:
+    """Write torch.save's zip archive at ``out``'s position: ``data.pkl`` (``pickled``), ``byteorder``,
+    one stored record per storage (64-byte aligned, copied by ``copy(out)``), torch's version records,
+    then ``records()`` (our own records, asked for once the storages are written: their digests are
+    known then).
+
+    Offsets inside the archive count from its first byte, so an archive may start anywhere in a
+    bigger file (a DCP data file holds one per tensor or value; ``torch.load`` reads it from a view
+    of the file that starts there). The layout depends only on the names and sizes, so
+    :func:`archive_length` knows the length before anything is written.
+    """
+    base = out.tell()
+    target = out if base == 0 else cast(BinaryIO, _Shifted(out, base))
+    archive = ZipWriter(target)
+    archive.add(f"{prefix}/data.pkl", pickled)
+    archive.add(f"{prefix}/byteorder", b"little")
+    for key, size, copy in storages:
+        archive.add_copied(f"{prefix}/data/{key}", size, _on(out, copy))
+    archive.add(f"{prefix}/.format_version", b"1")
+    archive.add(f"{prefix}/.storage_alignment", b"64")
+    archive.add(f"{prefix}/version", b"3\n")
+    for name, data in records():
+        archive.add(f"{prefix}/{name}", data)
+    archive.close()
+
+
+def archive_length(
+    pickled_length: int,
+    storages: Sequence[tuple[str, int]],
+    records: Sequence[tuple[str, int]],
+    *,
+    prefix: str = ARCHIVE,
+) -> int:
+    """The length :func:`write_archive` writes for a pickle of ``pickled_length`` bytes, storages
+    ``(key, size)`` and records ``(name, length)``: the same writer, run over a sink that only counts."""
+    sink = _CountingSink()
+
+    def skip(size: int) -> Callable[[BinaryIO], int]:
+        def copy(out: BinaryIO) -> int:
+            out.seek(out.tell() + size)
+            return 0
+
+        return copy
+
+    write_archive(
+        cast(BinaryIO, sink),
+        bytes(pickled_length),
+        [(key, size, skip(size)) for key, size in storages],
+        lambda: [(name, bytes(length)) for name, length in records],
+        prefix=prefix,
+    )
+    return sink.end
+
+
+def _on(out: BinaryIO, copy: Callable[[BinaryIO], int]) -> Callable[[BinaryIO], int]:
+    """``copy`` given the real file, whatever the zip writer passes: kernel copies write at its
+    absolute positions."""
+    return lambda _target: copy(out)
+
+
+class _Shifted:
+    """``out`` as the zip writer sees it: positions counted from ``base`` (the archive's first byte)."""
+
+    def __init__(self, out: BinaryIO, base: int) -> None:
+        self._out, self._base = out, base
+
+    def tell(self) -> int:
+        return self._out.tell() - self._base
+
+    def seek(self, position: int, whence: int = 0) -> int:
+        if whence == 0:
+            position += self._base
+        return self._out.seek(position, whence) - self._base
+
+    def write(self, data: bytes) -> int:
+        return self._out.write(data)
+
+
+class _CountingSink:
+    """A file that keeps only its position and length (what the zip writer's layout needs)."""
+
+    def __init__(self) -> None:
+        self.position = self.end = 0
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, position: int, whence: int = 0) -> int:
+        self.position = position if whence == 0 else self.position + position if whence == 1 else self.end + position
+        self.end = max(self.end, self.position)
+        return self.position
+
+    def write(self, data: bytes) -> int:
+        self.position += len(data)
+        self.end = max(self.end, self.position)
+        return len(data)

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import shutil
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ConverterError, DestinationError
+from .parallel import Group
 
 EXISTS = "exists; pass --force (overwrite=True) to replace it"
 APPEARED = "appeared while it was being written and was not replaced; pass --force (overwrite=True) to replace it"
@@ -129,7 +128,12 @@ def _being_written(targets: list[Path], handles: list[BinaryIO]) -> Path:
 
 @contextmanager
 def atomic_folder(
-    destination: Path, replaceable: Callable[[Path], bool], *, fsync: bool = True, overwrite: bool = True
+    destination: Path,
+    replaceable: Callable[[Path], bool],
+    *,
+    fsync: bool = True,
+    overwrite: bool = True,
+    group: Group | None = None,
 ) -> Iterator[Path]:
     """Yield an empty staging folder that becomes ``destination`` when the block completes.
 
@@ -137,49 +141,129 @@ def atomic_folder(
     format's word) accepts every entry in it, so a mistaken destination never deletes a user's
     folder. Without ``overwrite`` a destination that appears meanwhile (even an empty folder,
     which ``rename(2)`` would silently replace) is kept and the write refused.
+
+    With a ``group`` (the ranks of a distributed job, on a filesystem they share), every rank is
+    given the one staging folder rank 0 made; the folder is published by rank 0 once every rank's
+    block completed, and only if all did; every rank then returns, or raises, together.
     """
     destination = Path(destination)
-    parent = _parent(destination)
-    if not overwrite and os.path.lexists(destination):
-        raise DestinationError(EXISTS, file=destination)
-    with _naming(destination, creating=True):
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=parent))
-    try:
-        try:
+    if group is not None and group.size > 1:
+        with _group_folder(destination, replaceable, fsync, overwrite, group) as staging:
             yield staging
-        except ConverterError as exc:  # about a file in the staging folder: say the destination
-            if exc.file is not None and _inside(exc.file, staging):
-                raise exc.naming(destination) from exc
-            raise
-        except OSError as exc:
-            translated = _translate(exc, destination, [staging])
-            if translated is not None:
-                raise translated from exc
-            raise
-        with _naming(destination, [staging]):
-            if fsync:
-                _fsync_folder(staging)
-            os.chmod(staging, _mode_for(destination, overwrite, folder=True))
-            if overwrite and os.path.lexists(destination):
-                _replace_folder(staging, destination, replaceable)
-            else:
-                try:
-                    _rename_noreplace(staging, destination, folder=True)
-                except FileExistsError:
-                    if not overwrite:
-                        raise DestinationError(APPEARED, file=destination) from None
-                    _replace_folder(staging, destination, replaceable)
+        return
+    staging = _make_staging(destination, overwrite)
+    try:
+        with _reported_as(destination, staging):
+            yield staging
+        _publish_folder(staging, destination, replaceable, fsync, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if fsync:
-        _fsync_folder(parent)
+        _fsync_folder(_parent(destination))
+
+
+@contextmanager
+def _group_folder(
+    destination: Path, replaceable: Callable[[Path], bool], fsync: bool, overwrite: bool, group: Group
+) -> Iterator[Path]:
+    # Every rank takes part in every collective below, whatever fails where: a rank that skipped
+    # one would leave the others waiting forever.
+    if group.rank == 0:
+        try:
+            staging = _make_staging(destination, overwrite)
+        except ConverterError as exc:
+            group.broadcast(("failed", _one_line(exc)))
+            raise
+        group.broadcast(str(staging))
+    else:
+        received = group.broadcast(None)
+        if not isinstance(received, str):
+            raise ConverterError(f"rank 0 could not start the folder: {received[1]}")
+        staging = Path(received)
+    failure: BaseException | None = None
+    try:
+        with _reported_as(destination, staging):
+            yield staging
+    except BaseException as exc:  # told to the other ranks first, then raised
+        failure = exc
+    reports = group.all_gather(None if failure is None else _one_line(failure))
+    failed = next(((rank, text) for rank, text in enumerate(reports) if text is not None), None)
+    outcome: str | None = None
+    if group.rank == 0:
+        try:
+            if failed is None:
+                _publish_folder(staging, destination, replaceable, fsync, overwrite)
+        except BaseException as exc:
+            failure, outcome = exc, _one_line(exc)
+        if failure is not None or failed is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        group.broadcast(outcome)
+    else:
+        outcome = group.broadcast(None)
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        raise ConverterError(f"rank {failed[0]} of {group.size} failed: {failed[1]}", file=destination)
+    if outcome is not None:
+        raise ConverterError(f"rank 0 could not publish the folder: {outcome}", file=destination)
+    if fsync and group.rank == 0:
+        _fsync_folder(_parent(destination))
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ConverterError) else f"{type(exc).__name__}: {exc}"
+
+
+def _make_staging(destination: Path, overwrite: bool) -> Path:
+    if not overwrite and os.path.lexists(destination):
+        raise DestinationError(EXISTS, file=destination)
+    import tempfile  # imported by writes only: reading never needs it (nor the random it imports)
+
+    with _naming(destination, creating=True):
+        return Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=_parent(destination)))
+
+
+@contextmanager
+def _reported_as(destination: Path, staging: Path) -> Iterator[None]:
+    """An error about a file in the staging folder names the destination instead."""
+    try:
+        yield
+    except ConverterError as exc:
+        if exc.file is not None and _inside(exc.file, staging):
+            raise exc.naming(destination) from exc
+        raise
+    except OSError as exc:
+        translated = _translate(exc, destination, [staging])
+        if translated is not None:
+            raise translated from exc
+        raise
+
+
+def _publish_folder(
+    staging: Path, destination: Path, replaceable: Callable[[Path], bool], fsync: bool, overwrite: bool
+) -> None:
+    with _naming(destination, [staging]):
+        if fsync:
+            _fsync_folder(staging)
+        os.chmod(staging, _mode_for(destination, overwrite, folder=True))
+        if overwrite and os.path.lexists(destination):
+            _replace_folder(staging, destination, replaceable)
+        else:
+            try:
+                _rename_noreplace(staging, destination, folder=True)
+            except FileExistsError:
+                if not overwrite:
+                    raise DestinationError(APPEARED, file=destination) from None
+                _replace_folder(staging, destination, replaceable)
 
 
 def _replace_folder(staging: Path, destination: Path, replaceable: Callable[[Path], bool]) -> None:
     """Move the old folder aside, put the new one in its place, then delete the old one. If that
     fails or is interrupted, the old folder goes back; if it cannot (something took its place), it
     is kept under its ``.old.partial`` name, never deleted."""
+    import tempfile
+
     _require_replaceable(destination, replaceable)
     retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old.partial", dir=_parent(destination)))
     old = retired / destination.name
@@ -251,7 +335,7 @@ def _set_aside(target: Path) -> Path:
     """A second name for the file at ``target`` (a hard link, so ``target`` never disappears), to
     put it back if the group cannot be completed. Without hard links, the file is moved aside."""
     while True:
-        aside = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old.partial")
+        aside = target.with_name(f".{target.name}.{os.urandom(4).hex()}.old.partial")
         try:
             os.link(target, aside, follow_symlinks=False)
             return aside
@@ -323,6 +407,8 @@ def _errno() -> int:
 
 
 def _temp_file(target: Path) -> tuple[Path, BinaryIO]:
+    import tempfile
+
     with _naming(target, creating=True):
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=_parent(target))
     return Path(name), os.fdopen(fd, "wb")

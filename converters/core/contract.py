@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .budget import Budget
 from .errors import ConverterError
+from .parallel import Group
 from .tree import Checkpoint
 
 Progress = Callable[[int], None]
@@ -33,12 +34,16 @@ class WriteContext:
     durable before it becomes visible; ``check`` re-hashes tensors that carry a stored digest and
     refuses to write bytes that no longer match it; ``overwrite`` says whether an existing
     destination may be replaced (writers pass it to ``atomic_output``/``atomic_folder``).
+    A folder format writes its files on up to ``workers`` threads, and when ``group`` is set (the
+    ranks of a ``torch.distributed`` job) only this rank's share of them (``core.parallel``).
     """
 
     progress: Progress | None = None
     fsync: bool = True
     check: bool = False
     overwrite: bool = True  # False: an existing destination (even one that appears while writing) is kept
+    workers: int = 1
+    group: Group | None = None
 
 
 # How the CLI turns a flag's text into an option value, by the ``kind`` an option declares.
@@ -140,6 +145,17 @@ class FormatBase:
     def replaceable(self, path: Path) -> bool:
         """For folder formats: may a file named like ``path`` inside an existing destination be replaced."""
         return False
+
+    def writes_in_parallel(self, options: Any) -> bool:
+        """Whether ``write`` with these options splits its files between workers and ranks
+        (``WriteContext.workers``/``group``); a distributed conversion needs it."""
+        return False
+
+
+def writes_in_parallel(fmt: Format, options: Any) -> bool:
+    """``FormatBase.writes_in_parallel`` for any format (a plugin need not inherit FormatBase)."""
+    declared = getattr(fmt, "writes_in_parallel", None)
+    return bool(declared(options)) if callable(declared) else False
 
 
 def dtypes_of(fmt: Format) -> frozenset[str]:

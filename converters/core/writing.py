@@ -17,6 +17,7 @@ from . import manifests
 from .contract import WriteContext
 from .errors import CorruptFileError, TreePath
 from .integrity import crc_message, mismatch_message, records_of, verify_bytes, verify_record
+from .parallel import stop_if_asked
 from .sources import ByteSource, FileRange, Record
 from .transfer import Checks, blake3_hex, copy_into
 from .tree import Checkpoint, TensorRef
@@ -70,6 +71,15 @@ class TensorWriter:
         self._digests[id(ref)] = digest
         return digest
 
+    def digest_of(self, ref: TensorRef) -> str | None:
+        """The digest this writer stored for ``ref``'s bytes; None before they were written."""
+        return self._digests.get(id(ref))
+
+    def learn(self, ref: TensorRef, digest: str) -> None:
+        """The digest another process stored for ``ref``'s bytes (a rank of a distributed write):
+        counted in the tree digest as if written here."""
+        self._digests[id(ref)] = digest
+
     def check_sources(self, checkpoint: Checkpoint) -> None:
         """For writers that hand bytes to another library: with ``check``, re-hash stored digests first."""
         if self.context.check:
@@ -97,6 +107,7 @@ class PiecewiseCopy:
         self._written = 0
 
     def write(self, out: BinaryIO, source: ByteSource) -> None:
+        stop_if_asked()  # one of a folder's files failed, or Ctrl-C: this thread's file stops here
         copy_into(out, source, self._checks, self._writer.context.progress)
         self._written += source.nbytes
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -43,10 +43,10 @@ from ..codecs.torch_archive import (
     METADATA_RECORD,
     TREE_DIGEST_RECORD,
     read_archive_contents,
+    write_archive,
 )
 from ..codecs.torch_legacy import TAR_MESSAGE, is_legacy, is_legacy_tar, read_legacy
 from ..codecs.torch_pickle import PickleWriter, describe
-from ..codecs.zip import ZipWriter
 from ..core import folders, manifests
 from ..core.atomic import atomic_output
 from ..core.budget import Budget
@@ -186,35 +186,35 @@ class PtFormat(FormatBase):
         for _, ref in everything:
             if ref.numpy:
                 tensor_writer.hashed(ref)  # for the tree digest
-        with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
-            archive = ZipWriter(out)
-            archive.add(f"{ARCHIVE}/data.pkl", pickled)
-            archive.add(f"{ARCHIVE}/byteorder", b"little")
-            digests = {}
-            for tensor_path, ref in unique:
-                key = key_of[id(ref)]
+        digests: dict[str, str] = {}
 
-                def copy(
-                    out: BinaryIO, ref: TensorRef = ref, tensor_path: TreePath = tensor_path, key: str = key
-                ) -> int:
-                    copied = tensor_writer.copy(out, ref, tensor_path, crc32=True)
-                    digests[key] = copied.digest
-                    assert copied.crc32 is not None
-                    return copied.crc32
+        def copier(key: str, ref: TensorRef, tensor_path: TreePath) -> Callable[[BinaryIO], int]:
+            def copy(out: BinaryIO) -> int:
+                copied = tensor_writer.copy(out, ref, tensor_path, crc32=True)
+                digests[key] = copied.digest
+                assert copied.crc32 is not None
+                return copied.crc32
 
-                archive.add_copied(f"{ARCHIVE}/data/{key}", ref.nbytes, copy)
-            archive.add(f"{ARCHIVE}/.format_version", b"1")
-            archive.add(f"{ARCHIVE}/.storage_alignment", b"64")
-            archive.add(f"{ARCHIVE}/version", b"3\n")
-            archive.add(f"{ARCHIVE}/{DIGESTS_RECORD}", json.dumps(digests, separators=(",", ":")).encode())
-            archive.add(f"{ARCHIVE}/{TREE_DIGEST_RECORD}", tensor_writer.tree_digest(checkpoint).encode())
+            return copy
+
+        def records() -> list[tuple[str, bytes]]:  # once every storage is written: their digests are known
+            ours = [
+                (DIGESTS_RECORD, json.dumps(digests, separators=(",", ":")).encode()),
+                (TREE_DIGEST_RECORD, tensor_writer.tree_digest(checkpoint).encode()),
+            ]
             casts = manifests.cast_records(unique, {path: key_of[id(ref)] for path, ref in unique}, final=True)
             if casts:
-                archive.add(f"{ARCHIVE}/{CASTS_RECORD}", json.dumps(casts, separators=(",", ":")).encode())
+                ours.append((CASTS_RECORD, json.dumps(casts, separators=(",", ":")).encode()))
             own = checkpoint.carried_metadata()  # what the source said about itself, carried over
             if own:
-                archive.add(f"{ARCHIVE}/{METADATA_RECORD}", json.dumps(own, separators=(",", ":")).encode())
-            archive.close()
+                ours.append((METADATA_RECORD, json.dumps(own, separators=(",", ":")).encode()))
+            return ours
+
+        storages = [
+            (key_of[id(ref)], ref.nbytes, copier(key_of[id(ref)], ref, tensor_path)) for tensor_path, ref in unique
+        ]
+        with atomic_output(Path(path), fsync=context.fsync, overwrite=context.overwrite) as out:
+            write_archive(out, pickled, storages, records, prefix=ARCHIVE)
 
 
 FORMAT = PtFormat()

@@ -26,23 +26,68 @@ Example::
 
 from __future__ import annotations
 
-from .base import (
-    InvalidOptionError,
-    KeyCollisionError,
-    NoMatchError,
-    Transform,
-    TransformError,
-    apply,
-    map_tensors,
-)
-from .cast import FLOAT_DTYPES, Cast, CastSource, cast_bits, cast_bytes
-from .keys import Rename, StripPrefix, split_rule
-from .layout import Layout, LayoutRules, PermuteSource
-from .paths import PathPattern, escape_key, format_path
-from .plan import describe_plan
-from .plan import lines as plan_lines
-from .select import Exclude, Select
-from .ties import Ties
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# public name -> (module, its name there); imported when first used, so a job that reads a file
+# and changes nothing (``sdconvert inspect``) imports no transformation
+_EXPORTS = {
+    "InvalidOptionError": ("base", "InvalidOptionError"),
+    "KeyCollisionError": ("base", "KeyCollisionError"),
+    "NoMatchError": ("base", "NoMatchError"),
+    "Transform": ("base", "Transform"),
+    "TransformError": ("base", "TransformError"),
+    "apply": ("base", "apply"),
+    "map_tensors": ("base", "map_tensors"),
+    "FLOAT_DTYPES": ("cast", "FLOAT_DTYPES"),
+    "Cast": ("cast", "Cast"),
+    "CastSource": ("cast", "CastSource"),
+    "cast_bits": ("cast", "cast_bits"),
+    "cast_bytes": ("cast", "cast_bytes"),
+    "Rename": ("keys", "Rename"),
+    "StripPrefix": ("keys", "StripPrefix"),
+    "split_rule": ("keys", "split_rule"),
+    "Layout": ("layout", "Layout"),
+    "LayoutRules": ("layout", "LayoutRules"),
+    "PermuteSource": ("layout", "PermuteSource"),
+    "PathPattern": ("paths", "PathPattern"),
+    "escape_key": ("paths", "escape_key"),
+    "format_path": ("paths", "format_path"),
+    "describe_plan": ("plan", "describe_plan"),
+    "plan_lines": ("plan", "lines"),
+    "Exclude": ("select", "Exclude"),
+    "Select": ("select", "Select"),
+    "Ties": ("ties", "Ties"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(import_module(f"{__name__}.{module}"), attribute)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from .base import (
+        InvalidOptionError,
+        KeyCollisionError,
+        NoMatchError,
+        Transform,
+        TransformError,
+        apply,
+        map_tensors,
+    )
+    from .cast import FLOAT_DTYPES, Cast, CastSource, cast_bits, cast_bytes
+    from .keys import Rename, StripPrefix, split_rule
+    from .layout import Layout, LayoutRules, PermuteSource
+    from .paths import PathPattern, escape_key, format_path
+    from .plan import describe_plan
+    from .plan import lines as plan_lines
+    from .select import Exclude, Select
+    from .ties import Ties
 
 __all__ = [
     "FLOAT_DTYPES",

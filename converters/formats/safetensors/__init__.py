@@ -34,6 +34,7 @@ from ...core.budget import Budget
 from ...core.contract import FormatBase, WriteContext, option
 from ...core.dtypes import itemsize
 from ...core.errors import CorruptFileError, DestinationError, UnsupportedValueError
+from ...core.sizes import parse_size
 from ...core.sources import FileRange
 from ...core.stored import (
     check_tree_digest,
@@ -79,7 +80,7 @@ class SafetensorsOptions:
 
     def __post_init__(self) -> None:
         if self.max_shard_size is not None:
-            object.__setattr__(self, "max_shard_size", sharded.parse_size(self.max_shard_size))
+            object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size, "a shard size"))
 
 
 class SafetensorsFormat(FormatBase):
@@ -183,6 +184,9 @@ class SafetensorsFormat(FormatBase):
 
     def replaceable(self, path: Path) -> bool:
         return sharded.replaceable(path)
+
+    def writes_in_parallel(self, options: SafetensorsOptions) -> bool:
+        return options.max_shard_size is not None
 
     def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: SafetensorsOptions) -> None:
         if options.max_shard_size is not None:

@@ -21,8 +21,9 @@ which covers the index and the shards it names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from ...core.atomic import atomic_folder, atomic_output
 from ...core.budget import Budget
 from ...core.contract import WriteContext
 from ...core.dtypes import numel
-from ...core.errors import ConverterError, CorruptFileError
+from ...core.errors import CorruptFileError
+from ...core.parallel import serialized, write_files
 from ...core.stored import check_tree_digest, find_index, read_shard_index, shard_file, tree_from_stored
 from ...core.tree import Checkpoint, TensorRef
 from ...core.writing import TensorWriter
@@ -42,24 +44,6 @@ TREE_KEY = "sdconvert.tree"
 VERSION_KEY = "sdconvert.version"
 TREE_DIGEST_KEY = "sdconvert.tree_blake3"
 MAX_INDEX_BYTES = 100_000_000
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_size(text: str | int) -> int:
-    """``5GB`` (decimal, as transformers reads it), ``512MiB`` (binary) or a number of bytes."""
-    if isinstance(text, int):
-        size = text
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text.upper())
-        if match is None:
-            raise ConverterError(f"cannot read the size {text!r}; use e.g. 5GB, 500MB or 512MiB")
-        size = int(float(match.group(1)) * SIZE_UNITS[match.group(2) or ""])
-    if size <= 0:
-        raise ConverterError(f"a shard size must be positive, got {text!r}")
-    return size
-
-
 def index_in(folder: Path) -> Path | None:
     """The index file of a sharded folder, if ``folder`` is one."""
     return find_index(folder, INDEX_NAME, INDEX_SUFFIX)
@@ -82,13 +66,35 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         filled += ref.nbytes
     count = len(shards)
     names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    # One tensor writer for every shard: it knows every tensor's digest once the last shard is
-    # written, so the index can store the digest of the whole tree.
+    # The plan above depends on the checkpoint alone, so any number of workers or ranks writes
+    # the same files. One tensor writer for every shard of this process; digests written by
+    # other ranks are learnt from them, so rank 0's index stores the digest of the whole tree.
+    context = dataclasses.replace(context, progress=serialized(context.progress))
     tensor_writer = TensorWriter(context, checkpoint.origin)
-    with atomic_folder(folder, replaceable, fsync=context.fsync, overwrite=context.overwrite) as staging:
-        for name, shard in zip(names, shards, strict=True):
-            shard_checkpoint = Checkpoint(dict(shard), checkpoint.origin)
-            fmt.write_file(shard_checkpoint, staging / name, tensor_writer, fsync=context.fsync, overwrite=True)
+    group = context.group
+    with atomic_folder(
+        folder, replaceable, fsync=context.fsync, overwrite=context.overwrite, group=group
+    ) as staging:
+
+        def shard_writer(name: str, shard: list[tuple[str, TensorRef]]) -> Callable[[], dict[str, str]]:
+            def write() -> dict[str, str]:
+                shard_checkpoint = Checkpoint(dict(shard), checkpoint.origin)
+                fmt.write_file(shard_checkpoint, staging / name, tensor_writer, fsync=context.fsync, overwrite=True)
+                return {key: str(tensor_writer.digest_of(ref)) for key, ref in shard}
+
+            return write
+
+        digests = write_files(
+            [shard_writer(name, shard) for name, shard in zip(names, shards, strict=True)],
+            [sum(ref.nbytes for _, ref in shard) for shard in shards],
+            workers=context.workers,
+            group=group,
+        )
+        if group is not None and group.rank != 0:
+            return
+        for shard, shard_digests in zip(shards, digests, strict=True):
+            for key, ref in shard:
+                tensor_writer.learn(ref, shard_digests[key])
         index = {
             "metadata": {
                 **checkpoint.carried_metadata(),  # what the source said about itself, carried over

@@ -1,66 +1,48 @@
-"""``dcp``: a ``torch.distributed.checkpoint`` folder (``.metadata`` + ``__<rank>_<n>.distcp`` files).
+"""Reading a ``torch.distributed.checkpoint`` folder: no torch, no pickled code run.
 
-Reading needs no torch and runs no pickled code. ``.metadata`` is a pickle of DCP's dataclasses:
-it is pre-scanned like ``.pt`` pickles and unpickled with inert stand-ins (each keeps only the
-state it was given). Every tensor chunk and every non-tensor value is a small ``torch.save``
-archive at an (offset, length) of a data file, read by the ``.pt`` reader in place. Chunks written
-by several ranks are joined: row blocks (sharded along dim 0, as FSDP and ``Shard(0)`` write
-them) as one byte stream without copying, other layouts gathered in memory. The tree is rebuilt
-from the metadata's ``planner_data`` the way ``dcp.load`` rebuilds it: a string path segment is a
-dict key, an integer one a list index (DCP flattens dict keys to strings).
+``.metadata`` is pre-scanned like ``.pt`` pickles and unpickled with inert stand-ins (each keeps
+only the state it was given). Every tensor chunk and every non-tensor value is a small
+``torch.save`` archive at an (offset, length) of a data file, read by the ``.pt`` reader in place.
+Chunks written by several ranks are joined: row blocks (sharded along dim 0, as FSDP and
+``Shard(0)`` write them) as one byte stream without copying, other layouts gathered in memory.
+Entries that name the very same range of a data file (a tie) are one tensor. The tree is rebuilt
+from ``planner_data`` the way ``dcp.load`` rebuilds it: a string path segment is a dict key, an
+integer one a list index (DCP flattens dict keys to strings).
 
-Writing uses ``torch.distributed.checkpoint.save`` itself, in one process, into a staging folder
-renamed into place, so ``dcp.load`` reads the result by construction. DCP keeps tensors bit for bit;
-what it cannot keep is DCP's own limit: int dict keys come back as strings (or list indices),
-``OrderedDict``/``_metadata`` as plain dicts.
+A folder we wrote also holds ``sdconvert.json`` (see ``formats/dcp/__init__.py``): our tree, read
+back exactly, after checking that it describes this very ``.metadata`` and that DCP's entries are
+exactly the view of that tree ``dcp.load`` is to give.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import json
 import pickle
 import stat
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from ..codecs.torch_archive import NUMPY_IMPORT_BYTES, read_archive
-from ..codecs.torch_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
-from ..core import dtypes
-from ..core.atomic import atomic_folder
-from ..core.budget import Budget
-from ..core.contract import FormatBase, NoOptions, WriteContext
-from ..core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ..core.objects import ObjectRecord
-from ..core.sources import BufferSource, ConcatSource
-from ..core.stored import read_folder_file
-from ..core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, walk
-from ..core.writing import TensorWriter
+from blake3 import blake3
+
+from ...codecs.dcp_metadata import ALLOWED_GLOBALS, HELPERS, RECORDS
+from ...codecs.torch_archive import NUMPY_IMPORT_BYTES, read_archive
+from ...codecs.torch_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
+from ...core import dtypes, manifests
+from ...core.budget import Budget
+from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
+from ...core.sources import BufferSource, ConcatSource, read_all
+from ...core.stored import check_tree_digest, loads_json_strict, read_folder_file, tree_from_stored
+from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, map_leaves, walk
+from . import optimizers, view
 
 METADATA = ".metadata"
+SIDECAR = "sdconvert.json"  # our tree, digests and optimizer names beside DCP's files (__init__.py)
+SIDECAR_VERSION = 1
 MAX_METADATA_BYTES = 1 << 30
-DCP_MODULE = "torch.distributed.checkpoint.metadata"
-RECORDS = {
-    (DCP_MODULE, name)
-    for name in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-    )
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
-HELPERS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    (DCP_MODULE, "_MEM_FORMAT_ENCODING"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-}
-ALLOWED_GLOBALS = RECORDS | HELPERS | {("torch", name) for name in dtypes.DTYPES}
+MAX_SIDECAR_BYTES = 1 << 30
+KIND = "torch.distributed.checkpoint folder"
 OPCODES = ALLOWED_OPCODES | {"NEWOBJ"}  # dataclasses pickle as NEWOBJ + BUILD
 
 
@@ -114,64 +96,26 @@ class _MetadataUnpickler(pickle.Unpickler):
         return args  # layouts, memory formats, paths: kept as their arguments, never interpreted
 
 
-class DcpFormat(FormatBase):
-    name = "dcp"
-    suffixes: tuple[str, ...] = ()
-    folder = True
-    description = "torch.distributed.checkpoint folder (.metadata + .distcp): dcp.save / dcp.load"
-    dtype_codes: ClassVar[Mapping[str, Any]] = {
-        name: name for name in dtypes.DTYPES
-    }  # torch writes them, so torch's names
-
-    def reads_folder(self, path: Path) -> bool:
-        metadata = Path(path) / METADATA
-        return metadata.is_symlink() or metadata.is_file()  # a symlinked one is found, then refused
-
-    def sniff(self, head: bytes) -> bool:
-        return False
-
-    def read(self, path: Path, budget: Budget) -> Checkpoint:
-        folder = Path(path)
-        metadata_path = folder / METADATA
-        data = _read_metadata(folder, metadata_path, budget)
-        prescan(data, metadata_path, opcodes=OPCODES, allowed_globals=ALLOWED_GLOBALS, what=METADATA, budget=budget)
-        try:
-            metadata = _MetadataUnpickler(data, metadata_path).load()
-        except ConverterError:
-            raise
-        except Exception as exc:
-            raise CorruptFileError(
-                f"{METADATA} could not be read: {type(exc).__name__}: {exc}", file=metadata_path
-            ) from None
-        del data
-        tree = _Assembler(folder, metadata_path, metadata, budget).tree()
-        return Checkpoint(tree, folder, kind="torch.distributed.checkpoint folder")
-
-    def replaceable(self, path: Path) -> bool:
-        return path.name.endswith((".distcp", METADATA)) and path.is_file()
-
-    def write(self, checkpoint: Checkpoint, path: Path, context: WriteContext, options: NoOptions) -> None:
-        # dcp.save writes the files, so the bytes go through torch: the context is honoured by
-        # checking digests before handing the tensors over, reporting progress as each tensor is
-        # handed over, and asking torch's writer to fsync (or not) before our atomic rename.
-        if not isinstance(checkpoint.tree, dict) or not all(type(k) is str for k in checkpoint.tree):
-            raise UnsupportedValueError("a DCP checkpoint's root must be a dict with str keys (FQNs)")
-        from ..torch_bridge import dcp_save, import_torch, torch_value  # torch only through the bridge
-
-        torch = import_torch()
-        for tree_path, leaf in walk(checkpoint.tree):
-            if type(leaf) is ObjectRecord and torch_value(torch, leaf) is leaf:
-                # torch.distributed.checkpoint pickles values itself: it would need the class, which
-                # is never imported here (a .pt output re-creates such objects without importing them)
-                raise UnsupportedValueError(
-                    f"a DCP folder cannot hold the recorded {leaf.name} object; drop recorded objects with "
-                    "--drop-objects, or write .pt, safetensors, msgpack or onnx, which carry them",
-                    path=tree_path,
-                )
-        tensor_writer = TensorWriter(context, checkpoint.origin)
-        tensor_writer.check_sources(checkpoint)
-        with atomic_folder(Path(path), self.replaceable, fsync=context.fsync, overwrite=context.overwrite) as staging:
-            dcp_save(checkpoint, staging, fsync=context.fsync, progress=tensor_writer.progress)
+def read_folder(folder: Path, budget: Budget) -> Checkpoint:
+    """The checkpoint of a DCP folder: torch's view of it, or our exact tree when we wrote it."""
+    metadata_path = folder / METADATA
+    data = _read_metadata(folder, metadata_path, budget)
+    prescan(data, metadata_path, opcodes=OPCODES, allowed_globals=ALLOWED_GLOBALS, what=METADATA, budget=budget)
+    try:
+        metadata = _MetadataUnpickler(data, metadata_path).load()
+    except ConverterError:
+        raise
+    except Exception as exc:
+        raise CorruptFileError(
+            f"{METADATA} could not be read: {type(exc).__name__}: {exc}", file=metadata_path
+        ) from None
+    metadata_digest = str(blake3(data).hexdigest())
+    del data
+    assembler = _Assembler(folder, metadata_path, metadata, budget)
+    sidecar = _read_sidecar(folder, metadata_digest, budget)
+    if sidecar is None:
+        return Checkpoint(assembler.tree(assembler.entries()), folder, kind=KIND)
+    return _ours(assembler, sidecar, folder / SIDECAR, budget)
 
 
 def _read_metadata(folder: Path, metadata_path: Path, budget: Budget) -> bytes:
@@ -187,23 +131,25 @@ class _Assembler:
 
     Every field of DCP's records is checked for its type and range before it is used (anything
     else is ``CorruptFileError``); data files are regular files of the folder and the byte ranges of
-    ``storage_data`` lie inside them without overlapping, so each stored byte is read once; every
-    value placed in the tree, every list slot the planner's paths ask for and every chunk is
-    charged to the read's budget first.
+    ``storage_data`` lie inside them without overlapping — but for tensor chunks that name the very
+    same range (a tied tensor, stored once), read once as one tensor — so each stored byte is read
+    once; every value placed in the tree, every list slot the planner's paths ask for and every
+    chunk is charged to the read's budget first.
     """
 
     def __init__(self, folder: Path, metadata_path: Path, metadata: Any, budget: Budget) -> None:
         self.folder, self.file, self.budget = folder, metadata_path, budget
         if not isinstance(metadata, _Record) or metadata.name != "Metadata" or type(metadata.state()) is not dict:
             raise CorruptFileError(f"{METADATA} does not hold DCP Metadata", file=metadata_path)
-        self.entries = self._dict(metadata.get("state_dict_metadata"), "state_dict_metadata")
+        self.metadata = self._dict(metadata.get("state_dict_metadata"), "state_dict_metadata")
         planner = metadata.get("planner_data")
         self.planner = {} if planner is None else self._dict(planner, "planner_data")
         storage_data = self._dict(metadata.get("storage_data"), "storage_data")
-        budget.nodes(len(self.entries) + len(self.planner) + len(storage_data), f"{METADATA} entries")
+        budget.nodes(len(self.metadata) + len(self.planner) + len(storage_data), f"{METADATA} entries")
         self.files: dict[str, tuple[Path, int]] = {}  # data file name -> (path, size)
         self.storage: dict[tuple[str, tuple[int, ...] | None], tuple[Path, int, int]] = {}
-        ranges: dict[Path, list[tuple[int, int, str]]] = {}
+        self.chunks: dict[tuple[Path, int, int], TensorRef] = {}  # a range read as a chunk, by range
+        ranges: dict[Path, list[tuple[int, int, str, bool]]] = {}
         for index, info in storage_data.items():
             fqn, offsets = self._index(index)
             relative_path = self._field(info, "_StorageInfo", "relative_path")
@@ -221,26 +167,35 @@ class _Assembler:
                     file=metadata_path,
                 )
             self.storage[(fqn, offsets)] = (target, offset, length)
-            ranges.setdefault(target, []).append((offset, offset + length, fqn))
+            ranges.setdefault(target, []).append((offset, offset + length, fqn, offsets is not None))
         for target, spans in ranges.items():  # each byte stored once: no range read twice
             spans.sort()
-            for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
-                if begin < end:
+            for (start, end, first, chunk), (begin, stop, second, other) in itertools.pairwise(spans):
+                shared = (start, end) == (begin, stop) and chunk and other and end > start
+                if begin < end and not shared:
                     raise CorruptFileError(
                         f"storage_data gives {first!r} and {second!r} overlapping bytes of {target.name!r}",
                         file=metadata_path,
                     )
 
-    def tree(self) -> Any:
-        root: dict[str, Any] = {}
-        for fqn, entry in self.entries.items():
+    def entries(self) -> list[tuple[str, tuple[str | int, ...], Any]]:
+        """Each entry of ``state_dict_metadata`` in order: (FQN, planner path, value read)."""
+        found = []
+        for fqn, entry in self.metadata.items():
             if type(fqn) is not str:
                 raise CorruptFileError(f"state_dict_metadata has the key {fqn!r:.60}; FQNs are str", file=self.file)
             path = self.planner.get(fqn, (fqn,))
             if type(path) is not tuple or not path or not all(type(p) in (str, int) for p in path):
                 raise CorruptFileError(f"planner_data gives {fqn!r} the malformed path {path!r:.60}", file=self.file)
+            found.append((fqn, path, self._value(fqn, entry)))
+        return found
+
+    def tree(self, entries: list[tuple[str, tuple[str | int, ...], Any]]) -> dict[str, Any]:
+        """The tree ``dcp.load`` builds from ``entries`` (paths checked as they are placed)."""
+        root: dict[str, Any] = {}
+        for _, path, value in entries:
             self.budget.nodes(len(path), "containers of planner_data paths")  # at most one per step
-            _set_element(root, path, self._value(fqn, entry), self.file, self.budget)
+            _set_element(root, path, value, self.file, self.budget)
         return root
 
     def _value(self, fqn: str, entry: Any) -> Any:
@@ -268,8 +223,11 @@ class _Assembler:
             if offsets in seen:
                 raise CorruptFileError(f"{fqn!r}: two chunks at {list(offsets)}", file=self.file)
             seen.add(offsets)
-            ref = read_archive(*self._blob(fqn, offsets), budget=self.budget)
-            if not isinstance(ref, TensorRef) or ref.dtype != dtype or ref.shape != sizes:
+            blob = self._blob(fqn, offsets)
+            ref = self.chunks.get(blob)
+            if ref is None:
+                ref = self.chunks[blob] = read_archive(*blob, budget=self.budget)
+            if not isinstance(ref, TensorRef) or ref.numpy or ref.dtype != dtype or ref.shape != sizes:
                 raise CorruptFileError(
                     f"{fqn!r}: the chunk at {list(offsets)} is not a {dtype}{list(sizes)} tensor", file=self.file
                 )
@@ -368,7 +326,7 @@ def _join(
     if sum(dtypes.numel(ref.shape) for _, ref in pieces) != count:
         raise CorruptFileError(f"{fqn!r}: chunks hold a different number of elements than {list(size)}", file=file)
     if len(pieces) == 1:
-        return TensorRef(dtype, size, pieces[0][1].source)
+        return pieces[0][1]  # the whole tensor: as its archive gives it (with the digest ours store)
     rows = sorted(pieces, key=lambda piece: piece[0])
     if all(offsets[1:] == (0,) * (len(size) - 1) and ref.shape[1:] == size[1:] for offsets, ref in rows):
         position = 0
@@ -458,4 +416,137 @@ def _grow(container: list[Any], index: int, path: tuple[Any, ...], file: Path, b
         container.extend([None] * (index + 1 - len(container)))
 
 
-FORMAT = DcpFormat()
+# ----------------------------------------------------------------------------- folders we wrote
+
+
+def _read_sidecar(folder: Path, metadata_digest: str, budget: Budget) -> dict[str, Any] | None:
+    """``sdconvert.json``, checked for its shape and for describing this very ``.metadata``; None
+    when the folder has none (another writer's folder: read as torch reads it)."""
+    path = folder / SIDECAR
+    try:
+        raw = read_folder_file(path, SIDECAR, "the checkpoint folder", MAX_SIDECAR_BYTES, budget)
+    except FileNotFoundError:
+        return None
+    sidecar = loads_json_strict(raw, path, SIDECAR, budget)
+    fields = {"sdconvert_dcp", "metadata_blake3", "tree", "tree_blake3", "optimizers", "copies", "metadata"}
+    if type(sidecar) is not dict or not set(sidecar) <= fields or not fields - {"metadata"} <= set(sidecar):
+        raise CorruptFileError(f"{SIDECAR} must be an object with the fields {sorted(fields)}", file=path)
+    if sidecar["sdconvert_dcp"] != SIDECAR_VERSION:
+        raise UnsupportedValueError(
+            f"{SIDECAR} is of version {sidecar['sdconvert_dcp']!r:.20}; this reader knows {SIDECAR_VERSION}",
+            file=path,
+        )
+    if check_tree_digest(sidecar["metadata_blake3"], path, "metadata_blake3") != metadata_digest:
+        raise CorruptFileError(
+            f"{SIDECAR} describes another {METADATA}: the folder was saved again by another writer, or "
+            f"{METADATA} is damaged; delete {SIDECAR} to read the folder as torch reads it",
+            file=path,
+        )
+    check_tree_digest(sidecar["tree_blake3"], path, "tree_blake3")
+    if "metadata" in sidecar and type(sidecar["metadata"]) is not dict:
+        raise CorruptFileError(f"{SIDECAR}: metadata must be an object", file=path)
+    return sidecar
+
+
+def _ours(assembler: _Assembler, sidecar: dict[str, Any], path: Path, budget: Budget) -> Checkpoint:
+    """Our tree from ``sdconvert.json`` and the folder's tensors, once DCP's entries are checked to
+    be exactly the view of that tree ``dcp.load`` gives (every FQN, path and value)."""
+    entries = _with_copies_shared(assembler.entries(), sidecar["copies"], path)
+    view_tree = assembler.tree(entries)
+    keys = manifests.storage_keys(view_tree)
+    refs: dict[str, TensorRef] = {}
+    for tree_path, leaf in walk(view_tree):
+        if type(leaf) is TensorRef:
+            refs.setdefault(keys[tree_path], leaf)  # a tied tensor: the key of its first path
+    tree = tree_from_stored(
+        sidecar["tree"], refs, path, f"{SIDECAR}'s tree", holder="the folder", unused_name="DCP tensor", budget=budget
+    )
+    named = _named(sidecar["optimizers"], path)
+    problem = optimizers.check_named(tree, named)
+    try:
+        expected = view.entries(optimizers.renamed(tree, named)) if problem is None else []
+    except UnsupportedValueError as exc:
+        problem = exc.message
+    if problem is not None:
+        raise CorruptFileError(f"{SIDECAR}: {problem}", file=path)
+    if len(expected) != len(entries):
+        raise CorruptFileError(
+            f"{METADATA} holds {len(entries)} entries, the tree of {SIDECAR} makes {len(expected)}", file=path
+        )
+    for want, (fqn, planner_path, value) in zip(expected, entries, strict=True):
+        if (want.fqn, want.path) != (fqn, planner_path) or _signature(want.value) != _signature(value):
+            raise CorruptFileError(
+                f"{METADATA} entry {fqn!r:.80} is not what the tree of {SIDECAR} makes ({want.fqn!r:.80}): "
+                "the folder was changed by another writer",
+                file=path,
+            )
+    own = sidecar.get("metadata")
+    return Checkpoint(
+        tree,
+        path.parent,
+        tree_digest=sidecar["tree_blake3"],
+        file_metadata=own or None,
+        kind=f"{KIND} (statedict-convert)",
+        expects_tree_digest=True,
+    )
+
+
+def _named(value: Any, path: Path) -> list[optimizers.Named]:
+    if type(value) is not list or not all(
+        type(item) is dict
+        and item.keys() == {"path", "names"}
+        and type(item["path"]) is list
+        and all(type(p) in (str, int) for p in item["path"])
+        and type(item["names"]) is list
+        for item in value
+    ):
+        raise CorruptFileError(f"{SIDECAR}: optimizers must be a list of {{path, names}}", file=path)
+    return [optimizers.Named(tuple(item["path"]), tuple(item["names"])) for item in value]
+
+
+def _with_copies_shared(
+    entries: list[tuple[str, tuple[str | int, ...], Any]], copies: Any, path: Path
+) -> list[tuple[str, tuple[str | int, ...], Any]]:
+    """``entries`` with each tensor stored again by another entry (a tensor tied across two
+    ``torch.save``d values) replaced by its first copy, once both are checked to be the same."""
+    if type(copies) is not list or not all(
+        type(c) is list
+        and len(c) == 4
+        and type(c[0]) is str
+        and type(c[2]) is str
+        and type(c[1]) is int
+        and type(c[3]) is int
+        for c in copies
+    ):
+        raise CorruptFileError(f"{SIDECAR}: copies must be a list of [fqn, index, fqn, index]", file=path)
+    if not copies:
+        return entries
+    positions = {fqn: position for position, (fqn, _, _) in enumerate(entries)}
+    values = [value for _, _, value in entries]
+    for copy_fqn, copy_index, first_fqn, first_index in copies:
+        if copy_fqn not in positions or first_fqn not in positions:
+            raise CorruptFileError(f"{SIDECAR}: copies name an entry {METADATA} does not hold", file=path)
+        held, first = view.tensors_in(values[positions[copy_fqn]]), view.tensors_in(values[positions[first_fqn]])
+        if not (0 <= copy_index < len(held) and 0 <= first_index < len(first)):
+            raise CorruptFileError(f"{SIDECAR}: copies name a tensor the entry does not hold", file=path)
+        copy, original = held[copy_index], first[first_index]
+        same = (copy.dtype, copy.shape, copy.numpy) == (original.dtype, original.shape, original.numpy) and (
+            copy.digest == original.digest if copy.digest and original.digest else _same_bytes(copy, original)
+        )
+        if not same:
+            raise CorruptFileError(f"{copy_fqn!r:.80} stores another tensor than {first_fqn!r:.80}", file=path)
+        position = positions[copy_fqn]
+        values[position] = map_leaves(
+            values[position], lambda _p, leaf, copy=copy, original=original: original if leaf is copy else leaf
+        )
+    return [(fqn, planner_path, value) for (fqn, planner_path, _), value in zip(entries, values, strict=True)]
+
+
+def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
+    return bytes(read_all(a.source)) == bytes(read_all(b.source))  # numpy arrays: in memory already
+
+
+def _signature(value: Any) -> str:
+    """``value`` as canonical text in which a tensor is its identity (its bytes' source)."""
+    keys = {p: f"{id(leaf.source)}" for p, leaf in walk(value) if type(leaf) is TensorRef}
+    return json.dumps(manifests.encode_tree(value, keys), separators=(",", ":"), ensure_ascii=True)
