@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from . import cli
+from .core.errors import ConverterError
 
 
 class TorchGroup:
@@ -36,13 +38,29 @@ class TorchGroup:
 
     def all_gather(self, value: Any) -> list[Any]:
         gathered: list[Any] = [None] * self.size
-        self._dist.all_gather_object(gathered, value)
+        with _lost_contact():
+            self._dist.all_gather_object(gathered, value)
         return gathered
 
     def broadcast(self, value: Any) -> Any:
         box = [value]
-        self._dist.broadcast_object_list(box, src=0)
+        with _lost_contact():
+            self._dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+@contextmanager
+def _lost_contact() -> Iterator[None]:
+    """A collective fails when another rank died or left (its connections closed): one line."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo/c10d report a lost peer as RuntimeError (DistBackendError)
+        # gloo says "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:150. This is typically...":
+        # the words between the source location and the first full stop are the news.
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = text.rsplit("] ", 1)[-1] if text.startswith("[") else text
+        cause = cause.split(". ", 1)[0].split(" [", 1)[0]
+        raise ConverterError(f"another rank of the job stopped, so this one stops too ({cause:.120})") from None
 
 
 USAGE = "usage: torchrun [...] -m converters.distributed convert SRC DST [convert options]"
@@ -59,16 +77,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch.distributed as dist  # an edge module: torch is what carries the ranks' messages
 
     dist.init_process_group(backend=os.environ.get("SDCONVERT_DIST_BACKEND", "gloo"))
-    try:
-        group = TorchGroup(dist)
-        if group.rank != 0 and "--quiet" not in arguments:
-            arguments.append("--quiet")  # one progress bar and one "wrote" line: rank 0's
-        code = cli.main(arguments, group=group)
-        # Every rank leaves together: a gloo rank torn down while another still talks aborts.
-        dist.barrier()
-        return code
-    finally:
-        dist.destroy_process_group()
+    group = TorchGroup(dist)
+    if group.rank != 0 and "--quiet" not in arguments:
+        arguments.append("--quiet")  # one progress bar and one "wrote" line: rank 0's
+    code = cli.main(arguments, group=group)  # every error becomes an exit code and one line there
+    if code != cli.EXIT_OK:
+        # This rank stopped (it said why, in one line) at a point the others cannot know: leaving
+        # at once closes its connections, so their next step fails instead of waiting forever.
+        _leave(code)
+    # Every rank leaves together: a gloo rank torn down while another still talks aborts.
+    dist.barrier()
+    dist.destroy_process_group()
+    return code
+
+
+def _leave(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

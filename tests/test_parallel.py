@@ -258,6 +258,63 @@ def test_a_failing_shard_leaves_no_folder(tmp_path: Path, source: Path, monkeypa
     no_leftovers(tmp_path)
 
 
+def test_a_worker_still_writing_after_ctrl_c_puts_nothing_back(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a worker thread is inside the fsync of a shard (a slow disk): the caller gives
+    up waiting, removes the staging folder, and the worker, when it wakes, must not rename its
+    finished shard back into it."""
+    import _thread
+
+    monkeypatch.setattr(parallel, "GRACE_SECONDS", 0.05)
+    real_fsync, woken, done = os.fsync, threading.Event(), threading.Event()
+    main = threading.main_thread()
+
+    def slow_fsync(fd: int) -> None:
+        if threading.current_thread() is not main and not woken.is_set():
+            woken.set()
+            _thread.interrupt_main()
+            done.wait(30)  # the caller has cleaned up by now
+        real_fsync(fd)
+
+    from converters.core import atomic
+
+    published_late: list[str] = []
+    real_publish = atomic._publish
+
+    def publish(pairs: Any, *args: Any) -> None:
+        if done.is_set():  # renaming into a staging folder that may be being deleted: the race
+            published_late.extend(target.name for _, target in pairs)
+        real_publish(pairs, *args)
+
+    monkeypatch.setattr(atomic, "_publish", publish)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        converters.convert(source, tmp_path / "out", max_shard_size=SHARD, workers=2)
+    done.set()
+    for thread in threading.enumerate():
+        if thread.name.startswith("sdconvert-file"):
+            thread.join(30)
+    assert published_late == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+def test_rank_0_does_not_reread_what_other_ranks_cast(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from converters.core import transfer
+
+    rehashed: list[int] = []
+    real = transfer.blake3_hex
+    monkeypatch.setattr(transfer, "blake3_hex", lambda src: rehashed.append(src.nbytes) or real(src))
+    on_ranks(2, lambda group: converters.convert(
+        source, tmp_path / "out", max_shard_size=SHARD, dtype="bfloat16", group=group
+    ))  # fmt: skip
+    assert rehashed == []  # every source digest was learnt while casting, by the rank that cast it
+    one = converters.convert(source, tmp_path / "one", max_shard_size=SHARD, dtype="bfloat16", workers=1)
+    assert folder_bytes(tmp_path / "out") == folder_bytes(one)
+
+
 # ----------------------------------------------------------------------------- ranks (simulated)
 
 
@@ -429,6 +486,28 @@ def test_torchrun_refuses_an_existing_destination_on_every_rank(tmp_path: Path, 
     assert "converters/" not in result.stderr
     assert result.stderr.count("sdconvert: ") == 2  # one line per rank
     assert list((tmp_path / "taken").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("scenario", "says"),
+    [
+        ("read", "rank 1 cannot read the source"),
+        ("interrupt", "rank 1 of 2 failed: KeyboardInterrupt"),
+        ("killed", "another rank of the job stopped, so this one stops too"),
+    ],
+)
+def test_a_rank_that_fails_anywhere_stops_the_job_and_leaves_nothing(
+    tmp_path: Path, sharded_source: Path, scenario: str, says: str
+) -> None:
+    job = ROOT / "tests" / "jobs" / "failing_rank.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(job),
+               scenario, "convert", str(sharded_source), str(tmp_path / "out"), "--to", "safetensors",
+               "--max-shard-size", "20KB", "--workers", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    if scenario != "killed":  # when a rank is killed, torchrun may stop rank 0 before it notices
+        assert says in result.stderr, result.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []  # no folder, no staging folder, no shard
 
 
 def test_the_entry_point_says_it_needs_torchrun(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ConverterError, DestinationError
-from .parallel import Group
+from .parallel import Group, from_rank_0, gather, stop_if_asked
 
 EXISTS = "exists; pass --force (overwrite=True) to replace it"
 APPEARED = "appeared while it was being written and was not replaced; pass --force (overwrite=True) to replace it"
@@ -79,6 +79,7 @@ def atomic_outputs(
                 raise DestinationError(EXISTS, file=target)
     temps: list[Path] = []
     handles: list[BinaryIO] = []
+    stop_if_asked()  # a file of a folder whose other files failed (or Ctrl-C): no new file
     try:
         for target in targets:
             temp, handle = _temp_file(target)
@@ -101,6 +102,9 @@ def atomic_outputs(
                 info = os.fstat(handle.fileno())
                 ours[target] = (info.st_dev, info.st_ino)
                 handle.close()
+        # A worker thread whose folder was given up while it wrote (its staging folder may be
+        # being deleted) must not put a file back into it.
+        stop_if_asked()
         _publish(list(zip(temps, targets, strict=True)), ours, overwrite)
     except BaseException:
         for handle in handles:
@@ -167,46 +171,55 @@ def atomic_folder(
 def _group_folder(
     destination: Path, replaceable: Callable[[Path], bool], fsync: bool, overwrite: bool, group: Group
 ) -> Iterator[Path]:
-    # Every rank takes part in every collective below, whatever fails where: a rank that skipped
-    # one would leave the others waiting forever.
-    if group.rank == 0:
-        try:
-            staging = _make_staging(destination, overwrite)
-        except ConverterError as exc:
-            group.broadcast(("failed", _one_line(exc)))
-            raise
-        group.broadcast(str(staging))
-    else:
-        received = group.broadcast(None)
-        if not isinstance(received, str):
-            raise ConverterError(f"rank 0 could not start the folder: {received[1]}")
-        staging = Path(received)
-    failure: BaseException | None = None
+    # Every rank takes part in every step below whatever fails where (a rank that skipped one
+    # would leave the others waiting), and the steps are checked to pair up (core.parallel).
+    # What no step can cover — a rank killed, or one that failed before writing and left
+    # (converters.distributed exits at once then) — breaks the group's connections: the others'
+    # steps raise, and every rank removes the staging folder on its way out.
+    staging: Path | None = None
     try:
-        with _reported_as(destination, staging):
-            yield staging
-    except BaseException as exc:  # told to the other ranks first, then raised
-        failure = exc
-    reports = group.all_gather(None if failure is None else _one_line(failure))
-    failed = next(((rank, text) for rank, text in enumerate(reports) if text is not None), None)
-    outcome: str | None = None
-    if group.rank == 0:
+        if group.rank == 0:
+            try:
+                staging = _make_staging(destination, overwrite)
+            except ConverterError as exc:
+                from_rank_0(group, "staging", ("failed", _one_line(exc)))
+                raise
+            from_rank_0(group, "staging", ("made", str(staging)))
+        else:
+            status, text = from_rank_0(group, "staging", None)
+            if status != "made":
+                raise ConverterError(f"rank 0 could not start the folder: {text}")
+            staging = Path(text)
+        failure: BaseException | None = None
         try:
-            if failed is None:
-                _publish_folder(staging, destination, replaceable, fsync, overwrite)
-        except BaseException as exc:
-            failure, outcome = exc, _one_line(exc)
-        if failure is not None or failed is not None:
+            with _reported_as(destination, staging):
+                yield staging
+        except BaseException as exc:  # told to the other ranks first, then raised
+            failure = exc
+        reports = gather(group, "written", None if failure is None else _one_line(failure))
+        failed = next(((rank, text) for rank, text in enumerate(reports) if text is not None), None)
+        outcome: str | None = None
+        if group.rank == 0:
+            try:
+                if failed is None:
+                    _publish_folder(staging, destination, replaceable, fsync, overwrite)
+                    staging = None  # it is the destination now
+            except BaseException as exc:
+                failure, outcome = exc, _one_line(exc)
+            from_rank_0(group, "published", outcome)
+        else:
+            outcome = from_rank_0(group, "published", None)
+            if failed is None and outcome is None:
+                staging = None  # published by rank 0
+        if failure is not None:
+            raise failure
+        if failed is not None:
+            raise ConverterError(f"rank {failed[0]} of {group.size} failed: {failed[1]}", file=destination)
+        if outcome is not None:
+            raise ConverterError(f"rank 0 could not publish the folder: {outcome}", file=destination)
+    finally:
+        if staging is not None:  # not published: whatever any rank wrote goes
             shutil.rmtree(staging, ignore_errors=True)
-        group.broadcast(outcome)
-    else:
-        outcome = group.broadcast(None)
-    if failure is not None:
-        raise failure
-    if failed is not None:
-        raise ConverterError(f"rank {failed[0]} of {group.size} failed: {failed[1]}", file=destination)
-    if outcome is not None:
-        raise ConverterError(f"rank 0 could not publish the folder: {outcome}", file=destination)
     if fsync and group.rank == 0:
         _fsync_folder(_parent(destination))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from .errors import CorruptFileError, format_tree_path
 from .sources import ByteSource, ConcatSource, FileRange, Record
-from .transfer import blake3_hex, crc32_of
 from .tree import Checkpoint, TensorRef
 
 
@@ -34,7 +33,7 @@ def check(checkpoint: Checkpoint) -> tuple[list[str], int]:
         if ref.digest is None:
             unchecked += 1
             continue
-        actual = blake3_hex(ref.source)
+        actual = _blake3_hex(ref.source)
         if actual != ref.digest:
             problems.append(f"{format_tree_path(path)}: {mismatch_message(ref, actual)}")
     problem = tree_problem(checkpoint)
@@ -71,7 +70,7 @@ def verify_bytes(checkpoint: Checkpoint, origin: object = None) -> None:
         for record in records_of(ref.source):
             verify_record(record, checked)
         if ref.digest is not None:
-            actual = blake3_hex(ref.source)
+            actual = _blake3_hex(ref.source)
             if actual != ref.digest:
                 raise CorruptFileError(mismatch_message(ref, actual), file=str(origin) if origin else None, path=path)
     problem = tree_problem(checkpoint)
@@ -102,6 +101,8 @@ def verify_record(record: Record, checked: set[Record] | None = None) -> None:
 def record_problem(record: Record, checked: set[Record] | None = None) -> str | None:
     if checked is not None and record in checked:
         return None
+    from .transfer import crc32_of  # the hashing libraries: loaded when something is checked
+
     actual = crc32_of(FileRange(record.path, record.offset, record.length))
     if actual != record.crc32:
         return crc_message(record, actual)
@@ -119,3 +120,9 @@ def read_tree_digest(value: object, file: object, what: str) -> str:
     if type(value) is not str or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
         raise CorruptFileError(f"{what} must be a 64-digit hex BLAKE3 digest", file=str(file))
     return value
+
+
+def _blake3_hex(source: ByteSource) -> str:
+    from .transfer import blake3_hex  # the hashing libraries: loaded when something is checked
+
+    return blake3_hex(source)

@@ -94,26 +94,44 @@ def write_files(
     index or publish a folder.
     """
     mine = assign(sizes, group.size)[group.rank] if group is not None else list(range(len(jobs)))
-    results: dict[int, T] = {}
+    if group is None:
+        results = _run(jobs, mine, check_workers(workers))
+        return [results[index] for index in range(len(jobs))]
+    results = {}
     failure: BaseException | None = None
     try:
         results = _run(jobs, mine, check_workers(workers))
-    except Exception as exc:  # reported to the other ranks below; interruptions propagate at once
-        if group is None:
-            raise
+    except BaseException as exc:  # even Ctrl-C: told to the other ranks first, or they would wait forever
         failure = exc
-    if group is None:
-        return [results[index] for index in range(len(jobs))]
-    reports = group.all_gather(_failure_text(failure) if failure is not None else results)
+    reports = gather(group, "files", _failure_text(failure) if failure is not None else results)
+    if failure is not None:
+        raise failure
     for rank, report in enumerate(reports):
         if isinstance(report, str):
-            if failure is not None:
-                raise failure
             raise RankFailed(f"rank {rank} of {group.size} failed: {report}")
     gathered: dict[int, T] = {}
     for report in reports:
         gathered.update(report)
     return [gathered[index] for index in range(len(jobs))]
+
+
+def gather(group: Group, phase: str, value: Any) -> list[Any]:
+    """``group.all_gather`` of ``value``, checked to come from the same step (``phase``) on every
+    rank: ranks out of step (a bug, or a rank that failed between two steps) stop with an error
+    instead of reading one step's values as another's."""
+    return _check_phase(group.all_gather((phase, value)), phase)
+
+
+def from_rank_0(group: Group, phase: str, value: Any) -> Any:
+    """``group.broadcast`` of rank 0's ``value``, checked like :func:`gather`."""
+    return _check_phase([group.broadcast((phase, value))], phase)[0]
+
+
+def _check_phase(received: list[Any], phase: str) -> list[Any]:
+    for item in received:
+        if not (isinstance(item, tuple) and len(item) == 2 and item[0] == phase):
+            raise RankFailed(f"the ranks are out of step: expected their {phase!r} step, received {item!r:.80}")
+    return [value for _, value in received]
 
 
 class Stopped(Exception):
@@ -167,9 +185,9 @@ def _run(jobs: Sequence[Callable[[], T]], indices: list[int], workers: int) -> d
 
     # Daemon threads, not a ThreadPoolExecutor: after an interruption the process must be able to
     # exit while a copy is still inside the kernel (the executor's threads are joined at exit).
-    for number in range(running[0]):
-        threading.Thread(target=work, name=f"sdconvert-file-{number}", daemon=True).start()
     try:
+        for number in range(running[0]):
+            threading.Thread(target=work, name=f"sdconvert-file-{number}", daemon=True).start()
         finished.wait()
     except BaseException:  # Ctrl-C, SIGTERM: running files stop at their next tensor
         stop.set()

@@ -71,14 +71,20 @@ class TensorWriter:
         self._digests[id(ref)] = digest
         return digest
 
-    def digest_of(self, ref: TensorRef) -> str | None:
-        """The digest this writer stored for ``ref``'s bytes; None before they were written."""
-        return self._digests.get(id(ref))
+    def written(self, ref: TensorRef) -> tuple[str, str | None]:
+        """What another process needs to know about ``ref`` once written here (a rank of a
+        distributed write): the digest stored for its bytes, and for a cast tensor the digest of
+        the bytes it was cast from (learnt while casting)."""
+        digest = self._digests[id(ref)]
+        return digest, ref.cast_from.resolved() if ref.cast_from is not None else None
 
-    def learn(self, ref: TensorRef, digest: str) -> None:
-        """The digest another process stored for ``ref``'s bytes (a rank of a distributed write):
-        counted in the tree digest as if written here."""
+    def learn(self, ref: TensorRef, written: tuple[str, str | None]) -> None:
+        """What another process's ``written(ref)`` said: counted in the tree digest (and the cast
+        records) as if written here, without reading the bytes again."""
+        digest, cast_digest = written
         self._digests[id(ref)] = digest
+        if ref.cast_from is not None and cast_digest is not None:
+            ref.cast_from.observe(cast_digest)
 
     def check_sources(self, checkpoint: Checkpoint) -> None:
         """For writers that hand bytes to another library: with ``check``, re-hash stored digests first."""

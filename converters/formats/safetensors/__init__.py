@@ -26,7 +26,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...core import folders, manifests
 from ...core.atomic import atomic_output
@@ -45,8 +45,10 @@ from ...core.stored import (
     tree_from_stored,
 )
 from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef
-from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from . import sharded
+
+if TYPE_CHECKING:
+    from ...core.writing import TensorWriter
 
 MAX_HEADER_BYTES = 100_000_000
 TREE_KEY = "sdconvert.tree"
@@ -200,6 +202,8 @@ class SafetensorsFormat(FormatBase):
                 )
             sharded.write_sharded(self, checkpoint, path, options.max_shard_size, context)
             return
+        from ...core.writing import TensorWriter  # the copy and hashing machinery: writes only
+
         tensor_writer = TensorWriter(context, checkpoint.origin)
         self.write_file(checkpoint, Path(path), tensor_writer, fsync=context.fsync, overwrite=context.overwrite)
 
@@ -208,6 +212,8 @@ class SafetensorsFormat(FormatBase):
     ) -> None:
         """One safetensors file (a shard too: the shards of a folder share one ``tensor_writer``, so
         the index can store the digest of the whole tree)."""
+        from ...core.writing import DIGEST_PLACEHOLDER, Reserved
+
         keys = manifests.storage_keys(checkpoint.tree)
         tensors = checkpoint.unique_tensors()  # a tied tensor is stored once; the tree names it twice
         # Widest elements first keeps every tensor aligned to its element size (the header is

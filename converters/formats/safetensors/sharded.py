@@ -36,7 +36,6 @@ from ...core.errors import CorruptFileError
 from ...core.parallel import serialized, write_files
 from ...core.stored import check_tree_digest, find_index, read_shard_index, shard_file, tree_from_stored
 from ...core.tree import Checkpoint, TensorRef
-from ...core.writing import TensorWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -54,6 +53,10 @@ def replaceable(path: Path) -> bool:
     return path.name.endswith((".safetensors", ".index.json")) and path.is_file()
 
 
+# What a shard's writer tells the others about each of its tensors (TensorWriter.written).
+Written = dict[str, tuple[str, str | None]]
+
+
 def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size: int, context: WriteContext) -> None:
     keys = manifests.storage_keys(checkpoint.tree)
     shards: list[list[tuple[str, TensorRef]]] = [[]]
@@ -69,6 +72,8 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
     # The plan above depends on the checkpoint alone, so any number of workers or ranks writes
     # the same files. One tensor writer for every shard of this process; digests written by
     # other ranks are learnt from them, so rank 0's index stores the digest of the whole tree.
+    from ...core.writing import TensorWriter  # the copy and hashing machinery: writes only
+
     context = dataclasses.replace(context, progress=serialized(context.progress))
     tensor_writer = TensorWriter(context, checkpoint.origin)
     group = context.group
@@ -76,11 +81,11 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         folder, replaceable, fsync=context.fsync, overwrite=context.overwrite, group=group
     ) as staging:
 
-        def shard_writer(name: str, shard: list[tuple[str, TensorRef]]) -> Callable[[], dict[str, str]]:
-            def write() -> dict[str, str]:
+        def shard_writer(name: str, shard: list[tuple[str, TensorRef]]) -> Callable[[], Written]:
+            def write() -> Written:
                 shard_checkpoint = Checkpoint(dict(shard), checkpoint.origin)
                 fmt.write_file(shard_checkpoint, staging / name, tensor_writer, fsync=context.fsync, overwrite=True)
-                return {key: str(tensor_writer.digest_of(ref)) for key, ref in shard}
+                return {key: tensor_writer.written(ref) for key, ref in shard}
 
             return write
 
@@ -92,9 +97,9 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
         )
         if group is not None and group.rank != 0:
             return
-        for shard, shard_digests in zip(shards, digests, strict=True):
+        for shard, shard_written in zip(shards, digests, strict=True):
             for key, ref in shard:
-                tensor_writer.learn(ref, shard_digests[key])
+                tensor_writer.learn(ref, shard_written[key])
         index = {
             "metadata": {
                 **checkpoint.carried_metadata(),  # what the source said about itself, carried over
