@@ -299,19 +299,22 @@ def test_a_worker_still_writing_after_ctrl_c_puts_nothing_back(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
 
 
+@pytest.mark.parametrize("destination", ["safetensors", "dcp"])
 def test_rank_0_does_not_reread_what_other_ranks_cast(
-    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, destination: str
 ) -> None:
     from converters.core import transfer
 
     rehashed: list[int] = []
     real = transfer.blake3_hex
     monkeypatch.setattr(transfer, "blake3_hex", lambda src: rehashed.append(src.nbytes) or real(src))
-    on_ranks(2, lambda group: converters.convert(
-        source, tmp_path / "out", max_shard_size=SHARD, dtype="bfloat16", group=group
+    _, options = split(destination, SHARD)
+    outcomes = on_ranks(2, lambda group: converters.convert(
+        source, tmp_path / "out", dst_format=destination, dtype="bfloat16", group=group, **options
     ))  # fmt: skip
+    assert outcomes == [tmp_path / "out"] * 2
     assert rehashed == []  # every source digest was learnt while casting, by the rank that cast it
-    one = converters.convert(source, tmp_path / "one", max_shard_size=SHARD, dtype="bfloat16", workers=1)
+    one = converters.convert(source, tmp_path / "one", dst_format=destination, dtype="bfloat16", workers=1, **options)
     assert folder_bytes(tmp_path / "out") == folder_bytes(one)
 
 

@@ -51,7 +51,6 @@ from . import optimizers, reader, writer
 DEFAULT_MAX_FILE_SIZE = 512 << 20
 
 
-
 @dataclass(frozen=True)
 class DcpOptions:
     max_file_size: int = option(
@@ -120,7 +119,7 @@ class DcpFormat(FormatBase):
             Path(path), self.replaceable, fsync=context.fsync, overwrite=context.overwrite, group=group
         ) as staging:
 
-            def data_file(index: int) -> Callable[[], dict[str, list[str]]]:
+            def data_file(index: int) -> Callable[[], writer.Written]:
                 return lambda: writer.write_data_file(plan, index, staging, tensors, fsync=context.fsync)
 
             digests = write_files(

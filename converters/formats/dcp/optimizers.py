@@ -13,10 +13,11 @@ torch itself maps numbers to names through the live objects (the i-th parameter 
 optimizer's groups *is* a parameter of the model). A checkpoint holds no objects, so the mapping
 rests on what the checkpoint and ``--model`` can show, and is refused wherever they cannot:
 
-1. The model: the one flat state_dict (str keys to tensors) beside the optimizer in the same
-   dict (walking up through lists, as Lightning's ``optimizer_states`` list), the one named
-   ``model_state_dict``/``model``/``state_dict``/``net``/``module`` when there are several.
-   None: refused.
+1. The model: a flat state_dict (str keys to tensors) beside the optimizer in the same dict
+   (walking up through lists, as Lightning's ``optimizer_states`` list). None: refused. With
+   several (a GAN's generator and discriminator), the one that fits the optimizer by the rules
+   below; refused when none does, or when models of other parameter names fit alike (which model
+   an optimizer trains no name says: ``model`` beside ``discriminator_optimizer`` is a guess).
 2. Its parameters in order: the model's ``named_parameters()`` with ``--model``; without it the
    model state_dict's tensors (a tied one once), which are its parameters only when it holds
    no buffers. A state_dict interleaves buffers (BatchNorm's ``running_mean``) with parameters
@@ -26,16 +27,23 @@ rests on what the checkpoint and ``--model`` can show, and is refused wherever t
    optimizer over the model's own parameters, means the state_dict holds no buffers and the
    optimizer all parameters. Otherwise refused, saying what is missing (``--model``, or that
    the optimizer does not cover every parameter).
-4. Number i is then the i-th parameter, as for an optimizer built over ``model.parameters()``.
-   Checked where the checkpoint can: every per-parameter state tensor with dims
-   (``momentum_buffer``, ``exp_avg``...) must have its parameter's shape; with several
-   ``param_groups`` (which parameter belongs to which group changes hyper-parameters) every
-   parameter must have such a tensor to be checked by. Otherwise refused.
+4. One param group: number i is the i-th parameter, as for an optimizer built over
+   ``model.parameters()`` (torch's own convention). Checked where the checkpoint can: every
+   per-parameter state tensor with dims (``momentum_buffer``, ``exp_avg``...) must have its
+   parameter's shape. Otherwise refused.
+5. Several param groups: the numbers follow the groups' order, which is generally not the
+   model's (a weight-decay split lists the weights, then the biases; a user may list the decoder
+   before the encoder). Which number is which parameter, and so which group's hyper-parameters a
+   parameter gets back from ``set_state_dict``, is then *found*: each number is the one parameter
+   of the shape of its state tensors with dims. Written only when that proves it: every number
+   has such state (0-dim parameters and parameters without state yet have none) and no two
+   parameters of the model share a shape. Otherwise refused (convert the model alone, or keep the
+   numbered optimizer in another format).
 
-What no check can see: an optimizer built over the parameters in another order that swaps only
-parameters of equal shapes, with one group (several groups need every parameter checked). The
-state of such a pair would be exchanged. With one group and no state at all, the order does not
-matter to ``set_state_dict`` (nothing is assigned per parameter).
+What no check can see: an optimizer with one group built over the parameters in another order
+that swaps only parameters of equal shapes. The state of such a pair would be exchanged. With one
+group and no state at all, the order does not matter to ``set_state_dict`` (nothing is assigned
+per parameter).
 """
 
 from __future__ import annotations
@@ -48,7 +56,6 @@ from ...core.errors import UnsupportedValueError, format_tree_path, shown
 from ...core.tree import MAPPING_TYPES, TensorRef
 
 TreePath = tuple[str | int, ...]
-MODEL_KEYS = ("model_state_dict", "model", "state_dict", "net", "module")
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,6 @@ def _name(tree: Any, path: TreePath, optimizer: Mapping[Any, Any], model: ModelP
             path=path or None,
         )
 
-    built_otherwise = "the optimizer was not built over model.parameters() in order"
     numbers = _numbers(optimizer)
     count = len(numbers)
     if numbers != list(range(count)):
@@ -164,93 +170,170 @@ def _name(tree: Any, path: TreePath, optimizer: Mapping[Any, Any], model: ModelP
             f"its state has the key {shown(repr(stray), 40)}, which is not one of its {count} parameters",
             "write it as Optimizer.state_dict() gives it",
         )
-    found = _model_beside(tree, path)
-    if found is None:
+    candidates = _models_beside(tree, path)
+    if not candidates:
         raise refuse(
             f"no model state_dict lies beside it to name its {count} numbered parameters",
             "convert it beside its model (e.g. {'model': model.state_dict(), 'optimizer': optimizer.state_dict()})",
         )
-    if isinstance(found, str):
-        raise refuse(found, "keep one model beside it, or name it 'model'")
-    model_path, state_dict = found
-    at = format_tree_path(model_path)
+    evidence = [_state_shapes(state.get(number)) for number in range(count)]
+    groups = len(optimizer["param_groups"])
+    fits: list[tuple[TreePath, tuple[str, ...]]] = []
+    unfit: list[tuple[TreePath, _Unfit]] = []
+    for model_path, state_dict in candidates:
+        try:
+            fits.append((model_path, _fit(format_tree_path(model_path), state_dict, evidence, groups, model)))
+        except _Unfit as exc:
+            unfit.append((model_path, exc))
+    if len(candidates) == 1 and unfit:
+        raise refuse(unfit[0][1].why, unfit[0][1].fix)
+    if not fits:
+        at, first = unfit[0]
+        raise refuse(
+            f"none of the {len(candidates)} model state_dicts beside it ({_listed(candidates)}) fits it "
+            f"(at {format_tree_path(at)}: {first.why})",
+            first.fix,
+        )
+    if len({names for _, names in fits}) > 1:  # models with other parameter names fit alike: which one it trains?
+        raise refuse(
+            f"{len(fits)} model state_dicts beside it ({_listed(fits)}) fit its parameters alike, and which "
+            "model it trains the checkpoint cannot say",
+            "convert each model with its own optimizer (--select them), or write another format",
+        )
+    return Named(path, fits[0][1])
+
+
+class _Unfit(Exception):
+    """Why a model state_dict cannot name an optimizer's parameters, and what to do."""
+
+    def __init__(self, why: str, fix: str) -> None:
+        super().__init__(why)
+        self.why, self.fix = why, fix
+
+
+def _state_shapes(per_parameter: Any) -> dict[tuple[int, ...], Any]:
+    """The shapes of a parameter's state tensors with dims (``momentum_buffer``, ``exp_avg``...),
+    each with the first state key that has it. 0-dim ones (Adam's ``step``) say nothing."""
+    shapes: dict[tuple[int, ...], Any] = {}
+    if type(per_parameter) in MAPPING_TYPES:
+        for key, value in per_parameter.items():
+            if type(value) is TensorRef and not value.numpy and value.shape:
+                shapes.setdefault(value.shape, key)
+    return shapes
+
+
+def _fit(
+    at: str,
+    state_dict: Mapping[str, TensorRef],
+    evidence: Sequence[Mapping[tuple[int, ...], Any]],
+    groups: int,
+    model: ModelParameters | None,
+) -> tuple[str, ...]:
+    """The name of each number, read off the model state_dict at ``at`` (and ``--model``), or
+    ``_Unfit``. One group: number i is the i-th parameter (as for ``model.parameters()``), checked by
+    the shapes of its state. Several: each number is the one parameter of its state's shape, which
+    only holds when every number has such state and no two parameters share a shape."""
+    count = len(evidence)
     if model is None:
-        tensors = _unique_tensors(state_dict)
-        if len(tensors) != count:
-            raise refuse(
-                f"it numbers {count} parameters but the model state_dict at {at} holds {len(tensors)} tensors, "
+        parameters = _unique_tensors(state_dict)
+        if len(parameters) != count:
+            raise _Unfit(
+                f"it numbers {count} parameters but the model state_dict at {at} holds {len(parameters)} tensors, "
                 "and which of them are parameters (not buffers such as BatchNorm's running_mean) the checkpoint "
                 "cannot say",
                 "pass --model with the model's class to tell them apart",
             )
-        parameters = tensors
     else:
         mismatch = _model_mismatch(model, state_dict)
         if mismatch is not None:
-            raise refuse(f"--model does not fit the model state_dict at {at}: {mismatch}", "pass the model's own class")
+            raise _Unfit(f"--model does not fit the model state_dict at {at}: {mismatch}", "pass the model's own class")
         parameters = list(model.parameters)
         if len(parameters) != count:
-            raise refuse(
+            raise _Unfit(
                 f"it numbers {count} parameters but the model at {at} has {len(parameters)}, so it was not "
                 "built over all of model.parameters() and which number is which parameter cannot be known",
                 "convert it where each number's parameter is known",
             )
-    unchecked = []
-    for number in range(count):
-        name, shape = parameters[number]
-        checked = False
-        per_parameter = state.get(number)
-        if type(per_parameter) in MAPPING_TYPES:
-            for key, value in per_parameter.items():
-                if type(value) is TensorRef and not value.numpy and value.shape:
-                    if value.shape != shape:
-                        raise refuse(
-                            f"parameter {number}'s {shown(repr(key), 40)} has the shape {list(value.shape)}, but "
-                            f"parameter {number} of the model at {at} ({shown(name)}, in model order) has "
-                            f"{list(shape)}: {built_otherwise}",
-                            "convert it where each number's parameter is known",
-                        )
-                    checked = True
-        if not checked:
-            unchecked.append(number)
-    groups = len(optimizer["param_groups"])
-    if groups > 1 and unchecked:
-        raise refuse(
-            f"it has {groups} param_groups, and which parameter is in which group can be checked only by the "
-            f"shapes of their state, of which parameter {unchecked[0]} has none",
-            "convert it once it has state for every parameter (after a step)",
+    if groups <= 1:
+        for number, shapes in enumerate(evidence):
+            name, shape = parameters[number]
+            for other, key in shapes.items():
+                if other != shape:
+                    raise _Unfit(
+                        f"parameter {number}'s {shown(repr(key), 40)} has the shape {list(other)}, but "
+                        f"parameter {number} of the model at {at} ({shown(name)}, in model order) has "
+                        f"{list(shape)}: the optimizer was not built over model.parameters() in order",
+                        "convert it where each number's parameter is known",
+                    )
+        return tuple(name for name, _ in parameters)
+    # Several groups: the numbers follow the groups' order, which need not be the model's (a
+    # weight-decay split is not). Each number is found by its shape, when that proves it.
+    apart = (
+        f"convert the model alone (--select {at}), or write another format, which keeps the optimizer "
+        "numbered (such as .pt)"
+    )
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, (_, shape) in enumerate(parameters):
+        by_shape.setdefault(shape, []).append(index)
+    names: list[str] = []
+    for number, shapes in enumerate(evidence):
+        if not shapes:
+            raise _Unfit(
+                f"it has {groups} param_groups whose parameters cannot be told apart: which is which number "
+                f"(whose state, in which group) only the shapes of their state can show, and parameter {number} "
+                "has no state with dims (no step taken yet, or a 0-dim parameter)",
+                apart,
+            )
+        shape, key = next(iter(shapes.items()))
+        if len(shapes) > 1 or shape not in by_shape:
+            raise _Unfit(
+                f"parameter {number}'s state has the shapes {shown([list(s) for s in shapes], 60)}, which is "
+                f"not one parameter of the model at {at}",
+                "convert it where each number's parameter is known",
+            )
+        same = by_shape[shape]
+        if len(same) > 1:
+            raise _Unfit(
+                f"it has {groups} param_groups whose parameters cannot be told apart: "
+                f"{shown(parameters[same[0]][0])} and {shown(parameters[same[1]][0])} of the model at {at} share "
+                f"the shape {list(shape)}, and which of them is which number (whose state, in which group) the "
+                "checkpoint cannot say",
+                apart,
+            )
+        names.append(parameters[same[0]][0])
+    if len(set(names)) != count:  # two numbers of one shape: not the model's parameters one to one
+        repeated = next(name for name in names if names.count(name) > 1)
+        raise _Unfit(
+            f"two of its parameters have the state shape of {shown(repeated)} of the model at {at}, which has "
+            "one such parameter",
+            "convert it where each number's parameter is known",
         )
-    return Named(path, tuple(name for name, _ in parameters))
+    return tuple(names)
 
 
-def _model_beside(tree: Any, path: TreePath) -> tuple[TreePath, Mapping[str, Any]] | str | None:
-    """The model state_dict beside the optimizer at ``path``: ``(its path, it)``, a reason when
-    several could be, None when there is none."""
+def _models_beside(tree: Any, path: TreePath) -> list[tuple[TreePath, Mapping[str, Any]]]:
+    """The model state_dicts beside the optimizer at ``path`` (flat str -> tensor dicts in the dict
+    holding it, up through lists), as ``(path, state_dict)``."""
     if not path:
-        return None
+        return []
     holder_path = path[:-1]
     while holder_path and type(_at(tree, holder_path)) is list:
         holder_path = holder_path[:-1]
     holder = _at(tree, holder_path)
     own_key = path[len(holder_path)]
-    candidates = [
-        (key, value)
+    return [
+        ((*holder_path, key), value)
         for key, value in holder.items()
         if key != own_key
         and type(value) in MAPPING_TYPES
         and value
         and all(type(k) is str and type(v) is TensorRef and not v.numpy for k, v in value.items())
     ]
-    if len(candidates) > 1:
-        preferred = [item for name in MODEL_KEYS for item in candidates if item[0] == name]
-        if not preferred:
-            names = ", ".join(shown(repr(key), 40) for key, _ in candidates[:4])
-            return f"several model state_dicts lie beside it ({names}) and none has a conventional name"
-        candidates = preferred[:1]
-    if not candidates:
-        return None
-    key, state_dict = candidates[0]
-    return (*holder_path, key), state_dict
+
+
+def _listed(items: Sequence[tuple[TreePath, Any]]) -> str:
+    shown_items = ", ".join(format_tree_path(item_path) for item_path, _ in items[:4])
+    return shown_items + (", ..." if len(items) > 4 else "")
 
 
 def _unique_tensors(state_dict: Mapping[str, TensorRef]) -> list[tuple[str, tuple[int, ...]]]:

@@ -32,7 +32,7 @@ from ...codecs.torch_pickle import ALLOWED_OPCODES, DTypeMarker, prescan
 from ...core import dtypes, manifests
 from ...core.budget import Budget
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
-from ...core.sources import BufferSource, ConcatSource, read_all
+from ...core.sources import BufferSource, ConcatSource
 from ...core.stored import check_tree_digest, loads_json_strict, read_folder_file, tree_from_stored
 from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, map_leaves, walk
 from . import optimizers, view
@@ -451,7 +451,7 @@ def _read_sidecar(folder: Path, metadata_digest: str, budget: Budget) -> dict[st
 def _ours(assembler: _Assembler, sidecar: dict[str, Any], path: Path, budget: Budget) -> Checkpoint:
     """Our tree from ``sdconvert.json`` and the folder's tensors, once DCP's entries are checked to
     be exactly the view of that tree ``dcp.load`` gives (every FQN, path and value)."""
-    entries = _with_copies_shared(assembler.entries(), sidecar["copies"], path)
+    entries = _with_copies_shared(assembler.entries(), sidecar["copies"], path, budget)
     view_tree = assembler.tree(entries)
     keys = manifests.storage_keys(view_tree)
     refs: dict[str, TensorRef] = {}
@@ -505,10 +505,16 @@ def _named(value: Any, path: Path) -> list[optimizers.Named]:
 
 
 def _with_copies_shared(
-    entries: list[tuple[str, tuple[str | int, ...], Any]], copies: Any, path: Path
+    entries: list[tuple[str, tuple[str | int, ...], Any]], copies: Any, path: Path, budget: Budget
 ) -> list[tuple[str, tuple[str | int, ...], Any]]:
     """``entries`` with each tensor stored again by another entry (a tensor tied across two
-    ``torch.save``d values) replaced by its first copy, once both are checked to be the same."""
+    ``torch.save``d values) replaced by its first copy, once their bytes are compared equal.
+
+    The bytes, not the digest records of the two archives: a record is only what the file says of
+    its bytes (another tool may rewrite them and keep it, a bit may rot), and the copy is not in the
+    tree that integrity checks then hash. Each pair is compared once (a list naming it again costs
+    nothing), a tensor already one object is not compared, and every byte compared is charged to
+    the read's budget first: a crafted list cannot make a read slow."""
     if type(copies) is not list or not all(
         type(c) is list
         and len(c) == 4
@@ -522,28 +528,84 @@ def _with_copies_shared(
     if not copies:
         return entries
     positions = {fqn: position for position, (fqn, _, _) in enumerate(entries)}
-    values = [value for _, _, value in entries]
+    held: dict[int, list[TensorRef]] = {}  # an entry's tensors, listed once per entry
+
+    def tensor(fqn: str, index: int) -> TensorRef:
+        position = positions.get(fqn)
+        if position is None:
+            raise CorruptFileError(
+                f"{SIDECAR}: copies name the entry {fqn!r:.80}, which {METADATA} does not hold", file=path
+            )
+        if position not in held:
+            held[position] = view.tensors_in(entries[position][2])
+        if not 0 <= index < len(held[position]):
+            raise CorruptFileError(
+                f"{SIDECAR}: copies name tensor {index} of {fqn!r:.80}, which it does not hold", file=path
+            )
+        return held[position][index]
+
+    first_of: dict[int, TensorRef] = {}  # id of a copy -> the tensor it is a copy of
+    firsts: set[int] = set()
     for copy_fqn, copy_index, first_fqn, first_index in copies:
-        if copy_fqn not in positions or first_fqn not in positions:
-            raise CorruptFileError(f"{SIDECAR}: copies name an entry {METADATA} does not hold", file=path)
-        held, first = view.tensors_in(values[positions[copy_fqn]]), view.tensors_in(values[positions[first_fqn]])
-        if not (0 <= copy_index < len(held) and 0 <= first_index < len(first)):
-            raise CorruptFileError(f"{SIDECAR}: copies name a tensor the entry does not hold", file=path)
-        copy, original = held[copy_index], first[first_index]
-        same = (copy.dtype, copy.shape, copy.numpy) == (original.dtype, original.shape, original.numpy) and (
-            copy.digest == original.digest if copy.digest and original.digest else _same_bytes(copy, original)
-        )
-        if not same:
-            raise CorruptFileError(f"{copy_fqn!r:.80} stores another tensor than {first_fqn!r:.80}", file=path)
-        position = positions[copy_fqn]
-        values[position] = map_leaves(
-            values[position], lambda _p, leaf, copy=copy, original=original: original if leaf is copy else leaf
-        )
-    return [(fqn, planner_path, value) for (fqn, planner_path, _), value in zip(entries, values, strict=True)]
+        copy, original = tensor(copy_fqn, copy_index), tensor(first_fqn, first_index)
+        if copy is original or first_of.get(id(copy)) is original:
+            continue  # one object already (a tie .metadata names), or a pair compared already
+        if id(copy) in first_of or id(copy) in firsts or id(original) in first_of:
+            raise CorruptFileError(
+                f"{SIDECAR}: copies make tensor {copy_index} of {copy_fqn!r:.80} a copy of two tensors, or of a copy",
+                file=path,
+            )
+        budget.output(copy.nbytes + original.nbytes, f"tensor bytes compared for {SIDECAR}'s copies")
+        if (copy.dtype, copy.shape, copy.numpy) != (original.dtype, original.shape, original.numpy) or not _same_bytes(
+            copy, original
+        ):
+            raise CorruptFileError(
+                f"{copy_fqn!r:.80} (its tensor {copy_index}) and {first_fqn!r:.80} (its tensor {first_index}), which "
+                f"{SIDECAR} records as one tensor stored twice, hold different tensors: the folder was changed or "
+                "damaged",
+                file=path.parent,
+            )
+        first_of[id(copy)] = original
+        firsts.add(id(original))
+    if not first_of:
+        return entries
+
+    def shared(value: Any) -> Any:
+        if type(value) is TensorRef:
+            return first_of.get(id(value), value)
+        if not any(id(ref) in first_of for ref in view.tensors_in(value)):
+            return value
+        return map_leaves(value, lambda _path, leaf: first_of.get(id(leaf), leaf) if type(leaf) is TensorRef else leaf)
+
+    # By object: a tensor two tensor entries name (a tie of .metadata) is one object in both.
+    return [(fqn, planner_path, shared(value)) for fqn, planner_path, value in entries]
 
 
-def _same_bytes(a: TensorRef, b: TensorRef) -> bool:
-    return bytes(read_all(a.source)) == bytes(read_all(b.source))  # numpy arrays: in memory already
+def _same_bytes(a: TensorRef, b: TensorRef, chunk_size: int = 1 << 20) -> bool:
+    """Whether ``a`` and ``b`` hold the same bytes, streamed (a chunk of each in memory at a time)."""
+    if a.nbytes != b.nbytes:
+        return False
+    theirs = (_raw(chunk) for chunk in b.source.chunks(chunk_size))
+    pending = memoryview(b"")
+    for chunk in a.source.chunks(chunk_size):
+        mine = _raw(chunk)
+        while mine:
+            while not pending:
+                following = next(theirs, None)
+                if following is None:
+                    return False
+                pending = following
+            step = min(len(mine), len(pending))
+            if mine[:step] != pending[:step]:
+                return False
+            mine, pending = mine[step:], pending[step:]
+    return not pending and not any(theirs)
+
+
+def _raw(chunk: memoryview) -> memoryview:
+    """``chunk`` as bytes: memoryviews of other formats compare as values (NaN != NaN, -0.0 == 0.0)."""
+    chunk = memoryview(chunk)
+    return chunk if chunk.format == "B" and chunk.ndim == 1 else chunk.cast("B")
 
 
 def _signature(value: Any) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...core.errors import UnsupportedValueError, shown
+from ...core.errors import UnsupportedValueError, format_tree_path, shown
 from ...core.tree import MAPPING_TYPES, TensorRef
 
 ViewPath = tuple[str | int, ...]
@@ -69,6 +69,49 @@ def entries(tree: Mapping[Any, Any]) -> list[Entry]:
 
     visit((), (), tree)
     return found
+
+
+def check_loadable(found: list[Entry]) -> None:
+    """Refuse (``UnsupportedValueError`` naming the list) entries DCP cannot load back.
+
+    ``dcp.load`` (through ``_flatten_sharded_tensors``) and ``dcp_to_torch_save`` rebuild the tree
+    from the stored values' paths before flattening it again: empty containers are gone and a list
+    slot no value fills is ``None``. A list walked only for an empty container (``[1, {}]``), or
+    with such an item before stored ones (``[{}, 1]``, ``[{}, tensor]``), then flattens to keys no
+    folder holds and both fail ("Missing key in checkpoint state_dict") — for ``dcp.save``'s own
+    folders too. So the tree rebuilt from the entries must flatten to the entries' own paths."""
+    if not any(type(segment) is int for entry in found for segment in entry.path):
+        return  # no list walked: nothing to rebuild otherwise
+    paths = {entry.path for entry in found}
+    rebuilt = assemble([(entry.path, entry.value) for entry in found])
+    extra = next((path for path in _flattened(rebuilt, ()) if path not in paths), None)
+    if extra is None:
+        return
+    if any(entry.path[: len(extra)] == extra for entry in found):  # values lie below: the list turned one value
+        where, why = extra, "DCP stores its items one by one only because of the empty containers it holds"
+    else:  # a slot no value fills
+        where = extra[:-1]
+        why = f"its item {extra[-1]} holds only empty containers (no value DCP stores) and a later one holds values"
+    at = next(entry.tree_path[: len(where)] for entry in found if entry.path[: len(where)] == where)
+    raise UnsupportedValueError(
+        f"DCP cannot load back the list at {format_tree_path(at)}: {why}. dcp.load and dcp_to_torch_save rebuild "
+        "lists from the paths of the values stored, without empty containers, and then ask for keys the folder "
+        "does not hold (torch's own dcp.save writes such a list alike): drop its empty containers, or leave it "
+        f"out (--exclude {format_tree_path(at)})",
+        path=at,
+    )
+
+
+def _flattened(value: Any, path: ViewPath) -> Iterator[ViewPath]:
+    """The paths :func:`entries` gives a tree :func:`assemble` rebuilt (keys are str already)."""
+    if type(value) is dict:
+        for key, child in value.items():
+            yield from _flattened(child, (*path, key))
+    elif type(value) is list and not _terminal(value):
+        for index, child in enumerate(value):
+            yield from _flattened(child, (*path, index))
+    else:
+        yield path
 
 
 def _terminal(value: list[Any]) -> bool:

@@ -86,6 +86,7 @@ def plan_folder(
 ) -> FolderPlan:
     """The plan of ``checkpoint`` (root: a mapping) as a DCP folder, optimizers named by ``named``."""
     entries = tuple(view.entries(optimizers.renamed(checkpoint.tree, named)))
+    view.check_loadable(list(entries))
     stored: list[Stored] = []
     files: list[list[int]] = []
     sizes: list[int] = []
@@ -117,25 +118,33 @@ def plan_folder(
     return FolderPlan(checkpoint, tuple(named), entries, tuple(stored), data_files, tuple(copies), allowed, paths)
 
 
-def write_data_file(
-    plan: FolderPlan, index: int, folder: Path, tensors: TensorWriter, *, fsync: bool
-) -> dict[str, list[str]]:
-    """Write data file ``index`` of ``plan`` into ``folder``; the BLAKE3 digests of the tensors of
-    each entry it holds (by FQN, in ``view.tensors_in`` order), for :func:`write_metadata`."""
+# Per FQN, per tensor of the entry (``view.tensors_in`` order): the BLAKE3 digest stored for its
+# bytes, and for a cast tensor that of the bytes it was cast from (learnt while casting, so
+# whoever writes .metadata — rank 0 of a distributed write — never reads other ranks' sources).
+Written = dict[str, list[tuple[str, str | None]]]
+
+
+def write_data_file(plan: FolderPlan, index: int, folder: Path, tensors: TensorWriter, *, fsync: bool) -> Written:
+    """Write data file ``index`` of ``plan`` into ``folder``; what :func:`write_metadata` needs to
+    know of its tensors (``Written``)."""
     data_file = plan.files[index]
-    digests: dict[str, list[str]] = {}
+    digests: Written = {}
     with atomic_output(folder / data_file.name, fsync=fsync) as out:
         for position in data_file.entries:
             entry, stored = plan.entries[position], plan.stored[position]
             if out.tell() != stored.offset:
                 raise AssertionError(f"{entry.fqn!r} planned at {stored.offset}, written at {out.tell()}")
-            digests[entry.fqn] = _Archive.of(entry.value, plan.allowed).write(out, tensors, plan.tensor_paths)
+            stored_digests = _Archive.of(entry.value, plan.allowed).write(out, tensors, plan.tensor_paths)
+            digests[entry.fqn] = [
+                (digest, ref.cast_from.resolved() if ref.cast_from is not None else None)
+                for ref, digest in zip(view.tensors_in(entry.value), stored_digests, strict=True)
+            ]
             if out.tell() != stored.offset + stored.length:
                 raise AssertionError(f"{entry.fqn!r} planned as {stored.length} bytes, written as {out.tell()}")
     return digests
 
 
-def write_metadata(plan: FolderPlan, digests: Sequence[dict[str, list[str]]], folder: Path, *, fsync: bool) -> None:
+def write_metadata(plan: FolderPlan, digests: Sequence[Written], folder: Path, *, fsync: bool) -> None:
     """Write ``sdconvert.json`` and ``.metadata`` (last) of ``plan`` into ``folder``, once every
     data file is written (``digests``: what :func:`write_data_file` returned for each)."""
     checkpoint = plan.checkpoint
@@ -143,8 +152,10 @@ def write_metadata(plan: FolderPlan, digests: Sequence[dict[str, list[str]]], fo
     digest_of: dict[int, str] = {}
     for written in digests:
         for fqn, file_digests in written.items():
-            for ref, digest in zip(view.tensors_in(by_fqn[fqn].value), file_digests, strict=True):
+            for ref, (digest, cast_digest) in zip(view.tensors_in(by_fqn[fqn].value), file_digests, strict=True):
                 digest_of[id(ref)] = digest
+                if ref.cast_from is not None and cast_digest is not None:
+                    ref.cast_from.observe(cast_digest)
     carried = checkpoint.carried_metadata()
     tree_digest = manifests.tree_digest(checkpoint.tree, lambda _path, ref: digest_of[id(ref)], carried)
     assert tree_digest is not None  # every tensor was written
