@@ -34,6 +34,10 @@ bench: $(STAMP)
 	$(PY) bench/transforms.py
 	$(PY) bench/flax_layout.py
 	$(PY) bench/legacy.py
+	$(PY) bench/parallel.py
+	$(PY) bench/scale.py
+	$(PY) bench/dcp.py
+	$(PY) bench/startup.py
 
 fuzz: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt atheris

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO
 
 from .errors import ConverterError, DestinationError
 from .parallel import Group, from_rank_0, gather, stop_if_asked
+from .transfer import finish_writeback, start_writeback, stop_writeback
 
 EXISTS = "exists; pass --force (overwrite=True) to replace it"
 APPEARED = "appeared while it was being written and was not replaced; pass --force (overwrite=True) to replace it"
@@ -85,6 +86,8 @@ def atomic_outputs(
             temp, handle = _temp_file(target)
             temps.append(temp)
             handles.append(handle)
+            if fsync:  # the disk writes while the file is written, so its fsync has little left to do
+                start_writeback(handle, str(temp))
         try:
             yield handles
         except OSError as exc:
@@ -97,6 +100,7 @@ def atomic_outputs(
             with _naming(target, [temp]):
                 handle.flush()
                 if fsync:  # durable before it is visible; fsync=False trades that for speed
+                    finish_writeback(handle)  # first: an error it saw, the fsync would not report
                     os.fsync(handle.fileno())
                 os.fchmod(handle.fileno(), _mode_for(target, overwrite, folder=False))
                 info = os.fstat(handle.fileno())
@@ -108,6 +112,7 @@ def atomic_outputs(
         _publish(list(zip(temps, targets, strict=True)), ours, overwrite)
     except BaseException:
         for handle in handles:
+            stop_writeback(handle)
             with suppress(OSError):
                 handle.close()
         for temp in temps:

@@ -20,22 +20,27 @@ from converters import distributed
 from converters.core import parallel
 from converters.core.errors import ConverterError
 
-scenario, arguments = sys.argv[1], sys.argv[2:]
-if os.environ["RANK"] == "1":
-    if scenario == "read":
 
-        def cannot_read(*args: Any, **kwargs: Any) -> Any:
-            raise ConverterError("rank 1 cannot read the source")
+def main() -> int:
+    scenario, arguments = sys.argv[1], sys.argv[2:]
+    if os.environ["RANK"] == "1":
+        if scenario == "read":
 
-        converters.api.read = cannot_read  # type: ignore[assignment]
-    else:
-        run = parallel._run
+            def cannot_read(*args: Any, **kwargs: Any) -> Any:
+                raise ConverterError("rank 1 cannot read the source")
 
-        def failing_run(jobs: Any, indices: list[int], workers: int) -> Any:
-            if scenario == "interrupt":
-                raise KeyboardInterrupt
-            jobs[indices[0]]()
-            os._exit(137)
+            converters.api.read = cannot_read  # type: ignore[assignment]
+        else:
 
-        parallel._run = failing_run  # type: ignore[assignment]
-sys.exit(distributed.main(arguments))
+            def failing_run(jobs: Any, indices: list[int], workers: int) -> Any:
+                if scenario == "interrupt":
+                    raise KeyboardInterrupt
+                jobs[indices[0]]()
+                os._exit(137)
+
+            parallel._run = failing_run  # type: ignore[assignment]
+    return distributed.main(arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
