@@ -401,6 +401,9 @@ NOT_FOR_INSPECT = (
     "tempfile",  # and random: writing only
     "random",
     "ctypes",
+    "converters.core.transfer",  # the copy machinery, with ISA-L and the writeback thread: writes only
+    "converters.core.writing",
+    "isal",
 )
 
 

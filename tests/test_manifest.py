@@ -14,7 +14,7 @@ import torch
 from helpers import builtin_suffixes, exotic_tree, tensor_bytes
 
 import converters
-from converters.core import manifests
+from converters.core import compare, manifests
 from converters.torch_bridge import from_torch
 
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json").read_text())
@@ -69,7 +69,7 @@ def test_exotic_tree_manifest_validates_and_decodes_exactly() -> None:
     text = json.dumps(document, allow_nan=False)  # strict JSON: no NaN/Infinity literals
     refs = {entry["key"]: ref for entry, (_, ref) in zip(document["tensors"], checkpoint.tensors(), strict=True)}
     decoded = manifests.decode_tree(json.loads(text)["tree"], lambda key, _path: refs[key])
-    assert converters.core.compare.differences(checkpoint.tree, decoded) == []
+    assert compare.differences(checkpoint.tree, decoded) == []
 
 
 def test_non_finite_floats_are_written_as_their_bits() -> None:

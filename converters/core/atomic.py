@@ -34,7 +34,6 @@ from typing import Any, BinaryIO
 
 from .errors import ConverterError, DestinationError
 from .parallel import Group, from_rank_0, gather, stop_if_asked
-from .transfer import finish_writeback, start_writeback, stop_writeback
 
 EXISTS = "exists; pass --force (overwrite=True) to replace it"
 APPEARED = "appeared while it was being written and was not replaced; pass --force (overwrite=True) to replace it"
@@ -78,6 +77,8 @@ def atomic_outputs(
         for target in targets:
             if os.path.lexists(target):
                 raise DestinationError(EXISTS, file=target)
+    from .transfer import finish_writeback, start_writeback, stop_writeback  # with the hashing libraries: writes only
+
     temps: list[Path] = []
     handles: list[BinaryIO] = []
     stop_if_asked()  # a file of a folder whose other files failed (or Ctrl-C): no new file

@@ -31,7 +31,6 @@ from blake3 import blake3
 
 from .errors import CorruptFileError, TreePath, UnsupportedValueError, shown
 from .objects import HOW, NumpyScalar, ObjectRecord
-from .transfer import blake3_hex
 from .tree import MAPPING_TYPES, Checkpoint, TensorRef, walk
 
 MANIFEST_VERSION = 1
@@ -367,7 +366,7 @@ def build(checkpoint: Checkpoint, *, digests: bool = True) -> dict[str, Any]:
             continue
         entry = entries[id(ref)] = tensor_entry(keys[path], path, ref)
         if digests:
-            entry["blake3"] = ref.digest or blake3_hex(ref.source)
+            entry["blake3"] = ref.digest or _blake3_hex(ref.source)
         tensors.append(entry)
     return {
         "sdconvert_manifest": MANIFEST_VERSION,
@@ -429,3 +428,9 @@ def metadata_strings(metadata: Mapping[str, Any]) -> dict[str, str]:
         key: value if type(value) is str else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         for key, value in metadata.items()
     }
+
+
+def _blake3_hex(source: Any) -> str:
+    from .transfer import blake3_hex  # the copy machinery (and ISA-L): only when a digest is missing
+
+    return blake3_hex(source)
