@@ -439,20 +439,6 @@ def split(destination: str, size: str) -> tuple[list[str], dict[str, str]]:
     return ["--" + name.replace("_", "-"), size], {name: size}
 
 
-@pytest.mark.parametrize(("ranks", "destination"), [(2, "safetensors"), (3, "dcp")])
-def test_torchrun_converts_a_sharded_folder_like_one_process(
-    tmp_path: Path, sharded_source: Path, ranks: int, destination: str
-) -> None:
-    flags, options = split(destination, "20KB")
-    one = converters.convert(sharded_source, tmp_path / "one", dst_format=destination, workers=1, **options)
-    assert len(list(one.iterdir())) > ranks + 1
-    result = torchrun(ranks, "convert", sharded_source, tmp_path / "many", "--to", destination, *flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("wrote") == 1  # rank 0 speaks for the job
-    assert folder_bytes(tmp_path / "many") == folder_bytes(one)
-    no_leftovers(tmp_path)
-
-
 @pytest.fixture(scope="module")
 def two_rank_dcp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The DCP folder tests/jobs/dcp_job.py writes with 2 ranks (FSDP2-sharded Net + SGD)."""
@@ -466,17 +452,29 @@ def two_rank_dcp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "checkpoint"
 
 
-@pytest.mark.parametrize(("ranks", "destination"), [(2, "dcp"), (3, "safetensors")])
-def test_torchrun_converts_a_two_rank_dcp_folder_like_one_process(
-    tmp_path: Path, two_rank_dcp: Path, ranks: int, destination: str
+# A 2-rank and a 3-rank job from each kind of source, to each folder destination.
+TORCHRUN_CASES = [
+    ("sharded_source", 2, "safetensors", "20KB"),
+    ("sharded_source", 3, "dcp", "20KB"),
+    ("two_rank_dcp", 2, "dcp", "8KB"),
+    ("two_rank_dcp", 3, "safetensors", "8KB"),
+]
+
+
+@pytest.mark.parametrize(("source_name", "ranks", "destination", "size"), TORCHRUN_CASES)
+def test_torchrun_converts_like_one_process(
+    request: pytest.FixtureRequest, tmp_path: Path, source_name: str, ranks: int, destination: str, size: str
 ) -> None:
-    flags, options = split(destination, "8KB")
-    one = converters.convert(two_rank_dcp, tmp_path / "one", dst_format=destination, workers=1, **options)
+    source: Path = request.getfixturevalue(source_name)
+    flags, options = split(destination, size)
+    one = converters.convert(source, tmp_path / "one", dst_format=destination, workers=1, **options)
     assert len(list(one.iterdir())) > ranks + 1
-    result = torchrun(ranks, "convert", two_rank_dcp, tmp_path / "many", "--to", destination, *flags)
+    result = torchrun(ranks, "convert", source, tmp_path / "many", "--to", destination, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote") == 1  # rank 0 speaks for the job
     assert folder_bytes(tmp_path / "many") == folder_bytes(one)
-    assert_bit_identical(converters.load(two_rank_dcp), converters.load(tmp_path / "many"))
+    assert_bit_identical(converters.load(source), converters.load(tmp_path / "many"))
+    no_leftovers(tmp_path)
 
 
 def test_torchrun_refuses_an_existing_destination_on_every_rank(tmp_path: Path, sharded_source: Path) -> None:
