@@ -11,33 +11,21 @@ teardown ("terminate called without an active exception").
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from gloo import full, spawn
+
 from converters.recipe import Net, make_optimizer, train_steps
 
 WORLD = 2
-
-
-def full(value: object) -> object:
-    """The same tree with every DTensor gathered into a plain tensor."""
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {key: full(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [full(item) for item in value]
-    return value
 
 
 def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -70,12 +58,5 @@ def run(rank: int, mode: str, folder: str, output: str, port: int) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 if __name__ == "__main__":
-    mode, folder, output = sys.argv[1:4]
-    mp.spawn(run, args=(mode, folder, output, free_port()), nprocs=WORLD, join=True)
+    spawn(run, *sys.argv[1:4], world=WORLD)

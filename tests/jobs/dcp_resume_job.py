@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,28 +27,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
+from gloo import full, spawn
+
 from converters.recipe import Net, make_optimizer, train_steps
 
 WORLD = 2
 STEPS = 3
 SEED = 7  # the data of the steps after resuming
-
-
-def full(value: Any) -> Any:
-    """The same tree with every DTensor gathered into a plain tensor."""
-    if isinstance(value, DTensor):
-        return value.full_tensor()
-    if isinstance(value, dict):
-        return {key: full(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [full(item) for item in value]
-    return value
 
 
 def resume(folder: str) -> dict[str, Any]:
@@ -86,11 +74,5 @@ def run(rank: int, job: dict[str, Any], port: int) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 if __name__ == "__main__":
-    mp.spawn(run, args=(json.loads(Path(sys.argv[1]).read_text()), free_port()), nprocs=WORLD, join=True)
+    spawn(run, json.loads(Path(sys.argv[1]).read_text()), world=WORLD)
