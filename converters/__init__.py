@@ -29,6 +29,8 @@ _EXPORTS = {
     "verify": "converters.api",
     "verify_report": "converters.api",
     "write": "converters.api",
+    "location": "converters.core.storage",
+    "RemoteError": "converters.core.storage",
     "ConverterError": "converters.core.errors",
     "CorruptFileError": "converters.core.errors",
     "DestinationError": "converters.core.errors",
@@ -57,6 +59,7 @@ __all__ = [
     "FormatBase",
     "MissingDependencyError",
     "NoOptions",
+    "RemoteError",
     "TensorRef",
     "TensorWriter",
     "UnknownFormatError",
@@ -65,6 +68,7 @@ __all__ = [
     "WriteContext",
     "convert",
     "load",
+    "location",
     "manifest",
     "option",
     "plan",
@@ -108,5 +112,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         UnsupportedValueError,
     )
     from .core.registry import registry
+    from .core.storage import RemoteError, location
     from .core.tree import Checkpoint, TensorRef
     from .core.writing import TensorWriter

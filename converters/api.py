@@ -21,23 +21,40 @@ from .core.contract import Format, WriteContext, make_options, writes_in_paralle
 from .core.errors import ConverterError, CorruptFileError, DestinationError, PathLike, UnsupportedValueError
 from .core.parallel import Group, check_workers, default_workers
 from .core.registry import registry
+from .core.storage import RemotePath, location
 
 __all__ = ["convert", "load", "manifest", "read", "registry", "save", "verify", "verify_report", "write"]
 from .core.tree import Checkpoint, validate
-from .transforms.base import Transform, apply
+from .transforms.base import NoMatchError, Transform, apply
 
 # Importing the package registers the built-in formats.
 from . import formats  # noqa: F401  isort: skip
 
 if TYPE_CHECKING:
     from .core import compare
+    from .transforms.select import Select
 
 
-def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Transform] = ()) -> Checkpoint:
+def read(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    transforms: Iterable[Transform] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> Checkpoint:
     """The checkpoint stored at ``path`` as a neutral tree (tensors are not loaded).
+
+    ``path`` may be an fsspec URL (``s3://bucket/model.safetensors``, ``https://...``, ``hf://...``;
+    the ``[remote]`` extra): headers are read by range requests, tensor bytes only when used;
+    ``storage_options`` are the file system's arguments (credentials, ``endpoint_url``...).
 
     Whatever chose the format (``format``, the suffix or the contents), the contents are checked
     against it first; the tree the reader returns is validated whatever reader produced it.
+
+    When ``transforms`` start with a ``Select`` and the format can use it (``read_selected``, see
+    ``core/contract.py``), the reader leaves out what the selection would drop: a shard folder reads
+    only the shards holding selected tensors. The result is the same; the ``Select``'s report then
+    counts among the dropped tensors only those the reader returned.
 
     Example::
 
@@ -45,15 +62,39 @@ def read(path: PathLike, format: str | None = None, *, transforms: Iterable[Tran
         [path for path, _ in ckpt.tensors()][:1]
         # [('model_state_dict', 'conv1.weight')]
     """
-    source = Path(path)
+    source = location(path, storage_options)
     require_readable(source)
     fmt = registry.resolve(source, format)
     if format is None:
         registry.check_contents(source, fmt)
-    checkpoint = fmt.read(source, Budget.for_path(source))
+    steps = list(transforms)
+    read_selected = getattr(fmt, "read_selected", None)  # optional (core/contract.py): may skip files
+    if steps and callable(read_selected):
+        from .transforms.select import Select as SelectStep  # there are steps: transformations are imported
+
+        if isinstance(steps[0], SelectStep):
+            return apply(_selected(fmt, source, steps[0], read_selected), steps[1:])
+    return apply(_checked(fmt, source, fmt.read(source, Budget.for_path(source))), steps)
+
+
+def _checked(fmt: Format, source: Path, checkpoint: Checkpoint) -> Checkpoint:
+    """What a reader returned, validated (whatever reader produced it) and labelled."""
     validate(checkpoint.tree, file=source)
-    checkpoint = dataclasses.replace(checkpoint, origin=checkpoint.origin or source, format=fmt.name)
-    return apply(checkpoint, transforms)
+    return dataclasses.replace(checkpoint, origin=checkpoint.origin or source, format=fmt.name)
+
+
+def _selected(fmt: Format, source: Path, select: Select, read_selected: Callable[..., Checkpoint]) -> Checkpoint:
+    """``select`` applied to what the format's ``read_selected`` gives: a tree that may lack the
+    tensors the selection does not cover (and so the files holding only those: the shards of a
+    folder), and that the selection turns into what it makes of the whole tree."""
+    pruned = _checked(fmt, source, read_selected(source, Budget.for_path(source), select.covers))
+    try:
+        return select(pruned)
+    except NoMatchError:
+        # It fails on the pruned tree when it fails on the whole one; but the message shows what is
+        # there (the keys beside a typo, a deeper path that would match), so it is the whole tree's.
+        pass
+    return select(_checked(fmt, source, fmt.read(source, Budget.for_path(source))))
 
 
 NOT_REGULAR = {
@@ -67,6 +108,9 @@ NOT_REGULAR = {
 def require_readable(source: Path) -> None:
     """Refuse a source that does not exist or is not a regular file or a folder: reading a FIFO,
     a socket or a device would block or never end (a symlink to a regular file is followed)."""
+    if isinstance(source, RemotePath):
+        source.stat()  # missing, access denied, unreachable: one RemoteError naming it
+        return
     try:
         mode = os.stat(source).st_mode
     except FileNotFoundError:
@@ -80,7 +124,7 @@ def require_readable(source: Path) -> None:
 
 def stored_size(path: PathLike) -> int:
     """Bytes on disk: the file's, or for a folder (sharded checkpoint) all its files'."""
-    source = Path(path)
+    source = location(path)
     if source.is_dir():
         return sum(p.stat().st_size for p in source.iterdir() if p.is_file())
     return source.stat().st_size
@@ -97,6 +141,7 @@ def write(
     overwrite: bool = True,
     workers: int | None = None,
     group: Group | None = None,
+    storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> None:
     """Write a neutral tree to ``path`` (atomically) in ``format`` or the one its suffix names.
@@ -108,8 +153,9 @@ def write(
     the file is being written (``sdconvert convert`` without ``--force``). A folder of several
     files (shards, DCP) is written on ``workers`` threads (default: ``core.parallel.default_workers``);
     with a ``group`` (``converters.distributed``) each rank writes its share of the files.
+    ``path`` may be an fsspec URL (see ``read``): written locally, then uploaded atomically.
     """
-    destination = Path(path)
+    destination = location(path, storage_options)
     fmt = registry.resolve(destination, format, for_write=True, options=options)
     _write(fmt, checkpoint, destination, _context(progress, fsync, check, overwrite, workers, group), options)
 
@@ -129,6 +175,9 @@ def _context(
 def _write(
     fmt: Format, checkpoint: Checkpoint, destination: Path, context: WriteContext, options: dict[str, Any]
 ) -> None:
+    if isinstance(destination, RemotePath):
+        _write_remote(fmt, checkpoint, destination, context, options)
+        return
     if not context.overwrite and os.path.lexists(destination):  # before any work; the writer checks again
         raise DestinationError(EXISTS, file=destination)
     built = make_options(fmt, options)
@@ -147,7 +196,31 @@ def _write(
     fmt.write(checkpoint, destination, context, built)
 
 
-def load(path: PathLike, format: str | None = None, *, mmap: bool = False, check: bool = False) -> Any:
+def _write_remote(
+    fmt: Format, checkpoint: Checkpoint, destination: RemotePath, context: WriteContext, options: dict[str, Any]
+) -> None:
+    """Written to a local staging folder by the format's writer, then uploaded: the store has no
+    rename, its atomic step is the upload's completion (``core.upload``)."""
+    from .core.upload import staged
+
+    if context.group is not None and context.group.size > 1:
+        raise ConverterError(
+            "a distributed conversion writes to a shared filesystem; to a store, convert in one process",
+            file=destination,
+        )
+    with staged(destination, overwrite=context.overwrite, replaceable=getattr(fmt, "replaceable", None)) as local:
+        # durability is the store's once the upload completes: the staged copy needs no fsync
+        _write(fmt, checkpoint, local, dataclasses.replace(context, fsync=False), options)
+
+
+def load(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    mmap: bool = False,
+    check: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
     """What ``torch.load`` would return for the checkpoint at ``path``, from any format.
 
     Tensors stored 64-byte aligned (all of them in our ``.pt`` files) are mapped from the file
@@ -163,7 +236,7 @@ def load(path: PathLike, format: str | None = None, *, mmap: bool = False, check
     """
     from .torch_bridge import to_torch
 
-    checkpoint = read(path, format)
+    checkpoint = read(path, format, storage_options=storage_options)
     if check:
         problems, _ = integrity.check(checkpoint)
         if problems:
@@ -209,6 +282,7 @@ def convert(
     overwrite: bool = True,
     workers: int | None = None,
     group: Group | None = None,
+    storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Path:
     """Convert ``src`` to ``dst`` bit for bit, changing on the way only what is asked: ``select``
@@ -226,14 +300,17 @@ def convert(
     ``DestinationError`` raised, even if it appears during the conversion); it may never be the
     source itself, nor a folder holding the source. ``progress(bytes_done_now, bytes_total)`` is
     called as tensor bytes are written; ``options`` are the destination format's write options.
-    ``workers`` and ``group`` are ``write``'s: files of a folder written side by side.
+    ``workers`` and ``group`` are ``write``'s: files of a folder written side by side. ``src`` and
+    ``dst`` may be fsspec URLs (``s3://``, ``https://``, ``hf://``...; the ``[remote]`` extra), with
+    ``storage_options`` for their file system: tensor bytes are streamed by range requests; a remote
+    destination is written locally and uploaded, appearing whole or not at all.
 
     Example::
 
         convert("checkpoint.pt", "checkpoint.safetensors")
         # PosixPath('checkpoint.safetensors')
     """
-    source, destination = Path(src), Path(dst)
+    source, destination = location(src, storage_options), location(dst, storage_options)
     _refuse_writing_over(source, destination)
     writer = registry.resolve(destination, dst_format, for_write=True, options=options)
     make_options(writer, options)  # fail on a bad option before reading anything
@@ -265,6 +342,16 @@ def _refuse_writing_over(source: Path, destination: Path) -> None:
     """The destination may be neither the source (by any name) nor a folder holding it: replacing
     such a folder (a sharded checkpoint's index converted onto its own folder, a DCP folder onto
     itself) would delete the source."""
+    if isinstance(source, RemotePath) or isinstance(destination, RemotePath):
+        if isinstance(source, RemotePath) and isinstance(destination, RemotePath):
+            if source.url == destination.url:
+                raise DestinationError("the destination is the source; refusing to write over it", file=destination)
+            if source.url.startswith(destination.url.rstrip("/") + "/"):
+                raise DestinationError(
+                    f"the destination is a folder holding the source ({source}); replacing it would delete the source",
+                    file=destination,
+                )
+        return
     real_source, real_destination = source.resolve(), destination.resolve()
     same = real_source == real_destination
     if not same and destination.exists() and source.exists():
@@ -462,12 +549,18 @@ def _step_summary(step: Transform) -> str:
     return str(summary()) if callable(summary) else repr(step)
 
 
-def manifest(path: PathLike, format: str | None = None, *, digests: bool = True) -> dict[str, Any]:
+def manifest(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    digests: bool = True,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The manifest (JSON "schema" of keys, dtypes, shapes, digests) of the checkpoint at ``path``.
 
     It validates against ``schemas/manifest.schema.json``.
     """
-    source = Path(path)
+    source = location(path, storage_options)
     checkpoint = read(source, format)
     result = manifests.build(checkpoint, digests=digests)
     result["file"] = {"name": source.name, "format": checkpoint.format, "bytes": stored_size(source)}

@@ -74,8 +74,8 @@ def build_parser(*, with_format_options: bool = True, command: str | None = None
 
 def _add_convert(commands: Subcommands) -> None:
     convert = commands.add_parser("convert", help="convert SRC to DST (format from suffix or --from/--to)")
-    convert.add_argument("src", type=Path)
-    convert.add_argument("dst", type=Path)
+    convert.add_argument("src")
+    convert.add_argument("dst")
     convert.add_argument("--from", dest="src_format", metavar="FMT", help="format of SRC")
     convert.add_argument("--to", dest="dst_format", metavar="FMT", help="format of DST")
     convert.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -91,6 +91,7 @@ def _add_convert(commands: Subcommands) -> None:
         help="write the files of a folder destination (shards, DCP) on N threads "
         "(default: the CPUs available, at most 4)",
     )
+    _add_storage_options(convert)
     changes = convert.add_argument_group(
         "changes on the way (in this order; a pattern or rule that matches nothing is an error)"
     )
@@ -120,27 +121,29 @@ def _add_convert(commands: Subcommands) -> None:
 
 def _add_inspect(commands: Subcommands) -> None:
     inspect = commands.add_parser("inspect", help="list keys, dtypes and shapes, then the other values")
-    inspect.add_argument("file", type=Path)
+    inspect.add_argument("file")
     inspect.add_argument("--from", dest="format", metavar="FMT")
     inspect.add_argument("--json", action="store_true", help="print the manifest instead")
     inspect.add_argument(
         "--patterns", action="store_true", help="tensor keys that differ only in numbers once: layers.#.w ×32"
     )
+    _add_storage_options(inspect)
 
 
 def _add_schema(commands: Subcommands) -> None:
     schema = commands.add_parser("schema", help="write the manifest (JSON schema of keys, dtypes, shapes)")
-    schema.add_argument("file", type=Path)
+    schema.add_argument("file")
     schema.add_argument("--from", dest="format", metavar="FMT")
     schema.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    _add_storage_options(schema)
 
 
 def _add_verify(commands: Subcommands) -> None:
     verify = commands.add_parser(
         "verify", help="exit 0 if A and B are bit-identical (and, with --deep, match their stored digests), else 1"
     )
-    verify.add_argument("a", type=Path)
-    verify.add_argument("b", type=Path, nargs="?", help="omit with --deep to check A alone")
+    verify.add_argument("a")
+    verify.add_argument("b", nargs="?", help="omit with --deep to check A alone")
     verify.add_argument("--deep", action="store_true", help="also re-hash every tensor against its stored BLAKE3")
     verify.add_argument(
         "--tensors",
@@ -148,6 +151,7 @@ def _add_verify(commands: Subcommands) -> None:
         help="compare tensors by path only: exit 0 when all are bit-identical, whatever the containers and key order",
     )
     verify.add_argument("--json", action="store_true", help="the report as JSON")
+    _add_storage_options(verify)
     loose = verify.add_argument_group("the same weights, not the same bits")
     loose.add_argument(
         "--atol",
@@ -185,6 +189,48 @@ SUBCOMMANDS: dict[str, Callable[[Subcommands], None]] = {  # in the order of `sd
 }
 
 
+def _add_storage_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        metavar="KEY=VALUE",
+        action="append",
+        help="an fsspec option for URL paths (s3://, https://, hf://...), repeatable: endpoint_url=http://..., "
+        "anon=true, profile=NAME; VALUE is read as JSON when it parses (true, 3, {...}), else as text. "
+        "Credentials are better left to the environment or profiles (they are never printed)",
+    )
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-option key=value`` pairs as fsspec takes them."""
+    pairs = getattr(args, "storage_options", None)
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if not equals or not key:
+            raise UsageError(f"sdconvert: --storage-option takes KEY=VALUE, got {shown(key or pair, 80)!r}")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options
+
+
+def _locations(args: argparse.Namespace) -> None:
+    """The command's paths as local ``Path``s or remote locations (URLs, with the storage options)."""
+    from converters.core.storage import is_url, location
+
+    options = _storage_options(args)
+    named = [name for name in ("src", "dst", "file", "a", "b") if getattr(args, name, None) is not None]
+    if options and not any(is_url(getattr(args, name)) for name in named):
+        raise UsageError("sdconvert: --storage-option applies to URL paths (s3://, https://...), and none is given")
+    for name in named:
+        value = getattr(args, name)
+        setattr(args, name, location(value, options))
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
@@ -195,6 +241,7 @@ def run(args: argparse.Namespace, group: Group | None = None) -> int:
     """Run one parsed command; ``group`` is set by ``converters.distributed`` (convert only)."""
     import converters
 
+    _locations(args)
     if args.command == "convert":
         changes = {
             "select": args.select,
@@ -213,7 +260,7 @@ def run(args: argparse.Namespace, group: Group | None = None) -> int:
         if args.dry_run:
             _dry_run(args, changes)
             return EXIT_OK
-        if os.path.lexists(args.dst) and not args.force:  # a dangling symlink is an existing destination
+        if _exists(args.dst) and not args.force:  # a dangling symlink is an existing destination
             raise converters.DestinationError("exists; pass --force to replace it", file=args.dst)
         options = _writer_options(args)
         bar = None if args.quiet or not sys.stderr.isatty() else _ProgressBar(args.dst.name)
@@ -285,6 +332,12 @@ def run(args: argparse.Namespace, group: Group | None = None) -> int:
 
         return EXIT_OK if demo.run(args.out, steps=args.steps) else EXIT_DIFFERENT
     return EXIT_OK
+
+
+def _exists(path: Path) -> bool:
+    from converters.core.storage import RemotePath
+
+    return path.exists() if isinstance(path, RemotePath) else os.path.lexists(path)
 
 
 VERIFY_COMPARISON_FLAGS = (
@@ -620,9 +673,13 @@ def main(argv: Sequence[str] | None = None, *, group: Group | None = None) -> in
         print(f"sdconvert: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        if argv is None:  # the process's own command line: it ends now
+            _quiet_teardown()
         print("sdconvert: interrupted (SIGINT); temporary files removed", file=sys.stderr)
         return 128 + signal.SIGINT
     except Terminated as exc:
+        if argv is None:
+            _quiet_teardown()
         print(f"sdconvert: stopped by {signal.Signals(exc.signum).name}; temporary files removed", file=sys.stderr)
         return 128 + exc.signum
     except Exception as exc:
@@ -664,6 +721,17 @@ def _stopping_signals_unwind() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+
+
+def _quiet_teardown() -> None:
+    """After a stop, the one line said it all: a request to a store that was in flight on fsspec's
+    event-loop thread when the signal came is abandoned, and the interpreter's teardown would
+    print it ("Exception ignored in: <coroutine ...>", "Task was destroyed but it is pending")."""
+    if "fsspec" in sys.modules:
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+        sys.unraisablehook = lambda unraisable: None
 
 
 def _one_line(exc: BaseException) -> str:

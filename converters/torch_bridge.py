@@ -19,6 +19,7 @@ from .core.errors import (
 )
 from .core.objects import NUMPY_DESCR, TORCH_DTYPE, NumpyScalar, ObjectRecord, torch_dtype, torch_safe
 from .core.sources import BufferSource, FileRange, read_all
+from .core.storage import is_remote
 from .core.tree import Checkpoint, TensorRef, map_leaves, validate
 
 
@@ -194,7 +195,9 @@ def make_tensor(
 
     Bytes at an aligned place of a file are not copied: the tensor views a private (copy-on-write)
     ``mmap`` of the file, as ``safetensors.torch.load_file`` does; writing to it never touches the
-    file. Other bytes are read into fresh memory.
+    file. Other bytes are read into fresh memory, as are a remote file's (``core/storage.py``: it
+    cannot be mapped; its tensors are fetched by range requests, so ``load(mmap=True)`` of a URL
+    copies them all into memory).
 
     A range past the end of the file (truncated since it was read) is refused before anything is
     mapped, with a ``CorruptFileError``. What no check can prevent, as with any mapped file
@@ -208,7 +211,12 @@ def make_tensor(
         return torch.empty(ref.shape, dtype=dtype)
     source = ref.source
     alignment = dtypes.DTYPES[ref.dtype].itemsize if mmap_any else MAP_ALIGNMENT
-    if mappings is not None and isinstance(source, FileRange) and source.offset % alignment == 0:
+    if (
+        mappings is not None
+        and isinstance(source, FileRange)
+        and not is_remote(source.path)  # a remote file cannot be mapped: its bytes are read below
+        and source.offset % alignment == 0
+    ):
         end = source.offset + source.length
         if source.path not in mappings:
             fd = _open_regular(source.path)

@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The test servers (S3 behind a byte-counting proxy, HTTP with Range) as fixtures: tests/remote_fixtures.py
+pytest_plugins = ["remote_fixtures"]
+
 from converters import recipe  # noqa: E402
 
 

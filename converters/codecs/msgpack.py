@@ -1,7 +1,8 @@
 """A small MessagePack codec: headers written by hand for streaming, and a validating parser.
 
 Writing packs headers and scalars here and lets tensor bytes flow straight from their source to
-the file, so memory does not grow with the checkpoint. Reading walks the file through ``mmap``:
+the file, so memory does not grow with the checkpoint. Reading walks the file through ``mmap`` (a
+remote file through ``core.stored.RangeBuffer``, which fetches the blocks walked):
 every length and count is checked against the bytes actually present and charged to the read's
 budget before anything is built, nesting is limited, duplicate map keys are refused, and ``bin``
 payloads are returned as byte ranges of the file (never copied). Spec: https://github.com/msgpack/msgpack/blob/master/spec.md
@@ -166,6 +167,9 @@ class Parser:
         self.max_depth = max_depth
         self.budget = Budget(file, len(buffer)) if budget is None else budget
         self._keys: dict[bytes, str] = {}
+        # A buffer without the buffer protocol (``core.stored.RangeBuffer``: a remote file fetched
+        # by blocks) unpacks itself; bytes and mmap go to struct directly.
+        self._unpack_from = getattr(buffer, "unpack_from", None)
 
     def parse(self, start: int, end: int, what: str = "the file") -> Any:
         self._end = end
@@ -187,6 +191,8 @@ class Parser:
     def _unpack(self, fmt: str, position: int) -> tuple[Any, int]:
         size = struct.calcsize(fmt)
         self._need(position, size, "a msgpack header")
+        if self._unpack_from is not None:
+            return self._unpack_from(fmt, position)[0], position + size
         return struct.unpack_from(fmt, self.buffer, position)[0], position + size
 
     def _value(self, position: int, depth: int, path: tuple[Any, ...]) -> tuple[Any, int]:

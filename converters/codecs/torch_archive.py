@@ -23,11 +23,12 @@ from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ..core.integrity import read_tree_digest
 from ..core.sources import BufferSource, ByteSource, FileRange, slice_source
+from ..core.storage import is_remote
 from ..core.stored import check_casts, loads_json_strict, read_digests
 from ..core.tree import CastOrigin, TensorRef
 from . import torchscript as torchscript_codec
 from .torch_pickle import Gather, SafeUnpickler, Storage, contiguous_strides, prescan, quoted, shown, unpickle
-from .zip import InflatedRecord, StoredEntry, ZipWriter, check_entry, read_entry, stored_entries
+from .zip import InflatedRecord, Ranges, StoredEntry, ZipWriter, check_entry, read_entry, remote_ranges, stored_entries
 
 # Our extra record: {storage key: BLAKE3 of its bytes}. torch.load reads records by name and
 # ignores it; the manifest takes its digests from it instead of reading every byte.
@@ -67,22 +68,47 @@ class ArchiveContents(NamedTuple):
 
 
 def read_archive_contents(
-    path: Path, base: int = 0, length: int | None = None, *, budget: Budget | None = None, torchscript: bool = False
+    path: Path,
+    base: int = 0,
+    length: int | None = None,
+    *,
+    budget: Budget | None = None,
+    torchscript: bool = False,
+    ranges: Ranges | None = None,
 ) -> ArchiveContents:
     """``read_archive_and_tree_digest``, and a TorchScript archive (``torch.jit.save``) read as its
-    state_dict when ``torchscript`` is set (refused otherwise: a DCP data file never holds one)."""
+    state_dict when ``torchscript`` is set (refused otherwise: a DCP data file never holds one).
+
+    A remote file is read through ``ranges`` (the caller's, or new ones): its zip layout and the
+    records read here come by a few range requests; the storages' bytes are not fetched."""
     size = path.stat().st_size - base if length is None else length
     budget = Budget(path, size) if budget is None else budget
-    with open(path, "rb") as handle:
-        handle.seek(base)
-        head = handle.read(4)
+    with remote_ranges(path, ranges) as held:
+        return _read_contents(path, base, size, budget, torchscript, held)
+
+
+def _read_here(name: str, size: int) -> int:
+    """``stored_entries``'s ``ahead`` for a remote archive: every record but the storages
+    (``<archive>/data/<key>``) is read here, so it is fetched with its local header."""
+    return 0 if name.split("/", 2)[1:2] == ["data"] else size
+
+
+def _read_contents(
+    path: Path, base: int, size: int, budget: Budget, torchscript: bool, ranges: Ranges | None
+) -> ArchiveContents:
+    if ranges is not None:
+        head = ranges.read(base, 4)
+    else:
+        with open(path, "rb") as handle:
+            handle.seek(base)
+            head = handle.read(4)
     if head[:1] == b"\x80":
         raise UnsafeFileError(
             "this is a legacy (pre-1.6, non-zip) torch file where a zip archive was expected; "
             "the pt format reads such files (torch_legacy), a DCP data file never holds one",
             file=path,
         )
-    entries = stored_entries(path, size, base, budget=budget)
+    entries = stored_entries(path, size, base, budget=budget, ranges=ranges, ahead=_read_here)
     prefix = _archive_prefix(entries, path)
     scripted = prefix + torchscript_codec.CONSTANTS in entries
     if scripted and not torchscript:
@@ -96,32 +122,36 @@ def read_archive_contents(
     used = {prefix + name for name in ("byteorder", "data.pkl", *ours)}
     for name, entry in entries.items():
         if not name.startswith(prefix + "data/") and name not in used:
-            check_entry(path, entry, budget)
+            check_entry(path, entry, budget, ranges)
     byteorder = entries.get(prefix + "byteorder")
-    if byteorder is not None and read_entry(path, byteorder, budget) != b"little":
+    if byteorder is not None and read_entry(path, byteorder, budget, ranges) != b"little":
         raise UnsupportedValueError("big-endian torch checkpoints are not supported", file=path)
-    data = read_entry(path, entries[prefix + "data.pkl"], budget)
+    data = read_entry(path, entries[prefix + "data.pkl"], budget, ranges)
     if scripted:
         tensors = _Tensors(path, entries, prefix, {}, {}, budget)
-        state_dict = torchscript_codec.read_modules(path, data, entries, prefix, tensors.storage, tensors.view, budget)
+        state_dict = torchscript_codec.read_modules(
+            path, data, entries, prefix, tensors.storage, tensors.view, budget, ranges=ranges
+        )
         return ArchiveContents(state_dict, None, True)
     prescan(data, path, budget=budget)
     record = entries.get(prefix + DIGESTS_RECORD)
-    digests = read_digests(bytes(read_entry(path, record, budget)), path, DIGESTS_RECORD, budget) if record else {}
+    digests = {}
+    if record is not None:
+        digests = read_digests(bytes(read_entry(path, record, budget, ranges)), path, DIGESTS_RECORD, budget)
     record = entries.get(prefix + TREE_DIGEST_RECORD)
     tree_digest = None
     if record is not None:
-        text = bytes(read_entry(path, record, budget)).decode("ascii", "replace")
+        text = bytes(read_entry(path, record, budget, ranges)).decode("ascii", "replace")
         tree_digest = read_tree_digest(text, path, TREE_DIGEST_RECORD)
     record = entries.get(prefix + CASTS_RECORD)
     casts = {}
     if record is not None:
-        value = loads_json_strict(bytes(read_entry(path, record, budget)), path, CASTS_RECORD, budget)
+        value = loads_json_strict(bytes(read_entry(path, record, budget, ranges)), path, CASTS_RECORD, budget)
         casts = check_casts(value, path, CASTS_RECORD)
     record = entries.get(prefix + METADATA_RECORD)
     metadata = None
     if record is not None:
-        metadata = loads_json_strict(bytes(read_entry(path, record, budget)), path, METADATA_RECORD, budget)
+        metadata = loads_json_strict(bytes(read_entry(path, record, budget, ranges)), path, METADATA_RECORD, budget)
         if type(metadata) is not dict:
             raise CorruptFileError(f"{METADATA_RECORD} must be a JSON object", file=path)
     tensors = _Tensors(path, entries, prefix, digests, casts, budget)
@@ -161,8 +191,13 @@ class _Tensors:
             )
         if entry.compressed:
             # Inflated once here (bounded memory, charged first) so that a bad record is refused at
-            # read time (verify --deep included); every later read checks it again.
-            check_entry(self._path, entry, self._budget)
+            # read time (verify --deep included); every later read checks it again. Not from a
+            # remote file, where that would download the tensor: there it is checked when it is used
+            # (charged all the same).
+            if is_remote(self._path):
+                self._budget.output(entry.file_size, f"data inflated from {entry.label}")
+            else:
+                check_entry(self._path, entry, self._budget)
         return entry.source(self._path), entry.file_size
 
     def view(

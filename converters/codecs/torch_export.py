@@ -41,11 +41,12 @@ from typing import Any
 from ..core import dtypes
 from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsupportedValueError
+from ..core.storage import is_remote
 from ..core.stored import loads_json_strict
 from ..core.tree import MAX_DIM, MAX_NDIM, TensorRef
 from .torch_archive import storage_views
 from .torch_pickle import Storage, quoted
-from .zip import StoredEntry, check_entry, read_entry, stored_entries
+from .zip import Ranges, StoredEntry, check_entry, read_entry, remote_ranges, stored_entries
 
 KIND = "torch.export program archive (.pt2)"
 NOTE = (
@@ -87,14 +88,26 @@ def starts_like_torch_save(head: bytes) -> bool:
     return name.endswith(b"/data.pkl") and name.count(b"/") == 1
 
 
-def read_if_exported(path: Path, budget: Budget) -> Exported | None:
+def read_if_exported(path: Path, budget: Budget, ranges: Ranges | None = None) -> Exported | None:
     """The weights of a ``.pt2`` archive; None for a torch archive (one ``<archive>/data.pkl``: the
-    archive reader's); any other zip refused, saying what it holds."""
-    entries = stored_entries(path, path.stat().st_size, budget=budget)
+    archive reader's); any other zip refused, saying what it holds. ``ranges``: a remote file's
+    (see ``zip.stored_entries``), by default new ones."""
+    with remote_ranges(path, ranges) as held:
+        return _read_if_exported(path, budget, held)
+
+
+def _read_here(name: str, size: int) -> int:
+    """``stored_entries``'s ``ahead`` for a remote archive: the records read here, fetched with their
+    local headers (not the program, the weights, nor a torch archive's records: its reader's own)."""
+    return size if name.endswith(("/" + ARCHIVE_FORMAT, CONFIG_SUFFIX)) else 0
+
+
+def _read_if_exported(path: Path, budget: Budget, ranges: Ranges | None) -> Exported | None:
+    entries = stored_entries(path, path.stat().st_size, budget=budget, ranges=ranges, ahead=_read_here)
     pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
     if len(pickles) == 1:
         return None
-    prefix = _pt2_prefix(path, entries, budget)
+    prefix = _pt2_prefix(path, entries, budget, ranges)
     if prefix is None:
         raise UnsupportedValueError(_not_a_checkpoint(entries, pickles), file=path)
     models = list(  # in the archive's order: the writer's
@@ -123,16 +136,16 @@ def read_if_exported(path: Path, budget: Budget) -> Exported | None:
     programs = {}
     for model, config in configs.items():
         assert config is not None
-        programs[model] = _weights(path, entries, prefix, model, config, views, budget)
+        programs[model] = _weights(path, entries, prefix, model, config, views, budget, ranges)
     tree = programs["model"] if list(programs) == ["model"] else programs
     return Exported(tree, (NOTE,))
 
 
-def _pt2_prefix(path: Path, entries: dict[str, StoredEntry], budget: Budget) -> str | None:
+def _pt2_prefix(path: Path, entries: dict[str, StoredEntry], budget: Budget, ranges: Ranges | None) -> str | None:
     """``<p>/`` of a PT2 archive (its ``<p>/archive_format`` record says ``pt2``), else None."""
     for name, entry in entries.items():
         small = name.endswith("/" + ARCHIVE_FORMAT) and name.count("/") == 1 and entry.file_size <= 64
-        if small and bytes(read_entry(path, entry, budget)).strip() == b"pt2":
+        if small and bytes(read_entry(path, entry, budget, ranges)).strip() == b"pt2":
             return name[: -len(ARCHIVE_FORMAT)]
     return None
 
@@ -166,11 +179,12 @@ def _weights(
     config_entry: StoredEntry,
     views: Any,
     budget: Budget,
+    ranges: Ranges | None,
 ) -> dict[str, TensorRef]:
     what = f"{WEIGHTS}{model}{CONFIG_SUFFIX}"
     if config_entry.file_size > MAX_CONFIG_BYTES:
         raise CorruptFileError(f"{what} is larger than {MAX_CONFIG_BYTES} bytes", file=path)
-    config = loads_json_strict(bytes(read_entry(path, config_entry, budget)), path, what, budget)
+    config = loads_json_strict(bytes(read_entry(path, config_entry, budget, ranges)), path, what, budget)
     weights = config.get("config") if type(config) is dict else None
     if type(weights) is not dict:
         raise CorruptFileError(f"{what} must hold a 'config' object of weight name to payload", file=path)
@@ -196,7 +210,9 @@ def _weights(
             entry = entries.get(f"{prefix}{WEIGHTS}{name}")
             if entry is None:
                 raise CorruptFileError(f"{where} names the record {WEIGHTS}{name}, which the archive lacks", file=path)
-            if entry.compressed:  # inflated and checked once now (a zip tool re-compressed the file)
+            if entry.compressed and is_remote(path):  # checked when used: here it would download it
+                budget.output(entry.file_size, f"data inflated from {entry.label}")
+            elif entry.compressed:  # inflated and checked once now (a zip tool re-compressed the file)
                 check_entry(path, entry, budget)
             storage = storages[name] = Storage(name, None, entry.source(path), entry.file_size)
         if storage.nbytes == 0 and dtypes.numel(shape) > 0:

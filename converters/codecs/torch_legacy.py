@@ -34,7 +34,7 @@ big-endian files. torch before 0.4 also wrote a tar archive (members ``sys_info`
 from __future__ import annotations
 
 import copy
-import os
+import io
 import pickle
 import pickletools
 from collections.abc import Callable
@@ -47,6 +47,7 @@ from ..core.budget import Budget
 from ..core.errors import ConverterError, CorruptFileError, UnsupportedValueError
 from ..core.errors import shown as shown_value
 from ..core.sources import CHUNK_SIZE, FileRange, slice_source
+from ..core.storage import FIRST_FETCH, is_remote, size_of
 from ..core.tree import TensorRef, walk
 from .torch_archive import storage_views
 from .torch_pickle import (
@@ -62,6 +63,7 @@ from .torch_pickle import (
     quoted,
     unpickle,
 )
+from .zip import Ranges, remote_ranges
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -69,6 +71,9 @@ MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little") + b"."  # LONG1 o
 MAGIC_PICKLE = b"\x80\x02" + MAGIC_LONG  # as torch.save writes it (protocol 2)
 TAR_MEMBERS = (b"sys_info", b"storages", b"tensors", b"pickle")
 READ_AHEAD = 1 << 16  # bytes read at a time while walking a pickle
+# ... of a remote file's pickles, which _RemotePrefix fetches in growing blocks: less, so that the
+# read-ahead of the last pickle does not ask for a block of the storages' bytes past them.
+REMOTE_READ_AHEAD = 1 << 12
 MAX_LINE = 1 << 16  # a newline-terminated opcode argument (GLOBAL, INT, FLOAT, ...) longer than this is refused
 
 TAR_MESSAGE = (
@@ -97,9 +102,36 @@ def is_legacy_tar(head: bytes) -> bool:
     return len(head) < 262 or head[257:262] == b"ustar"
 
 
-def read_legacy(path: Path, budget: Budget) -> Any:
-    """The tree of the legacy torch checkpoint at ``path`` (see the module doc)."""
-    return _LegacyReader(path, budget).read()
+class _RemotePrefix:
+    """How a remote legacy file is read: its pickles lie back to back from its first byte and are
+    read in order, each from where the one before ended, so the bytes from the start are kept as
+    they are fetched, each fetch as big as all before (a few range requests however big the
+    pickles); what lies past them (the storages' element counts) comes from ``ranges``. Memory:
+    the pickles (charged as they are read) and as much again at most."""
+
+    def __init__(self, ranges: Ranges) -> None:
+        self.ranges, self.size = ranges, size_of(ranges.handle)
+        self.data = bytearray()
+
+    def read_at(self, offset: int, count: int) -> bytes:
+        """``count`` bytes at ``offset`` (fewer at the end of the file), the prefix grown to hold them."""
+        end = min(offset + count, self.size)
+        if end > len(self.data):
+            have = len(self.data)
+            grow = min(max(end - have, have, FIRST_FETCH), self.size - have)
+            self.data += self.ranges.read(have, grow)
+        return bytes(self.data[offset:end])
+
+    def held_or_fetched(self, offset: int, count: int) -> bytes:
+        if offset + count <= len(self.data):
+            return bytes(self.data[offset : offset + count])
+        return self.ranges.read(offset, count)
+
+
+def read_legacy(path: Path, budget: Budget, ranges: Ranges | None = None) -> Any:
+    """The tree of the legacy torch checkpoint at ``path`` (see the module doc). A remote file is
+    read through ``ranges`` (the caller's, whose first fetch may hold the pickles, or new ones)."""
+    return _LegacyReader(path, budget).read(ranges)
 
 
 # ------------------------------------------------------------------------- finding a pickle's end
@@ -127,12 +159,18 @@ _LENGTH_WIDTHS = {
 }
 
 
+ReadAt = Callable[[int, int], bytes]  # (offset, count) -> the bytes there (fewer at the end of the file)
+
+
 class _Window:
     """The bytes of one pickle of the file from ``start``, read as the walk needs them (charged
     to the budget first), never past the file's end."""
 
-    def __init__(self, handle: BinaryIO, start: int, size: int, what: str, path: Path, budget: Budget) -> None:
-        self.handle, self.start, self.size, self.what, self.path, self.budget = handle, start, size, what, path, budget
+    def __init__(
+        self, read_at: ReadAt, start: int, size: int, what: str, path: Path, budget: Budget, read_ahead: int
+    ) -> None:
+        self.read_at, self.start, self.size, self.what = read_at, start, size, what
+        self.path, self.budget, self.read_ahead = path, budget, read_ahead
         self.data = bytearray()
 
     def cover(self, end: int) -> None:
@@ -145,10 +183,9 @@ class _Window:
         have = len(self.data)
         if end <= have:
             return
-        count = min(max(end - have, READ_AHEAD), self.size - self.start - have)
+        count = min(max(end - have, self.read_ahead), self.size - self.start - have)
         self.budget.materialize(count, f"the pickles of a legacy torch file ({self.what})")
-        self.handle.seek(self.start + have)
-        chunk = self.handle.read(count)
+        chunk = self.read_at(self.start + have, count)
         if len(chunk) != count:
             raise CorruptFileError(f"the file changed size while {self.what} was read", file=self.path)
         self.data += chunk
@@ -244,43 +281,68 @@ class _LegacyReader:
         self.storage_paths: dict[str, tuple[str | int, ...]] = {}  # storage key -> first tensor path
         self.view_paths: dict[ViewKey, tuple[str | int, ...]] = {}
 
-    def read(self) -> Any:
+    def read(self, ranges: Ranges | None = None) -> Any:
+        if ranges is not None or is_remote(self.path):
+            with remote_ranges(self.path, ranges) as held:
+                assert held is not None
+                prefix = _RemotePrefix(held)
+                return self._read(held.handle, prefix.read_at, prefix)
         with open(self.path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            head = handle.read(32)
-            if not is_legacy(head):
-                if len(head) < len(MAGIC_PICKLE) and MAGIC_PICKLE.startswith(head):
-                    raise CorruptFileError(
-                        f"the file is {len(head)} bytes: it ends inside torch's magic-number pickle", file=self.path
-                    )
+
+            def read_at(offset: int, count: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(count)
+
+            return self._read(handle, read_at, None)
+
+    def _read(self, handle: io.RawIOBase | BinaryIO, read_at: ReadAt, remote: _RemotePrefix | None) -> Any:
+        size = size_of(handle)
+        read_ahead = READ_AHEAD if remote is None else REMOTE_READ_AHEAD
+        head = read_at(0, 32)
+        if not is_legacy(head):
+            if len(head) < len(MAGIC_PICKLE) and MAGIC_PICKLE.startswith(head):
                 raise CorruptFileError(
-                    "starts with a pickle that is not torch's magic number: a plain Python pickle, not a "
-                    "torch.save checkpoint (plain pickles are not read: they may run code)",
-                    file=self.path,
+                    f"the file is {len(head)} bytes: it ends inside torch's magic-number pickle", file=self.path
                 )
-            position = 0
+            raise CorruptFileError(
+                "starts with a pickle that is not torch's magic number: a plain Python pickle, not a "
+                "torch.save checkpoint (plain pickles are not read: they may run code)",
+                file=self.path,
+            )
+        position = 0
 
-            def next_pickle(what: str) -> bytearray:
-                nonlocal position
-                data = _Window(handle, position, size, what, self.path, self.budget).pickle()
-                prescan(data, self.path, what=what, budget=self.budget)
-                position += len(data)
-                return data
+        def next_pickle(what: str) -> bytearray:
+            nonlocal position
+            data = _Window(read_at, position, size, what, self.path, self.budget, read_ahead).pickle()
+            prescan(data, self.path, what=what, budget=self.budget)
+            position += len(data)
+            return data
 
-            for what, expected in (
-                ("the magic-number pickle", MAGIC_NUMBER),
-                ("the protocol-version pickle", PROTOCOL_VERSION),
-            ):
-                found = self._plain(next_pickle(what), what)
-                if type(found) is not int or found != expected:
-                    shown = shown_value(found) if type(found) is int else describe(found)
-                    raise UnsupportedValueError(f"{what} holds {shown}, expected {expected}", file=self.path)
-            self._check_sys_info(self._plain(next_pickle("the sys_info pickle"), "the sys_info pickle"))
-            objects = next_pickle("the object pickle")
-            keys = self._storage_keys(self._plain(next_pickle("the storage-key pickle"), "the storage-key pickle"))
-            self._learn_storages(objects)
-            records = self._records(handle, position, size, keys)
+        for what, expected in (
+            ("the magic-number pickle", MAGIC_NUMBER),
+            ("the protocol-version pickle", PROTOCOL_VERSION),
+        ):
+            found = self._plain(next_pickle(what), what)
+            if type(found) is not int or found != expected:
+                shown = shown_value(found) if type(found) is int else describe(found)
+                raise UnsupportedValueError(f"{what} holds {shown}, expected {expected}", file=self.path)
+        self._check_sys_info(self._plain(next_pickle("the sys_info pickle"), "the sys_info pickle"))
+        objects = next_pickle("the object pickle")
+        keys = self._storage_keys(self._plain(next_pickle("the storage-key pickle"), "the storage-key pickle"))
+        self._learn_storages(objects)
+        records = self._records(read_at, position, size, keys, remote)
         return self._tree(objects, records)
+
+    def _count_ranges(self, position: int, keys: list[str]) -> list[tuple[int, int]]:
+        """Where each record's element count lies if the object pickle tells the truth."""
+        wanted = []
+        for key in keys:
+            root = self.roots.get(key)
+            if root is None:
+                break
+            wanted.append((position, 8))
+            position += 8 + root.numel * root.width
+        return wanted
 
     # -- the small pickles
 
@@ -429,7 +491,16 @@ class _LegacyReader:
 
     # -- the storages' records
 
-    def _records(self, handle: BinaryIO, position: int, size: int, keys: list[str]) -> dict[str, FileRange]:
+    def _records(
+        self, read_at: ReadAt, position: int, size: int, keys: list[str], remote: _RemotePrefix | None
+    ) -> dict[str, FileRange]:
+        if remote is not None:
+            # Each record's element count lies after the bytes of the one before: from a remote file
+            # they are fetched together where the object pickle says they are (one request for
+            # counts close to each other, not one each); a file that lies is refused below as ever.
+            counts = self._count_ranges(position, keys)
+            remote.ranges.fetch(where for where in counts if where[0] + where[1] > len(remote.data))
+            read_at = remote.held_or_fetched
         records = {}
         for key in keys:
             root = self.roots.get(key)
@@ -447,8 +518,7 @@ class _LegacyReader:
                     file=self.path,
                     path=where,
                 )
-            handle.seek(position)
-            raw = handle.read(8)
+            raw = read_at(position, 8)
             if len(raw) != 8:
                 raise CorruptFileError("the file changed size while it was read", file=self.path)
             count = int.from_bytes(raw, "little", signed=True)

@@ -53,7 +53,7 @@ from .torch_pickle import (
     quoted,
     unpickle,
 )
-from .zip import StoredEntry, read_entry
+from .zip import Ranges, StoredEntry, read_entry
 
 KIND = "TorchScript archive"
 NOTE = (
@@ -125,14 +125,17 @@ def read_modules(
     storage: SourceFor,
     view: Gather,
     budget: Budget,
+    *,
+    ranges: Ranges | None = None,
 ) -> OrderedDict[str, Any]:
     """The state_dict of the TorchScript archive whose ``data.pkl`` is ``data`` (see the module doc).
 
     ``entries``/``prefix``: the archive's records and folder (its ``code/`` files are read from
-    them); ``storage``/``view``: the archive reader's storages and tensor views.
+    them); ``storage``/``view``: the archive reader's storages and tensor views; ``ranges``: a
+    remote archive's bytes fetched ahead (its code files among them).
     """
     prescan(data, path, budget=budget, also_allowed=SCRIPT_GLOBALS)
-    code = _Code(path, entries, prefix, budget)
+    code = _Code(path, entries, prefix, budget, ranges)
     root = unpickle(_ScriptUnpickler(data, path, storage, view, budget, code=code), path)
     # The tree check of any data.pkl (nesting, containers inside themselves, the tree as walked charged
     # to the budget) starts below a record root; a TorchScript root is one (the module), so from here.
@@ -185,8 +188,11 @@ class _Code:
     """The classes the archive's ``code/`` files declare, each file read (and charged) once, when a
     class it holds is first needed: ``__torch__.a.b.Name`` is declared in ``code/__torch__/a/b.py``."""
 
-    def __init__(self, path: Path, entries: dict[str, StoredEntry], prefix: str, budget: Budget) -> None:
+    def __init__(
+        self, path: Path, entries: dict[str, StoredEntry], prefix: str, budget: Budget, ranges: Ranges | None = None
+    ) -> None:
         self._path, self._entries, self._prefix, self._budget = path, entries, prefix, budget
+        self._ranges = ranges
         self._files: dict[str, dict[str, ScriptClass]] = {}
 
     def lookup(self, name: str) -> ScriptClass | None:
@@ -212,7 +218,7 @@ class _Code:
                 file=self._path,
             )
         self._budget.materialize(entry.file_size * (CODE_TEXT_FACTOR - 1), f"the code record {record}")
-        raw = read_entry(self._path, entry, self._budget)
+        raw = read_entry(self._path, entry, self._budget, self._ranges)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -17,11 +17,13 @@ read's budget before any entry is parsed.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import functools
-import os
+import io
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +31,7 @@ from typing import Any, BinaryIO
 from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsupportedValueError
 from ..core.sources import CHUNK_SIZE, FileRange, Record, fill_from_chunks
+from ..core.storage import RemoteFile, is_remote, open_read, pread, size_of
 
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -49,6 +52,18 @@ DATA_DESCRIPTOR_SIZES = (12, 16, 20, 24)
 # Memory one parsed entry costs beyond the budget's node (its name, offsets, dict slot), measured.
 ENTRY_BYTES = 400
 INFLATE_INPUT = 1 << 20  # compressed bytes read at a time
+# From a remote file, the compressed bytes are read 64 KiB first, doubling up to INFLATE_INPUT: an
+# .npz reader inflating a member's first bytes (its .npy header) fetches little of its array.
+INFLATE_FIRST_REMOTE = 64 << 10
+# Remote archives (``Ranges``): byte ranges less than RANGE_GAP apart are fetched by one range
+# request, of at most RANGE_GROUP bytes; at most RECORDS_AHEAD bytes of records are fetched along
+# with their local headers (what the caller reads of them: torch's data.pkl, an .npy header).
+RANGE_GAP = 64 << 10
+RANGE_GROUP = 8 << 20
+RECORDS_AHEAD = 16 << 20
+# Bytes of a local header's extra field assumed when a record's data is fetched with its header:
+# torch's and our writer pad to 64 bytes (at most 64 + 4 bytes, plus 20 of a ZIP64 field).
+EXTRA_AHEAD = 128
 NAME_SHOWN = 100  # characters of an untrusted name shown in a message
 
 
@@ -80,23 +95,136 @@ class StoredEntry:
         )
 
 
+# What a caller will read of a record, by its name and stored size: that many of its first bytes
+# are fetched with its local header from a remote file (0: none).
+Ahead = Callable[[str, int], int]
+
+
+class Ranges:
+    """Byte ranges of a remote file fetched ahead, many of them by one range request.
+
+    Each request is a round trip: reading the local header of every record where it lies would be
+    one request per record (they lie between the tensors). :meth:`fetch` merges the ranges asked
+    for into few requests (RANGE_GAP, RANGE_GROUP) and keeps only the ranges asked for, so memory is
+    what they hold; :meth:`read` serves a range from them, or fetches it alone. Local files need
+    none of this: a read there is a ``pread``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: io.RawIOBase = open_read(path)
+        self._starts: list[int] = []
+        self._held: list[bytes] = []
+
+    def close(self) -> None:
+        self.handle.close()
+        self._starts, self._held = [], []
+
+    def __enter__(self) -> Ranges:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def get(self, offset: int, count: int) -> bytes | None:
+        """The ``count`` bytes at ``offset`` if a range held covers them, else None."""
+        index = bisect.bisect_right(self._starts, offset) - 1
+        if index < 0:
+            return None
+        start, held = self._starts[index], self._held[index]
+        if offset + count > start + len(held):
+            return None
+        return held[offset - start : offset - start + count]
+
+    def read(self, offset: int, count: int) -> bytes:
+        """``count`` bytes at ``offset`` (fewer at the end of the file), held or fetched."""
+        held = self.get(offset, count)
+        return held if held is not None else pread(self.handle, count, offset)
+
+    def fetch(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Fetch and hold the ``(offset, count)`` ranges not held yet (cut at the end of the file)."""
+        size = size_of(self.handle)
+        cut = ((offset, min(count, size - offset)) for offset, count in ranges)
+        wanted = sorted((offset, count) for offset, count in cut if count > 0 and self.get(offset, count) is None)
+        groups: list[tuple[int, int, list[tuple[int, int]]]] = []  # start, end, ranges
+        for offset, count in wanted:
+            if groups:
+                start, end, members = groups[-1]
+                if offset - end <= RANGE_GAP and max(end, offset + count) - start <= RANGE_GROUP:
+                    members.append((offset, count))
+                    groups[-1] = (start, max(end, offset + count), members)
+                    continue
+            groups.append((offset, offset + count, [(offset, count)]))
+        for start, end, members in groups:
+            block = self._fetch(start, end)
+            for offset, count in members:
+                self._hold(offset, block[offset - start : offset - start + count])
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        if isinstance(self.handle, RemoteFile):
+            return self.handle.fetch(start, end)  # exactly the range: no read-ahead past it
+        return pread(self.handle, end - start, start)
+
+    def _hold(self, offset: int, data: bytes) -> None:
+        index = bisect.bisect_right(self._starts, offset)
+        self._starts.insert(index, offset)
+        self._held.insert(index, data)
+
+
+@contextlib.contextmanager
+def remote_ranges(path: Path, ranges: Ranges | None = None) -> Iterator[Ranges | None]:
+    """``ranges`` if given; else, for a remote file, new :class:`Ranges` (closed on exit); for a
+    local file None (its readers ``pread`` where they read)."""
+    if ranges is not None or not is_remote(path):
+        yield ranges
+        return
+    made = Ranges(path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
 def stored_entries(
-    path: Path, file_size: int, base: int = 0, *, budget: Budget | None = None
+    path: Path,
+    file_size: int,
+    base: int = 0,
+    *,
+    budget: Budget | None = None,
+    ranges: Ranges | None = None,
+    ahead: Ahead | None = None,
 ) -> dict[str, StoredEntry]:
     """Every entry of the archive with where its bytes are; refuses archives that lie about their layout.
 
     The archive is the ``file_size`` bytes of ``path`` from ``base`` (0: the whole file; DCP files
     hold one archive per tensor). Offsets returned are of ``path``. ``budget`` (by default one for
     the archive's size) is charged for the entries before they are parsed.
+
+    A remote file is read through ``ranges`` (new ones by default): the end records, the central
+    directory and the local headers, by few range requests; ``ahead(name, size)`` says how many
+    first bytes of each record to fetch with its header, for the caller to read from ``ranges``.
     """
     budget = Budget(path, file_size) if budget is None else budget
-    with open(path, "rb", buffering=0) as handle:
-        return _ArchiveReader(handle.fileno(), path, base, file_size, budget).entries()
+    with remote_ranges(path, ranges) as held:
+        if held is not None:
+            return _ArchiveReader(held.handle, path, base, file_size, budget, held, ahead).entries()
+        with open_read(path) as handle:
+            return _ArchiveReader(handle, path, base, file_size, budget).entries()
 
 
 class _ArchiveReader:
-    def __init__(self, fd: int, path: Path, base: int, length: int, budget: Budget) -> None:
-        self.fd, self.path, self.base, self.length, self.budget = fd, path, base, length, budget
+    def __init__(
+        self,
+        handle: io.RawIOBase,
+        path: Path,
+        base: int,
+        length: int,
+        budget: Budget,
+        ranges: Ranges | None = None,
+        ahead: Ahead | None = None,
+    ) -> None:
+        self.handle, self.path, self.base, self.length, self.budget = handle, path, base, length, budget
+        self.ranges, self.ahead = ranges, ahead
 
     def corrupt(self, message: str) -> CorruptFileError:
         return CorruptFileError(message, file=self.path)
@@ -107,7 +235,10 @@ class _ArchiveReader:
     def read(self, offset: int, count: int) -> bytes:
         """``count`` bytes at ``offset`` of the archive (fewer at its end)."""
         count = max(0, min(count, self.length - offset))
-        data = os.pread(self.fd, count, self.base + offset) if count else b""
+        if not count:
+            return b""
+        held = self.ranges.get(self.base + offset, count) if self.ranges is not None else None
+        data = held if held is not None else pread(self.handle, count, self.base + offset)
         if len(data) != count:
             raise self.corrupt(f"the file ended while reading {count} bytes at offset {self.base + offset}")
         return data
@@ -131,6 +262,8 @@ class _ArchiveReader:
         if self.length < EOCD.size:
             raise self.corrupt("not a readable zip archive: File is not a zip file (it is too short)")
         tail_start = max(0, self.length - EOCD.size - U16_MAX)
+        if self.ranges is not None:  # held: the ZIP64 records, often the central directory, lie in it
+            self.ranges.fetch([(self.base + tail_start, self.length - tail_start)])
         tail = self.read(tail_start, self.length - tail_start)
         position = tail.rfind(b"PK\x05\x06")
         appended = None
@@ -253,6 +386,8 @@ class _ArchiveReader:
         self, rows: list[tuple[int, str, bytes, int, int, int, int, int]], cd_offset: int
     ) -> dict[str, StoredEntry]:
         """Entries from their local headers, which must tile the archive up to its central directory."""
+        if self.ranges is not None:
+            self._fetch_local_headers(rows)
         entries: dict[str, StoredEntry] = {}
         expected = 0  # where the next local header must start
         slack: tuple[int, ...] = (0,)  # gaps allowed there (a data descriptor after the previous entry)
@@ -281,6 +416,22 @@ class _ArchiveReader:
         if cd_offset - expected not in slack:
             raise self._misplaced(None, previous, cd_offset, expected)
         return {name: entries[name] for _, name, *_ in rows}  # central directory order
+
+    def _fetch_local_headers(self, rows: list[tuple[int, str, bytes, int, int, int, int, int]]) -> None:
+        """A remote archive's local headers (and the first bytes of the records ``ahead`` asks for),
+        fetched together: one range request for headers close to each other, not one per record."""
+        assert self.ranges is not None
+        wanted, records = [], 0
+        for offset, name, raw_name, _, _, csize, _, _ in rows:
+            if offset + LOCAL_HEADER.size > self.length:
+                continue  # refused by the layout check
+            count = LOCAL_HEADER.size + len(raw_name)
+            first = min(self.ahead(name, csize), csize, RECORDS_AHEAD - records) if self.ahead is not None else 0
+            if first > 0:
+                records += first
+                count += EXTRA_AHEAD + first
+            wanted.append((self.base + offset, min(count, self.length - offset)))
+        self.ranges.fetch(wanted)
 
     def _misplaced(self, name: str | None, previous: str | None, offset: int, expected: int) -> CorruptFileError:
         what = f"zip entry {shown(name)}" if name is not None else "the central directory"
@@ -339,33 +490,50 @@ class InflatedRecord:
             position += len(piece)
 
     def _inflate(self, chunk_size: int) -> Iterator[memoryview]:
+        step = INFLATE_FIRST_REMOTE if is_remote(self.path) else INFLATE_INPUT
+        with open_read(self.path) as handle:
+            handle.seek(self.offset)
+
+            def read(remaining: int) -> bytes:
+                nonlocal step
+                data = handle.read(min(remaining, step)) or b""
+                step = min(step * 2, INFLATE_INPUT)
+                return data
+
+            yield from self._inflated(read, chunk_size)
+
+    def inflate_held(self, compressed: bytes) -> Iterator[memoryview]:
+        """The whole record inflated from its ``compressed`` bytes in memory (a remote record
+        fetched with its local header), checked as any read of it is."""
+        return self._inflated(lambda remaining: compressed[len(compressed) - remaining :], CHUNK_SIZE)
+
+    def _inflated(self, read: Callable[[int], bytes], chunk_size: int) -> Iterator[memoryview]:
+        """What the deflate stream inflates to, its input from ``read(bytes remaining)``."""
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         produced, crc, pending = 0, 0, b""
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self.offset)
-            remaining = self.compressed_size
-            while not inflater.eof:
-                if not pending and remaining:
-                    pending = handle.read(min(remaining, INFLATE_INPUT))
-                    if not pending:
-                        raise self._corrupt("the file ends inside it")
-                    remaining -= len(pending)
-                try:
-                    # At most one byte past the declared size: enough to see a record that lies.
-                    piece = inflater.decompress(pending, min(chunk_size, self.size - produced + 1))
-                except zlib.error as exc:
-                    raise self._corrupt(f"it is not a valid deflate stream ({exc})") from None
-                pending = inflater.unconsumed_tail
-                # All input consumed is not the end: a long match may still be pending output (a
-                # record of zeros); only a call that gives nothing more, with no input left, is.
-                if not piece and not pending and not remaining and not inflater.eof:
-                    raise self._corrupt("its deflate stream ends early")
-                if piece:
-                    produced += len(piece)
-                    if produced > self.size:
-                        raise self._corrupt(f"it inflates to more than the {self.size} bytes it declares")
-                    crc = zlib.crc32(piece, crc)
-                    yield memoryview(piece)
+        remaining = self.compressed_size
+        while not inflater.eof:
+            if not pending and remaining:
+                pending = read(remaining)
+                if not pending:
+                    raise self._corrupt("the file ends inside it")
+                remaining -= len(pending)
+            try:
+                # At most one byte past the declared size: enough to see a record that lies.
+                piece = inflater.decompress(pending, min(chunk_size, self.size - produced + 1))
+            except zlib.error as exc:
+                raise self._corrupt(f"it is not a valid deflate stream ({exc})") from None
+            pending = inflater.unconsumed_tail
+            # All input consumed is not the end: a long match may still be pending output (a
+            # record of zeros); only a call that gives nothing more, with no input left, is.
+            if not piece and not pending and not remaining and not inflater.eof:
+                raise self._corrupt("its deflate stream ends early")
+            if piece:
+                produced += len(piece)
+                if produced > self.size:
+                    raise self._corrupt(f"it inflates to more than the {self.size} bytes it declares")
+                crc = zlib.crc32(piece, crc)
+                yield memoryview(piece)
         if produced != self.size:
             raise self._corrupt(f"it inflates to {produced} bytes, not the {self.size} it declares")
         if crc != self.crc32:
@@ -375,9 +543,14 @@ class InflatedRecord:
         return CorruptFileError(f"{self.name} (deflated): {problem}", file=self.path)
 
 
-def read_entry(path: Path, entry: StoredEntry, budget: Budget) -> bytearray:
-    """A small record's bytes, in memory (charged to ``budget``), checked against its CRC-32."""
+def read_entry(path: Path, entry: StoredEntry, budget: Budget, ranges: Ranges | None = None) -> bytearray:
+    """A small record's bytes, in memory (charged to ``budget``), checked against its CRC-32
+    (from ``ranges`` when they hold it: fetched with its local header)."""
     budget.materialize(entry.file_size, f"{entry.label} read into memory")
+    held = _held(path, entry, ranges)
+    if held is not None:
+        check_crc(entry, zlib.crc32(held), path)
+        return bytearray(held)
     source = entry.source(path)
     buffer = bytearray(entry.file_size)
     source.readinto(memoryview(buffer))  # an inflated record checks its own size and CRC-32
@@ -386,15 +559,39 @@ def read_entry(path: Path, entry: StoredEntry, budget: Budget) -> bytearray:
     return buffer
 
 
-def check_entry(path: Path, entry: StoredEntry, budget: Budget) -> None:
+def check_entry(path: Path, entry: StoredEntry, budget: Budget, ranges: Ranges | None = None) -> None:
     """Read a record through (bounded memory) and check it against its CRC-32. What a deflated
-    record inflates to is charged to ``budget``'s output first (the work is proportional to it)."""
+    record inflates to is charged to ``budget``'s output first (the work is proportional to it).
+    A record ``ranges`` hold is checked from them."""
     if entry.compressed:
         budget.output(entry.file_size, f"data inflated from {entry.label}")
+    held = ranges.get(entry.data_offset, entry.size) if ranges is not None else None
+    if held is not None and entry.compressed:
+        record = entry.source(path)
+        assert isinstance(record, InflatedRecord)
+        for _ in record.inflate_held(held):  # checks its size and CRC-32; memory stays bounded
+            pass
+        return
+    if held is not None:
+        check_crc(entry, zlib.crc32(held), path)
+        return
     crc = 0
     for chunk in entry.source(path).chunks():
         crc = zlib.crc32(chunk, crc)
     check_crc(entry, crc, path)
+
+
+def _held(path: Path, entry: StoredEntry, ranges: Ranges | None) -> bytes | bytearray | None:
+    """The record's bytes if ``ranges`` hold them (inflated and checked when it is deflated)."""
+    data = ranges.get(entry.data_offset, entry.size) if ranges is not None else None
+    if data is None or not entry.compressed:
+        return data
+    record = entry.source(path)
+    assert isinstance(record, InflatedRecord)
+    inflated = bytearray()
+    for piece in record.inflate_held(data):  # at most the size it declares
+        inflated += piece
+    return inflated
 
 
 def check_crc(entry: StoredEntry, actual: int, path: Path) -> None:

@@ -61,7 +61,12 @@ class Budget:
     def for_path(cls, path: Path) -> Budget:
         """The budget of a file, or of a folder (its regular files together)."""
         if path.is_dir():
-            size = sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file(follow_symlinks=False))
+            from .storage import RemotePath
+
+            if isinstance(path, RemotePath):
+                size = sum(child.stat().st_size for child in path.iterdir() if child.is_file())
+            else:
+                size = sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file(follow_symlinks=False))
         else:
             size = path.stat().st_size
         return cls(path, size)

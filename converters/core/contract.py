@@ -112,6 +112,15 @@ class Format(Protocol):
     ``dtype_codes`` and builds ``options`` from the keyword arguments. ``write`` must be atomic
     (``converters.core.atomic``), must honour every field of ``context``, and copies tensor bytes
     with ``converters.core.writing.TensorWriter`` (which hashes and checks digests).
+
+    Optional, looked up with ``getattr`` (not part of the protocol, so formats without it still
+    satisfy it): ``read_selected(path, budget, wanted) -> Checkpoint``, called instead of ``read``
+    when the conversion starts with a ``Select``. ``wanted(tree_path)`` (``Select.covers``) says
+    whether a tensor at that path may be kept. The reader returns ``read``'s tree, except that it
+    may leave out tensors that are not wanted, and so skip the files holding only those (a shard
+    folder's other shards); it keeps every container and non-tensor value, and leaves out only
+    values of a mapping (leaving out a list's item would renumber the items after it). The
+    ``Select`` then makes of that tree what it makes of the whole one.
     """
 
     name: str

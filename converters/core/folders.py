@@ -56,6 +56,7 @@ from typing import Any
 
 from .budget import Budget
 from .errors import ConverterError, CorruptFileError, UnknownFormatError, shown
+from .storage import RemoteError, RemotePath
 from .stored import loads_json_strict, read_folder_file
 from .tree import Checkpoint
 
@@ -141,13 +142,18 @@ class Layout:
 
 def layout(folder: Path) -> Layout | None:
     """The layout of ``folder`` (None when it is not a folder). Lists it once; opens nothing."""
-    try:
-        with os.scandir(folder) as listing:
-            kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in listing}
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        raise ConverterError(f"cannot list the folder: {exc.strerror or exc}", file=folder) from None
+    if isinstance(folder, RemotePath):
+        kinds = _remote_listing(folder)
+        if kinds is None:
+            return None
+    else:
+        try:
+            with os.scandir(folder) as listing:
+                kinds = {entry.name: entry.is_dir(follow_symlinks=False) for entry in listing}
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise ConverterError(f"cannot list the folder: {exc.strerror or exc}", file=folder) from None
     names = set(kinds)
     files = {name for name, is_dir in kinds.items() if not is_dir}  # an exact name is taken whatever it is
     weights: list[Path] = []
@@ -169,6 +175,14 @@ def layout(folder: Path) -> Layout | None:
         tuple(weights),
         tuple(parts),
     )
+
+
+def _remote_listing(folder: RemotePath) -> dict[str, bool] | None:
+    """A remote folder's entries, name -> is a folder (one listing request; the sizes it tells are
+    kept for the ``stat`` calls that follow). None when it is not a folder, or does not exist."""
+    if not folder.is_dir():
+        return None
+    return {entry.name: entry.is_dir() for entry in folder.iterdir()}
 
 
 def _only(names: set[str], suffix: str) -> str | None:
@@ -272,7 +286,12 @@ def regular_part(path: Path, what: str | None = None) -> Path:
     else a one-line ``CorruptFileError`` naming it and what it is."""
     name = what or path.name
     try:
-        mode = os.lstat(path).st_mode
+        # A remote object's mode: a store holds files and folders only (no symlink to refuse)
+        mode = path.stat().st_mode if isinstance(path, RemotePath) else os.lstat(path).st_mode
+    except RemoteError as exc:
+        if exc.missing:
+            raise CorruptFileError(f"{shown(name)} is gone from the folder", file=path) from None
+        raise
     except FileNotFoundError:
         raise CorruptFileError(f"{shown(name)} is gone from the folder", file=path) from None
     except OSError as exc:
@@ -338,9 +357,10 @@ def read_trainer(folder: Path, budget: Budget) -> Checkpoint:
 def _regular_size(found: Layout) -> int:
     total = 0
     for name in found.names:
+        path = found.folder / name
         try:
-            info = os.lstat(found.folder / name)
-        except OSError:
+            info = path.stat() if isinstance(path, RemotePath) else os.lstat(path)
+        except (OSError, RemoteError):
             continue
         if stat.S_ISREG(info.st_mode):
             total += info.st_size

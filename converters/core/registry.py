@@ -197,6 +197,13 @@ class FormatRegistry:
 
 def read_head(path: Path) -> bytes:
     """The first bytes of a regular file (opened non-blocking: a FIFO must not hang the sniffing)."""
+    from .storage import RemotePath, open_read, pread
+
+    if isinstance(path, RemotePath):  # one range request (the reader's first fetch holds it too)
+        if path.is_dir():
+            return b""
+        with open_read(path) as handle:
+            return pread(handle, SNIFF_BYTES, 0)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except IsADirectoryError:

@@ -111,7 +111,9 @@ class FileRange:
         return self.length
 
     def readinto(self, buffer: memoryview) -> None:
-        with open(self.path, "rb", buffering=0) as handle:
+        from .storage import open_read
+
+        with open_read(self.path) as handle:
             handle.seek(self.offset)
             filled = 0
             while filled < self.length:
@@ -122,8 +124,10 @@ class FileRange:
         self._check_complete(filled)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        from .storage import open_read
+
         buffer = memoryview(bytearray(min(chunk_size, max(self.length, 1))))
-        with open(self.path, "rb", buffering=0) as handle:
+        with open_read(self.path) as handle:
             handle.seek(self.offset)
             remaining = self.length
             while remaining:

@@ -24,7 +24,7 @@ import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -118,6 +118,18 @@ def _copy(
         for part in source.parts:
             _copy(out, part, checks, progress, writeback)
         return
+    if isinstance(source, FileRange) and _remote(source):  # range requests, the next one already on its way
+        from .storage import stream_range
+
+        with closing(stream_range(source.path, source.offset, source.length)) as fetching:  # closed on error
+            for fetched in fetching:
+                out.write(fetched)
+                checks.update(fetched)
+                if progress:
+                    progress(len(fetched))
+                if writeback is not None:
+                    writeback.advance(out.tell())
+        return
     if isinstance(source, FileRange) and 0 < source.length < INLINE_COPY:
         _copy_small(out, source, checks, progress)
         return
@@ -131,6 +143,11 @@ def _copy(
             progress(len(chunk))
         if writeback is not None:  # a large tensor made in memory (a cast) goes by in chunks
             writeback.advance(out.tell())
+
+
+def _remote(source: FileRange) -> bool:
+    """Whether the range is in a remote object (read by range requests, not the kernel)."""
+    return type(source.path).__name__.startswith("RemotePath")  # no import of storage for local files
 
 
 def _copy_small(out: BinaryIO, source: FileRange, checks: Checks, progress: Progress | None) -> None:
@@ -224,6 +241,13 @@ def _feed(source: ByteSource, update: Callable[[memoryview], None]) -> None:
     if not isinstance(source, FileRange) or source.length == 0:
         for chunk in source.chunks():
             update(chunk)
+        return
+    if _remote(source):
+        from .storage import stream_range
+
+        with closing(stream_range(source.path, source.offset, source.length)) as fetching:
+            for fetched in fetching:
+                update(memoryview(fetched))
         return
     buffer = _take_buffer()
     fd = os.open(source.path, os.O_RDONLY)

@@ -32,8 +32,8 @@ non-``sdconvert`` key/values become ``file_metadata`` (``general.alignment`` asi
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +49,7 @@ from ..core.contract import FormatBase, WriteContext, option
 from ..core.dtypes import itemsize, numel
 from ..core.errors import ConverterError, CorruptFileError, UnsupportedValueError, shown
 from ..core.sources import FileRange
+from ..core.storage import is_remote, location, open_read, size_of
 from ..core.stored import (
     STR_OBJECT_BYTES,
     check_tree_digest,
@@ -196,9 +197,13 @@ class GgufFormat(FormatBase):
     # ------------------------------------------------------------------------------ reading
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        path = Path(path)
-        with open(path, "rb", buffering=1 << 16) as handle:
-            cursor = _Cursor(handle, os.fstat(handle.fileno()).st_size, path, budget)
+        path = location(path)  # not Path(): a remote path stays remote
+        raw = open_read(path)
+        # The header is parsed by small reads, through a buffer. A remote file's own cache reads
+        # ahead (64 KiB, then doubling while the reads go on): a small buffer over it asks for small
+        # pieces, which its cache serves, rather than a 64 KiB read that it would fetch exactly.
+        with io.BufferedReader(raw, 1 << 12 if is_remote(path) else 1 << 16) as handle:
+            cursor = _Cursor(handle, size_of(raw), path, budget)
             header = cursor.read_header()
             infos = [cursor.tensor_info(index) for index in range(header.tensor_count)]
             info_end = cursor.position

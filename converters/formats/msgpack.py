@@ -38,7 +38,8 @@ from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..core.objects import NumpyScalar, ObjectRecord
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
-from ..core.stored import check_casts, check_digests, check_tree_digest, paused_gc
+from ..core.storage import RemotePath, location, open_read
+from ..core.stored import RangeBuffer, check_casts, check_digests, check_tree_digest, paused_gc
 from ..core.transfer import Checks, copy_into
 from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, CastOrigin, Checkpoint, TensorRef, walk
 from ..core.writing import DIGEST_PLACEHOLDER, PiecewiseCopy, Reserved, TensorWriter
@@ -131,14 +132,22 @@ class MsgpackFormat(FormatBase):
     # ------------------------------------------------------------------------------- reading
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        path = Path(path)
+        path = location(path)  # not Path(): a remote path stays remote
         size = path.stat().st_size
         if size == 0:
             raise CorruptFileError("the file is empty; a msgpack file holds at least one value", file=path)
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
-            reader = _TreeReader(buffer, path, self.max_depth, budget)
-            with paused_gc():
-                tree = reader.resolve(reader.parse_root(size))
+        if isinstance(path, RemotePath):
+            # No index to jump by: the values are walked in place as over mmap, through blocks fetched
+            # on demand; a bin (a tensor's bytes) is skipped by its length, never fetched.
+            with open_read(path) as remote:
+                reader = _TreeReader(RangeBuffer(remote), path, self.max_depth, budget)
+                with paused_gc():
+                    tree = reader.resolve(reader.parse_root(size))
+        else:
+            with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+                reader = _TreeReader(buffer, path, self.max_depth, budget)
+                with paused_gc():
+                    tree = reader.resolve(reader.parse_root(size))
         return Checkpoint(
             tree,
             path,

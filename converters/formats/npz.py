@@ -39,11 +39,13 @@ from typing import Any, BinaryIO, ClassVar, cast
 from ..codecs import npy
 from ..codecs.zip import (
     InflatedRecord,
+    Ranges,
     StoredEntry,
     ZipWriter,
     crc32_combine,
     crc32_tail,
     read_entry,
+    remote_ranges,
     shown,
     stored_entries,
 )
@@ -54,6 +56,7 @@ from ..core.contract import FormatBase, WriteContext, option
 from ..core.dtypes import DTYPES, numel
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError, format_tree_path
 from ..core.sources import CHUNK_SIZE, ByteSource, FileRange, Record
+from ..core.storage import location, size_of
 from ..core.stored import check_digests, check_tree_digest, loads_json_strict, paused_gc, read_casts, tree_from_stored
 from ..core.tree import Checkpoint, TensorRef
 from ..core.writing import DIGEST_PLACEHOLDER, TensorWriter
@@ -63,6 +66,9 @@ META_KEY = META.removesuffix(".npy")  # what numpy.load calls it
 META_VERSION = 1
 META_FIELDS = frozenset({"version", "tree", "blake3", "tree_blake3", "members", "dtypes", "casts", "file_metadata"})
 NPY_SUFFIX = ".npy"
+# Of a remote .npz, each member's first bytes fetched with its local header: its .npy header (numpy
+# writes 128 bytes, more for long shapes or structured dtypes: those are fetched on their own).
+HEAD_AHEAD = 512
 NUMPY_IMPORT_BYTES = 16 << 20  # what importing numpy costs, charged once by a read that needs it
 KIND_OURS = "numpy .npz archive (statedict-convert)"
 KIND_NPZ = "numpy .npz archive"
@@ -169,18 +175,26 @@ class NpzFormat(FormatBase):
     # ------------------------------------------------------------------------------- reading
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        path = Path(path)
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            head = handle.read(len(npy.NPY_MAGIC))
-        if head.startswith(npy.NPY_MAGIC):
-            return _read_single(path, size, budget)
-        if not head.startswith(b"PK"):
-            raise CorruptFileError(
-                f"neither an .npz (a zip archive) nor an .npy array (\\x93NUMPY): it starts with {head[:6]!r}",
-                file=path,
-            )
-        return _Archive(path, size, budget).read()
+        path = location(path)  # not Path(path): that would make a remote path a local one
+        # A remote file is read through one Ranges: its first fetch holds the first bytes (an .npy
+        # header), then the zip's layout and the members' .npy headers come by few range requests.
+        with remote_ranges(path) as ranges:
+            if ranges is not None:
+                size = size_of(ranges.handle)
+                ranges.fetch([(0, HEAD_AHEAD)])  # exactly (an .npy header, most often): no read-ahead
+                head = ranges.read(0, len(npy.NPY_MAGIC))
+            else:
+                with open(path, "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    head = handle.read(len(npy.NPY_MAGIC))
+            if head.startswith(npy.NPY_MAGIC):
+                return _read_single(path, size, budget, ranges)
+            if not head.startswith(b"PK"):
+                raise CorruptFileError(
+                    f"neither an .npz (a zip archive) nor an .npy array (\\x93NUMPY): it starts with {head[:6]!r}",
+                    file=path,
+                )
+            return _Archive(path, size, budget, ranges).read()
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -365,8 +379,15 @@ def _array(
     return TensorRef(dtype, shape, source)
 
 
-def _read_single(path: Path, size: int, budget: Budget) -> Checkpoint:
+def _read_single(path: Path, size: int, budget: Budget, ranges: Ranges | None = None) -> Checkpoint:
     """A ``.npy`` file: its array, as ``numpy.load`` gives it."""
+    if ranges is not None:  # a remote file: the header is in the first fetch
+        try:
+            header = npy.parse_header(lambda n: ranges.read(0, min(n, size)), size)
+        except npy.NpyError as error:
+            npy.raise_at(error, "", path)
+            raise
+        return _single(path, size, budget, header)
     fd = os.open(path, os.O_RDONLY)
     try:
         try:
@@ -376,6 +397,10 @@ def _read_single(path: Path, size: int, budget: Budget) -> Checkpoint:
             raise
     finally:
         os.close(fd)
+    return _single(path, size, budget, header)
+
+
+def _single(path: Path, size: int, budget: Budget, header: npy.NpyHeader) -> Checkpoint:
     budget.materialize(header.data_offset, "the .npy header")
     charges = _Charges(budget)
     data = FileRange(path, header.data_offset, size - header.data_offset)
@@ -386,22 +411,26 @@ def _read_single(path: Path, size: int, budget: Budget) -> Checkpoint:
 class _Archive:
     """One .npz: its members in the zip's order, our metadata member if it has one."""
 
-    def __init__(self, path: Path, size: int, budget: Budget) -> None:
+    def __init__(self, path: Path, size: int, budget: Budget, ranges: Ranges | None = None) -> None:
         self.path, self.size, self.budget = path, size, budget
         self.charges = _Charges(budget)
         self.fd = -1
+        self.ranges = ranges  # a remote file's (the .npy headers are read from it), else None
 
     def read(self) -> Checkpoint:
         path, budget = self.path, self.budget
-        entries = stored_entries(path, self.size, budget=budget)
+        entries = stored_entries(path, self.size, budget=budget, ranges=self.ranges, ahead=_read_here)
         meta_entry = entries.get(META)
         meta = self._metadata(meta_entry) if meta_entry is not None else None
         dtypes = self._dtypes(meta)
         key_of = self._members(meta, entries)  # our escaped member names, by member name
         values: dict[str, Any] = {}
         member_of: dict[str, str] = {}
-        self.fd = os.open(path, os.O_RDONLY)  # the headers of stored members are read through it
-        with paused_gc(), contextlib.closing(_Descriptor(self.fd)):
+        descriptor: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.ranges is None:
+            self.fd = os.open(path, os.O_RDONLY)  # the headers of stored members are read through it
+            descriptor = contextlib.closing(_Descriptor(self.fd))
+        with paused_gc(), descriptor:
             for name, entry in entries.items():
                 if name == META and meta is not None:
                     continue
@@ -422,7 +451,7 @@ class _Archive:
     def _metadata(self, entry: StoredEntry) -> dict[str, Any] | None:
         """Our metadata: JSON text as a 1-d uint8 array (None: an array of that name that is not ours)."""
         what = META
-        data = bytes(read_entry(self.path, entry, self.budget))
+        data = bytes(read_entry(self.path, entry, self.budget, self.ranges))
         try:
             header = npy.parse_header(lambda n: data[:n], len(data))
         except npy.NpyError:
@@ -481,8 +510,21 @@ class _Archive:
             assert isinstance(record, InflatedRecord)
             inflated: InflatedRecord = record
 
+            held = self.ranges.get(entry.data_offset, min(entry.size, HEAD_AHEAD)) if self.ranges else None
+
             def read(n: int) -> bytes:
-                return _inflated_prefix(inflated, min(n, entry.file_size))
+                count = min(n, entry.file_size)
+                if held is not None and count > 0:  # a remote member's first compressed bytes, held
+                    head = _inflated_head(held, count)
+                    if len(head) == count:
+                        return head
+                return _inflated_prefix(inflated, count)
+
+        elif self.ranges is not None:
+            ranges = self.ranges  # a remote member's header: held, fetched with its local header
+
+            def read(n: int) -> bytes:
+                return ranges.read(entry.data_offset, min(n, entry.size))
 
         else:
 
@@ -498,7 +540,8 @@ class _Archive:
                 raise CorruptFileError(
                     f"{where}an .npz written by statedict-convert holds .npy arrays and {META} only", file=path
                 )
-            return bytes(read_entry(path, entry, budget))  # not an array: its bytes, as numpy.load gives them
+            # not an array: its bytes, as numpy.load gives them
+            return bytes(read_entry(path, entry, budget, self.ranges))
         try:
             header = npy.parse_header(read, entry.file_size)
         except npy.NpyError as error:
@@ -573,6 +616,21 @@ class _Descriptor:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _read_here(name: str, size: int) -> int:
+    """``stored_entries``'s ``ahead`` for a remote archive: our metadata member whole, and the first
+    bytes of every other member (its .npy header), fetched with the local headers."""
+    return size if name == META else min(size, HEAD_AHEAD)
+
+
+def _inflated_head(compressed: bytes, count: int) -> bytes:
+    """What the first bytes of a deflate stream inflate to, up to ``count`` (fewer when they do not
+    hold that many, or are not valid: the caller then inflates the record, which says why)."""
+    try:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed, count)
+    except zlib.error:
+        return b""
 
 
 def _inflated_prefix(record: InflatedRecord, count: int) -> bytes:

@@ -47,12 +47,14 @@ from ..codecs.torch_archive import (
 )
 from ..codecs.torch_legacy import TAR_MESSAGE, is_legacy, is_legacy_tar, read_legacy
 from ..codecs.torch_pickle import PickleWriter, describe
+from ..codecs.zip import Ranges, remote_ranges
 from ..core import folders, manifests
 from ..core.atomic import atomic_output
 from ..core.budget import Budget
 from ..core.contract import FormatBase, WriteContext, option
 from ..core.dtypes import DTYPES
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
+from ..core.storage import location
 from ..core.stored import read_shard_index, shard_file
 from ..core.tree import MAPPING_TYPES, Checkpoint, TensorRef
 from ..core.writing import TensorWriter
@@ -93,36 +95,54 @@ class PtFormat(FormatBase):
         return (family is not None and family.suffix == ".bin") or folders.is_trainer(path)
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        path = Path(path)
+        return self.read_selected(path, budget, None)
+
+    def read_selected(
+        self, path: Path, budget: Budget, wanted: Callable[[tuple[str | int, ...]], bool] | None
+    ) -> Checkpoint:
+        """``read``, leaving out of a ``.bin`` shard folder the shards without a ``wanted`` tensor
+        (``core/contract.py``); anything else is read whole."""
+        path = location(path)  # not Path(path): that would make a remote path a local one
         if path.is_dir():
             if folders.is_trainer(path):
                 return folders.read_trainer(path, budget)
             weights, notes = folders.weights_for(path, ".bin", self.name)
             if weights.name.lower().endswith(BIN_INDEX_SUFFIX):
-                checkpoint = self.read_shards(weights, budget)
+                checkpoint = self.read_shards(weights, budget, wanted)
                 return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes)
             checkpoint = self.read_file(folders.regular_part(weights), budget)
             kind = f"{folders.MODEL_KIND}: {weights.name}, {checkpoint.kind}"
             return dataclasses.replace(checkpoint, kind=kind, notes=checkpoint.notes + notes)
         if path.name.lower().endswith(BIN_INDEX_SUFFIX):
-            return self.read_shards(path, budget)
+            return self.read_shards(path, budget, wanted)
         if path.name.lower().endswith(folders.INDEX_SUFFIX):  # another kind's (model.safetensors.index.json)
             raise folders.wrong_index(path, self.name)
         return self.read_file(path, budget)
 
     def read_file(self, path: Path, budget: Budget) -> Checkpoint:
-        """One ``torch.save`` file, zip or legacy by its first bytes (never an index: shards are read with this)."""
-        with open(path, "rb") as handle:
-            head = handle.read(512)
+        """One ``torch.save`` file, zip or legacy by its first bytes (never an index: shards are read with this).
+
+        A remote file is read through one ``Ranges`` (range requests, few of them) by whichever
+        reader its first bytes choose: its first fetch, which holds them, serves that reader too."""
+        with remote_ranges(path) as ranges:
+            return self._read_file(path, budget, ranges)
+
+    def _read_file(self, path: Path, budget: Budget, ranges: Ranges | None) -> Checkpoint:
+        if ranges is not None:
+            ranges.fetch([(0, 512)])  # exactly: the reader's own requests follow
+            head = ranges.read(0, 512)
+        else:
+            with open(path, "rb") as handle:
+                head = handle.read(512)
         if is_legacy_tar(head):
             raise UnsupportedValueError(TAR_MESSAGE, file=path)
         if head[:1] == b"\x80":  # a pickle: torch's legacy file (or a plain pickle, refused by its reader)
-            return Checkpoint(read_legacy(path, budget), path, kind="torch legacy (non-zip) file")
+            return Checkpoint(read_legacy(path, budget, ranges), path, kind="torch legacy (non-zip) file")
         if not torch_export.starts_like_torch_save(head):  # a .pt2 program archive, or another zip
-            exported = torch_export.read_if_exported(path, budget)
+            exported = torch_export.read_if_exported(path, budget, ranges)
             if exported is not None:
                 return Checkpoint(exported.tree, path, kind=torch_export.KIND, notes=exported.notes)
-        contents = read_archive_contents(path, budget=budget, torchscript=True)
+        contents = read_archive_contents(path, budget=budget, torchscript=True, ranges=ranges)
         if contents.torchscript:  # torch.jit.save: its parameters and buffers (codecs/torchscript.py)
             return Checkpoint(contents.tree, path, kind=torchscript.KIND, notes=torchscript.notes(contents.tree))
         return Checkpoint(
@@ -134,10 +154,15 @@ class PtFormat(FormatBase):
             expects_tree_digest=contents.ours,
         )
 
-    def read_shards(self, index_path: Path, budget: Budget) -> Checkpoint:
-        """A ``.bin`` shard folder through its index, as one flat dict (order: see the module doc)."""
+    def read_shards(
+        self, index_path: Path, budget: Budget, wanted: Callable[[tuple[str | int, ...]], bool] | None = None
+    ) -> Checkpoint:
+        """A ``.bin`` shard folder through its index, as one flat dict (order: see the module doc).
+        With ``wanted``, only the shards holding a wanted key are opened (and checked): the
+        tensors of the others are left out of the dict."""
         weight_map, metadata = read_shard_index(index_path, MAX_INDEX_BYTES, budget)
-        shards = {name: shard_file(index_path, name, "a torch checkpoint") for name in sorted(set(weight_map.values()))}
+        names = {name for key, name in weight_map.items() if wanted is None or wanted((key,))}
+        shards = {name: shard_file(index_path, name, "a torch checkpoint") for name in sorted(names)}
         budget.cover(index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
         tensors: dict[str, TensorRef] = {}
         for name, shard in shards.items():
@@ -160,8 +185,9 @@ class PtFormat(FormatBase):
                         f"shard {name!r} holds tensor {key!r}, but the weight_map {where}", file=index_path, path=(key,)
                     )
                 tensors[key] = value
-        if len(tensors) != len(weight_map):
-            missing = next(key for key in weight_map if key not in tensors)
+        # every tensor the weight_map puts in a shard read (all of them without ``wanted``) was in it
+        missing = next((key for key, name in weight_map.items() if name in shards and key not in tensors), None)
+        if missing is not None:
             raise CorruptFileError(
                 f"the weight_map puts tensor {missing!r} in shard {weight_map[missing]!r}, which does not hold it",
                 file=index_path,

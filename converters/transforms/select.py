@@ -16,6 +16,10 @@ What ``Select`` returns, with one pattern or several (their union):
 
 So the shape of the result follows from the command line alone, never from what happens to match.
 Every pattern must match something: a typo is an error, not an empty file.
+
+``Select.covers(path)`` says, without the tree, whether the value at ``path`` is kept: a reader
+given it (``api.read`` pushes a leading ``Select`` down) may leave out the tensors it does not
+cover, and the files holding only those, and the selection still gives the same result.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ class Select(Reporting):
         self.option = option
         self.arguments = _patterns(paths, option)
         self.patterns = tuple(PathPattern.parse(text, option) for text in self.arguments)
+        # Where the result is rooted, and each pattern's segments below it (matched from there).
+        self._prefix = _common_prefix([pattern.literal_prefix for pattern in self.patterns])
+        self._below = tuple(
+            PathPattern(pattern.text, pattern.segments[len(self._prefix) :]) for pattern in self.patterns
+        )
         self._report = None
 
     @property
@@ -82,8 +91,32 @@ class Select(Reporting):
         """The first path (the one path of a single-path Select)."""
         return self.arguments[0]
 
+    def covers(self, path: Path) -> bool:
+        """Whether the value at ``path`` (a leaf, such as a tensor) is in the result of this
+        selection on any tree it applies to, told from the path alone.
+
+        It is kept when a pattern matches the path or one of its ancestors below the root, and the
+        path runs through the root (the common literal prefix, walked as ``__call__`` walks it).
+        Where only the tree could tell which child the walk to the root takes, the answer is True
+        (a leaf covered but not kept costs a read, one kept but not covered would be lost): a
+        segment spelling an int covers the str key it spells and that int key or index (the walk
+        prefers the str key when both are there), and a negative one any index (it counts from the
+        end of a list). On any other path it agrees with ``__call__`` exactly.
+
+        >>> select = Select("model_state_dict/fc*")
+        >>> select.covers(("model_state_dict", "fc1.weight")), select.covers(("model_state_dict", "conv.weight"))
+        (True, False)
+        """
+        prefix = self._prefix
+        if len(path) < len(prefix):
+            return False  # above the root, or beside it: a leaf there is never in the result
+        if not all(_on_the_walk(segment, key) for segment, key in zip(prefix, path, strict=False)):
+            return False
+        below = path[len(prefix) :]
+        return any(pattern.matches_within(below) for pattern in self._below)
+
     def __call__(self, checkpoint: Checkpoint) -> Checkpoint:
-        prefix = _common_prefix([pattern.literal_prefix for pattern in self.patterns])
+        prefix = self._prefix
         node, root = checkpoint.tree, list[Any]()
         for segment in prefix:
             node, key = _child(node, segment, root, checkpoint.origin, self)
@@ -228,6 +261,20 @@ def _child(node: Any, segment: str, walked: list[Any], file: Any, select: Select
 
 def _is_int(text: str) -> bool:
     return text.lstrip("-").isdigit()
+
+
+def _on_the_walk(segment: str, key: Key) -> bool:
+    """Whether ``_child`` may take the child ``key`` for this literal segment of the root's path
+    (True where only the container could tell: see ``Select.covers``)."""
+    if type(key) is str:
+        return key == segment
+    if not _is_int(segment):
+        return False
+    try:
+        number = int(segment)
+    except ValueError:  # digits int() refuses ('²', '--1'): the walk itself fails on them
+        return True
+    return key == number or number < 0
 
 
 def _prune(node: Any, paths: list[Path]) -> Any:

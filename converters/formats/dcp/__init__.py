@@ -44,6 +44,7 @@ from ...core.contract import FormatBase, WriteContext, option
 from ...core.errors import UnsupportedValueError
 from ...core.parallel import serialized, write_files
 from ...core.sizes import parse_size
+from ...core.storage import location
 from ...core.tree import MAPPING_TYPES, Checkpoint
 from ...core.writing import TensorWriter
 from . import optimizers, reader, writer
@@ -85,14 +86,14 @@ class DcpFormat(FormatBase):
     Options = DcpOptions
 
     def reads_folder(self, path: Path) -> bool:
-        metadata = Path(path) / reader.METADATA
+        metadata = location(path) / reader.METADATA  # not Path(): a remote folder stays remote
         return metadata.is_symlink() or metadata.is_file()  # a symlinked one is found, then refused
 
     def sniff(self, head: bytes) -> bool:
         return False
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        return reader.read_folder(Path(path), budget)
+        return reader.read_folder(location(path), budget)
 
     def replaceable(self, path: Path) -> bool:
         return (path.name.endswith((".distcp", reader.METADATA)) or path.name == reader.SIDECAR) and path.is_file()

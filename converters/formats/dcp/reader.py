@@ -33,6 +33,7 @@ from ...core import dtypes, manifests
 from ...core.budget import Budget
 from ...core.errors import ConverterError, CorruptFileError, UnsafeFileError, UnsupportedValueError
 from ...core.sources import BufferSource, ConcatSource
+from ...core.storage import RemoteError
 from ...core.stored import check_tree_digest, loads_json_strict, read_folder_file, tree_from_stored
 from ...core.tree import MAX_DIM, MAX_NDIM, Checkpoint, TensorRef, map_leaves, walk
 from . import optimizers, view
@@ -289,8 +290,12 @@ class _Assembler:
             )
         target = self.folder / name
         try:
-            info = target.lstat()
+            info = target.lstat()  # a remote object's: a store has no symlinks, FIFOs or devices
         except OSError:
+            info = None
+        except RemoteError as exc:  # missing is said below; access denied or the network is not
+            if not exc.missing:
+                raise
             info = None
         if info is None or not stat.S_ISREG(info.st_mode):  # a symlink, a folder, a FIFO, or missing
             raise CorruptFileError(f"data file {name!r} is not a regular file in the checkpoint folder", file=self.file)

@@ -40,7 +40,9 @@ from ...core.contract import FormatBase, WriteContext, option
 from ...core.errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ...core.integrity import read_tree_digest
 from ...core.sources import BufferSource, ByteSource, FileRange
-from ...core.stored import check_casts, loads_json_strict, read_digests
+from ...core.storage import RemoteError, RemotePath, open_read, size_of
+from ...core.storage import location as place
+from ...core.stored import RangeBuffer, check_casts, loads_json_strict, read_digests
 from ...core.tree import Checkpoint, TensorRef, walk
 from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from .graph import ExportedGraph, export
@@ -237,17 +239,28 @@ class OnnxFormat(FormatBase):
     # ------------------------------------------------------------------------------- reading
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        path = Path(path)
-        fd = open_regular(path)  # a FIFO or a device would block: refused before any read
-        try:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                raise CorruptFileError("the file is empty; an ONNX model is a non-empty protobuf message", file=path)
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buffer:
-                reader = _Reader(buffer, path, size, budget, _ExternalFiles(path))
+        path = place(path)  # not Path(): a remote path stays remote
+        empty = "the file is empty; an ONNX model is a non-empty protobuf message"
+        if isinstance(path, RemotePath):
+            # The protobuf is walked in place as over mmap, through blocks fetched on demand: a
+            # raw_data field is skipped by its length, never fetched (nor is external data).
+            with open_read(path) as handle:  # a folder is refused by it; a store has no FIFOs
+                size = size_of(handle)
+                if size == 0:
+                    raise CorruptFileError(empty, file=path)
+                reader = _Reader(RangeBuffer(handle), path, size, budget, _ExternalFiles(path))
                 tensors, metadata = reader.scan()
-        finally:
-            os.close(fd)
+        else:
+            fd = open_regular(path)  # a FIFO or a device would block: refused before any read
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    raise CorruptFileError(empty, file=path)
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buffer:
+                    reader = _Reader(buffer, path, size, budget, _ExternalFiles(path))
+                    tensors, metadata = reader.scan()
+            finally:
+                os.close(fd)
         tree_digest = None
         if TREE_KEY in metadata:
             tree = _tree_from_metadata(path, metadata, tensors, budget)
@@ -887,12 +900,14 @@ class _ExternalFiles:
 
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
-        self.folder = model_path.resolve().parent
+        self.folder = model_path.resolve().parent  # a RemotePath resolves to itself: its folder is remote too
         self.opened: dict[tuple[str, ...], tuple[Path, int]] = {}
 
     def open(self, location: str, name: str) -> tuple[Path, int]:
         """The (pinned) path of the data file ``location`` names, and its size."""
         parts = safe_external_parts(self.model_path, location, name)
+        if parts not in self.opened and isinstance(self.folder, RemotePath):
+            self.opened[parts] = self._remote(parts, location, name)
         if parts not in self.opened:
             fd = self._open_beneath(parts, location, name)
             info = os.fstat(fd)
@@ -904,6 +919,28 @@ class _ExternalFiles:
                 )
             self.opened[parts] = (_pin(self.folder.joinpath(*parts), fd), info.st_size)
         return self.opened[parts]
+
+    def _remote(self, parts: tuple[str, ...], location: str, name: str) -> tuple[Path, int]:
+        """The data file of a remote model: the object at ``parts`` under the model's folder. A
+        store has no symlinks to refuse; what keeps it inside the folder is ``safe_external_parts``
+        (no absolute location, no ``..``). Its size is the one first seen, and every range of it is
+        read from that version (``storage.RemoteFile``)."""
+        target = self.folder.joinpath(*parts)
+        try:
+            info = target.stat()
+        except RemoteError as exc:
+            if exc.missing:
+                raise CorruptFileError(
+                    f"initializer {name!r}: external data file {location!r} does not exist beside the model",
+                    file=self.model_path,
+                ) from None
+            raise
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError(
+                f"initializer {name!r}: external data location {location!r} is not a regular file",
+                file=self.model_path,
+            )
+        return target, info.st_size
 
     def _open_beneath(self, parts: tuple[str, ...], location: str, name: str) -> int:
         """``openat`` one component at a time from the model's folder, each with ``O_NOFOLLOW``: a

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from ...core.dtypes import itemsize
 from ...core.errors import CorruptFileError, DestinationError, UnsupportedValueError
 from ...core.sizes import parse_size
 from ...core.sources import FileRange
+from ...core.storage import location, open_read, pread, size_of
 from ...core.stored import (
     check_tree_digest,
     loads_json_strict,
@@ -107,17 +107,22 @@ class SafetensorsFormat(FormatBase):
         return 2 <= length <= self.max_header_bytes and head[8:9] == b"{"
 
     def read(self, path: Path, budget: Budget) -> Checkpoint:
-        path = Path(path)
+        return self.read_selected(path, budget, None)
+
+    def read_selected(self, path: Path, budget: Budget, wanted: sharded.Wanted | None) -> Checkpoint:
+        """``read``, leaving out of a shard folder the shards without a ``wanted`` tensor
+        (``core/contract.py``); one file is read whole (its header holds every tensor anyway)."""
+        path = location(path)  # not Path(): a remote path stays remote
         if path.is_dir():
             weights, notes = folders.weights_for(path, ".safetensors", self.name)
             if weights.name.endswith(sharded.INDEX_SUFFIX):
-                checkpoint = sharded.read_sharded(self, weights, budget)
+                checkpoint = sharded.read_sharded(self, weights, budget, wanted)
                 return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes)
             checkpoint = self.read_file(folders.regular_part(weights), budget)
             kind = f"{folders.MODEL_KIND}: {weights.name}"
             return dataclasses.replace(checkpoint, kind=kind, notes=checkpoint.notes + notes)
         if path.name.endswith(sharded.INDEX_SUFFIX):
-            return sharded.read_sharded(self, path, budget)
+            return sharded.read_sharded(self, path, budget, wanted)
         if path.name.endswith(folders.INDEX_SUFFIX):  # another kind's index (pytorch_model.bin.index.json)
             raise folders.wrong_index(path, self.name)
         return self.read_file(path, budget)
@@ -157,9 +162,11 @@ class SafetensorsFormat(FormatBase):
         return Checkpoint(tree, path, tree_digest=tree_digest, file_metadata=own or None, expects_tree_digest=ours)
 
     def _read_header(self, path: Path, budget: Budget) -> tuple[dict[str, Any], int, int]:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
+        # By positioned reads: a local file by os.pread, a remote one by range requests (the first
+        # fetch, 64 KiB, usually holds the length and the whole header: one request).
+        with open_read(path) as handle:
+            size = size_of(handle)
+            prefix = pread(handle, 8, 0)
             if len(prefix) < 8:
                 raise CorruptFileError(
                     f"file is {size} bytes; a safetensors file starts with an 8-byte header length",
@@ -173,7 +180,7 @@ class SafetensorsFormat(FormatBase):
             if 8 + length > size:
                 raise CorruptFileError(f"header length {length} runs past the end of the {size}-byte file", file=path)
             budget.materialize(length, "the safetensors header")
-            raw = handle.read(length)
+            raw = pread(handle, length, 8)
         if len(raw) != length:
             raise CorruptFileError(f"the file ended inside the {length}-byte header", file=path)
         if not raw.startswith(b"{"):

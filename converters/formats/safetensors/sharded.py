@@ -21,8 +21,10 @@ which covers the index and the shards it names.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,19 @@ from ...core.atomic import atomic_folder, atomic_output
 from ...core.budget import Budget
 from ...core.contract import WriteContext
 from ...core.dtypes import numel
-from ...core.errors import CorruptFileError
+from ...core.errors import ConverterError, CorruptFileError, TreePath
 from ...core.parallel import serialized, write_files
-from ...core.stored import check_tree_digest, find_index, read_shard_index, shard_file, tree_from_stored
-from ...core.tree import Checkpoint, TensorRef
+from ...core.sources import BufferSource
+from ...core.stored import (
+    check_tree_digest,
+    find_index,
+    loads_json_strict,
+    paused_gc,
+    read_shard_index,
+    shard_file,
+    tree_from_stored,
+)
+from ...core.tree import MAPPING_TYPES, Checkpoint, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -118,10 +129,16 @@ def write_sharded(fmt: Any, checkpoint: Checkpoint, folder: Path, max_shard_size
             out.write((json.dumps(index, indent=2) + "\n").encode())
 
 
-def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
+def read_sharded(fmt: Any, index_path: Path, budget: Budget, wanted: Wanted | None = None) -> Checkpoint:
+    """The folder's checkpoint. With ``wanted`` (``Select.covers``, see ``core/contract.py``) only
+    the shards holding a wanted tensor are opened (not even a header of the others is read): their
+    tensors are left out of the tree, which keeps all else; unread shards are not checked."""
     folder = index_path.parent
     weight_map, metadata = read_shard_index(index_path, MAX_INDEX_BYTES, budget)
-    shards = {name: shard_file(index_path, name, "a safetensors file") for name in dict.fromkeys(weight_map.values())}
+    needed = None if wanted is None else _needed_keys(weight_map, metadata, index_path, budget, wanted)
+    names = dict.fromkeys(name for key, name in weight_map.items() if needed is None or key in needed)
+    shards = {name: shard_file(index_path, name, "a safetensors file") for name in names}
+    # Unread shards are not charged: not even stat'ed (a request each, remotely).
     budget.cover(index_path.stat().st_size + sum(shard.stat().st_size for shard in shards.values()))
     refs: dict[str, TensorRef] = {}
     ours = False  # shards written by this project's writer store a tree digest: so must the index
@@ -136,11 +153,15 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
                     f"shard {shard_name!r} holds tensor {name!r}, which the weight_map puts elsewhere", file=index_path
                 )
             refs[name] = ref
-    if len(refs) != len(weight_map):
-        missing = next(key for key in weight_map if key not in refs)
+    # every tensor of each shard read (all of them without ``wanted``) was found in it
+    missing = next((key for key, name in weight_map.items() if name in shards and key not in refs), None)
+    if missing is not None:
         raise CorruptFileError(
             f"the weight_map lists {missing!r}, which its shard {weight_map[missing]!r} lacks", file=index_path
         )
+    # What was left out stands in the stored tree as a placeholder, removed once the tree is built.
+    omitted = len(refs) < len(weight_map)
+    stand_in = {key: _OMITTED for key in weight_map if key not in refs} if omitted else {}
     if ours and not (TREE_KEY in metadata and TREE_DIGEST_KEY in metadata):
         # Otherwise a flipped bit in "metadata" (or in a key inside it) would silently drop the tree
         # and its digest, and the folder would read as a flat dict that verify --deep calls intact.
@@ -157,14 +178,87 @@ def read_sharded(fmt: Any, index_path: Path, budget: Budget) -> Checkpoint:
         what = f"metadata[{TREE_KEY!r}]"
         tree = tree_from_stored(
             metadata[TREE_KEY],
-            refs,
+            {**refs, **stand_in},
             index_path,
             what,
             holder="every shard",
             unused_name="shard tensor",
             budget=budget,
         )
+        if omitted:
+            tree = _without_omitted(tree)
+            tree_digest = None  # it is the whole tree's
     else:
-        tree = {key: refs[key] for key in weight_map}
+        tree = {key: refs[key] for key in weight_map if key in refs}
     own = {key: value for key, value in metadata.items() if not key.startswith("sdconvert.")}
     return Checkpoint(tree, folder, tree_digest=tree_digest, file_metadata=own or None, kind="safetensors shard folder")
+
+
+# ------------------------------------------------------------------------------ a selection's shards
+
+Wanted = Callable[[tuple[str | int, ...]], bool]
+
+# The stand-in of a tensor left out, until the tree is built: recognised by its source (an
+# "ndarray" node makes a copy of the ref, marked as numpy, with the same source).
+_OMITTED_SOURCE = BufferSource.of(b"")
+_OMITTED = TensorRef("uint8", (0,), _OMITTED_SOURCE)
+
+
+def _needed_keys(
+    weight_map: dict[str, str], metadata: dict[str, Any], index_path: Path, budget: Budget, wanted: Wanted
+) -> set[str] | None:
+    """The weight_map keys whose shards must be read for ``wanted``, or None for all of them.
+
+    A key is needed when a path of its tensor (a tied tensor has several) is wanted, or is a
+    list's or tuple's item (leaving it out would renumber the items after it): only values of a
+    mapping, under a str key, are left out. The stored tree is decoded once for its paths (charged
+    to a copy of the budget: the tree is decoded again, with the tensors, and charged then);
+    anything wrong with it means reading everything, which reports it as a whole read does."""
+    if TREE_KEY not in metadata:  # a flat dict of the weight_map's keys
+        return {key for key in weight_map if wanted((key,))}
+    text = metadata[TREE_KEY]
+    needed: set[str] = set()
+    named: set[str] = set()
+
+    def tensor(key: str, path: TreePath) -> TensorRef:
+        if key not in weight_map:
+            raise _Unplanned
+        named.add(key)
+        path = tuple(path)
+        if not (path and type(path[-1]) is str) or wanted(path):
+            needed.add(key)
+        return _OMITTED
+
+    try:
+        if type(text) is not str:
+            raise _Unplanned
+        scratch = copy.copy(budget)
+        node = loads_json_strict(text, index_path, f"metadata[{TREE_KEY!r}]", scratch)
+        scratch.nodes(text.count(":"), f"the tree of metadata[{TREE_KEY!r}]")
+        with paused_gc():
+            manifests.decode_tree(node, tensor, file=index_path)
+    except (_Unplanned, ConverterError):
+        return None
+    return needed if len(named) == len(weight_map) else None
+
+
+class _Unplanned(Exception):
+    """The stored tree does not name the weight_map's tensors as it must: read everything."""
+
+
+def _without_omitted(node: Any) -> Any:
+    """``node`` without the stand-ins of tensors left out (values of mappings only: see
+    ``_needed_keys``); containers keep their types, an OrderedDict its ``_metadata``."""
+    kind = type(node)
+    if kind in MAPPING_TYPES:
+        out: Any = kind({key: _without_omitted(value) for key, value in node.items() if not _is_omitted(value)})
+        if kind is OrderedDict and hasattr(node, "_metadata"):
+            out._metadata = node._metadata
+        return out
+    if kind is list or kind is tuple:
+        return kind(_without_omitted(value) for value in node)
+    return node
+
+
+def _is_omitted(value: Any) -> bool:
+    return type(value) is TensorRef and value.source is _OMITTED_SOURCE

@@ -1,0 +1,759 @@
+"""Where checkpoints live: local paths, or fsspec URLs (``s3://``, ``gs://``, ``https://``, ``hf://``,
+``memory://``) behind the ``[remote]`` extra.
+
+A remote location is a :class:`RemotePath`: a ``pathlib.Path`` whose file-system methods (``stat``,
+``is_dir``, ``iterdir``, ``open``...) go to the store, so readers that walk folders and join names
+work unchanged, while anything that would open it as a *local* file (``open(path)``, ``os.stat``)
+fails loudly (``__fspath__`` raises) instead of reading a local file of the same name. Readers
+open files through :func:`open_read` and read ranges with :func:`pread`: for a remote file these
+are HTTP range requests, each retried with backoff on transient errors, conditional on the object
+being the one first seen (its ETag), and checked for length. Destinations are written locally and
+uploaded (:func:`upload`), completed last: an S3 object appears whole or not at all.
+
+fsspec is imported only when a URL is used: local conversions need none of it.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import stat as stat_module
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path, PosixPath
+from typing import IO, Any, ClassVar, TypeVar
+
+from .errors import ConverterError, MissingDependencyError, PathLike
+
+REMOTE_EXTRA = "statedict-convert[remote]"
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_USERINFO = re.compile(r"(://)[^/\s]*@")  # up to the last @ of the authority: a password may hold one
+_QUERY = re.compile(r"\?[^\s'\"]*")  # a signed URL's query (X-Amz-Signature=..., token=...)
+
+# Range requests: the first read of a file fetches at least FIRST_FETCH bytes (a header and the
+# sniffing of the leading bytes fit in it); sequential small reads double it up to MAX_FETCH, so a
+# reader parsing a big header by small reads makes a few requests, not one per field.
+FIRST_FETCH = 64 << 10
+MAX_FETCH = 8 << 20
+# Transient errors (connection reset, timeout, HTTP 5xx/429) are retried this many times in all,
+# waiting BACKOFF * 2**attempt seconds (with jitter) in between: bounded, about 4 s at worst.
+ATTEMPTS = 4
+BACKOFF = 0.25
+UPLOAD_PART = 8 << 20  # S3 multipart part size (S3's minimum is 5 MiB for all but the last)
+
+T = TypeVar("T")
+
+
+class RemoteError(ConverterError):
+    """A remote object could not be read or written: missing, access denied, changed while being
+    read, or the network failed after the retries. The message never holds credentials."""
+
+    missing = False  # the object does not exist (``exists()`` is False rather than an error)
+
+
+def is_url(text: object) -> bool:
+    """Whether ``text`` is a URL this package reads through fsspec (``file://`` is a local path).
+
+    >>> is_url("s3://bucket/model.safetensors"), is_url("model.safetensors"), is_url("file:///tmp/x")
+    (True, False, False)
+    """
+    if isinstance(text, RemotePath):
+        return True
+    if not isinstance(text, str):
+        return False
+    match = _URL.match(text)
+    return match is not None and match.group(1).lower() != "file"
+
+
+def location(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> Path:
+    """``path`` as this package handles it: a :class:`RemotePath` for a URL, else a local ``Path``.
+
+    ``storage_options`` are the fsspec file system's arguments (``anon``, ``key``, ``secret``,
+    ``endpoint_url``, ``token``...); credentials otherwise come from where the protocol's library
+    looks (environment, profiles).
+    """
+    if isinstance(path, RemotePath):
+        return path
+    if isinstance(path, str) and is_url(path):
+        return remote(path, storage_options)
+    if isinstance(path, str) and path.lower().startswith("file://"):
+        return Path(path[len("file://") :])
+    return Path(path)  # storage options are the URLs' (a conversion may go from a local file to a store)
+
+
+def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> RemotePath:
+    """The :class:`RemotePath` of ``url``, its file system made with ``storage_options``."""
+    match = _URL.match(url)
+    if match is None:
+        raise ConverterError("not a URL (expected protocol://...)", file=_redacted(url, {}))
+    protocol = match.group(1).lower()
+    options = dict(storage_options or {})
+    query = ""
+    if protocol in ("http", "https") and ("?" in url or "#" in url):
+        # a signed or tokenised URL: its query belongs to this object only (not to the names
+        # joined to it), never to its name (the suffix says the format), and is never shown
+        url, _, fragment_free = url.partition("#")[0].partition("?")
+        query = "?" + fragment_free if fragment_free else ""
+    if protocol in ("s3", "s3a"):
+        # s3fs retries each call 5 times and botocore again underneath: with ``retrying`` on top,
+        # one unreachable endpoint cost 20 requests and 40 s per range. One layer retries: ours.
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        options["config_kwargs"] = config
+    fsspec = _fsspec(url)
+    try:
+        filesystem = fsspec.filesystem(protocol, **options)
+    except ImportError as exc:  # s3fs, gcsfs, huggingface_hub... missing
+        raise MissingDependencyError(
+            f"reading {protocol}:// URLs needs a package that is not installed ({_redacted(str(exc), options)}); "
+            f"install the extra: pip install '{REMOTE_EXTRA}'",
+            file=_redacted(url, options),
+        ) from None
+    except ValueError as exc:  # an unknown protocol
+        raise ConverterError(
+            f"cannot open this URL: {_redacted(str(exc), options)}", file=_redacted(url, options)
+        ) from None
+    except TypeError as exc:  # a storage option the file system does not take
+        raise ConverterError(
+            f"bad storage option for {protocol}://: {_redacted(str(exc), options)}", file=_redacted(url, options)
+        ) from None
+    if protocol in ("s3", "s3a") and hasattr(filesystem, "retries"):
+        filesystem.retries = 1  # a class attribute of s3fs (5), not an argument: see above
+    # fsspec shares one file system per set of options and caches its listings: a listing from
+    # before this command (another conversion in this process) could be stale
+    with suppress(Exception):
+        filesystem.invalidate_cache()
+    inner = url[match.end() :]
+    kind = type(
+        f"RemotePath[{protocol}]",
+        (RemotePath,),
+        {
+            "_fs": filesystem,
+            "_protocol": protocol,
+            "_secrets": _secrets(options),
+            "_infos": {},
+            "_heads": {},
+            "_queries": {},
+        },
+    )
+    made: RemotePath = kind(inner)
+    if query:
+        made._queries[PosixPath.__str__(made)] = query
+    return made
+
+
+def _fsspec(url: str) -> Any:
+    try:
+        import fsspec
+    except ImportError:
+        raise MissingDependencyError(
+            f"remote paths need fsspec, which is not installed; install the extra: pip install '{REMOTE_EXTRA}'",
+            file=_redacted(url, {}),
+        ) from None
+    return fsspec
+
+
+# ------------------------------------------------------------------------------- remote paths
+
+
+@dataclass(frozen=True)
+class RemoteStat:
+    """What ``RemotePath.stat`` tells: enough of ``os.stat_result`` for the readers."""
+
+    st_size: int
+    st_mode: int
+    etag: str | None
+
+
+class RemotePath(PosixPath):
+    """A file or folder in an fsspec store, with the ``pathlib.Path`` methods readers use.
+
+    Each URL given to :func:`remote` makes its own subclass holding the file system, so paths
+    derived from it (``parent``, ``/ "shard.safetensors"``) stay in the same store with the same
+    credentials, and what was learnt about objects (size, ETag) is shared by them and only them.
+    """
+
+    _fs: ClassVar[Any] = None
+    _protocol: ClassVar[str] = ""
+    _secrets: ClassVar[tuple[str, ...]] = ()
+    _infos: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The first block of each file read: sniffing the format and then parsing the header open the
+    # file twice, and would fetch the same leading bytes twice.
+    _heads: ClassVar[dict[str, bytes]] = {}
+    _queries: ClassVar[dict[str, str]] = {}  # the query of a signed URL, by the path it was given for
+
+    @property
+    def url(self) -> str:
+        """The URL the file system is asked about (may hold credentials: never print it)."""
+        inner = PosixPath.__str__(self)
+        query = self._queries.get(inner, "")
+        if self._protocol in ("http", "https") and inner.startswith("/"):
+            inner = inner[1:]
+        return f"{self._protocol}://{inner}{query}"
+
+    @property
+    def filesystem(self) -> Any:
+        return self._fs
+
+    def __str__(self) -> str:
+        return _redacted(self.url, {}, self._secrets)
+
+    def __repr__(self) -> str:
+        return f"RemotePath({str(self)!r})"
+
+    def __fspath__(self) -> str:
+        raise TypeError(
+            f"{self} is a remote object: open it with converters.core.storage.open_read, not as a local path"
+        )
+
+    def __reduce__(self) -> Any:  # the file system is not pickled with it
+        raise TypeError(f"{self}: a remote path cannot be pickled")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other._fs is self._fs and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash((id(self._fs), self.url))
+
+    # --- what is in the store
+
+    def info(self, *, refresh: bool = False) -> dict[str, Any]:
+        """The store's description of the object (``size``, ``type``, ``ETag``...), asked once."""
+        cached = None if refresh else self._infos.get(self.url)
+        if cached is None:
+            cached = dict(self._call(lambda: self._fs.info(self.url), "read"))
+            if not refresh or self.url not in self._infos:
+                self._infos[self.url] = cached
+        return cached
+
+    def stat(self, *, follow_symlinks: bool = True) -> Any:
+        details = self.info()
+        folder = details.get("type") == "directory"
+        size = details.get("size")
+        if not folder and not isinstance(size, int):
+            raise RemoteError("the server does not tell the object's size (needed to read ranges of it)", file=self)
+        mode = (stat_module.S_IFDIR | 0o555) if folder else (stat_module.S_IFREG | 0o444)
+        return RemoteStat(int(size or 0), mode, etag_of(details))
+
+    def lstat(self) -> Any:
+        return self.stat()
+
+    def exists(self, *, follow_symlinks: bool = True) -> bool:
+        try:
+            self.info()
+        except RemoteError as exc:
+            if exc.missing:
+                return False
+            raise
+        return True
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        try:
+            return bool(self.info().get("type") == "directory")
+        except RemoteError as exc:
+            if exc.missing:
+                return False
+            raise
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        try:
+            return bool(self.info().get("type") != "directory")
+        except RemoteError as exc:
+            if exc.missing:
+                return False
+            raise
+
+    def is_symlink(self) -> bool:
+        return False
+
+    def is_fifo(self) -> bool:
+        return False
+
+    def is_socket(self) -> bool:
+        return False
+
+    def is_block_device(self) -> bool:
+        return False
+
+    def is_char_device(self) -> bool:
+        return False
+
+    def iterdir(self) -> Iterator[RemotePath]:  # type: ignore[override]
+        entries = self._call(lambda: self._fs.ls(self.url, detail=True), "list")
+        prefix = self._fs._strip_protocol(self.url).rstrip("/")
+        for entry in sorted(entries, key=lambda e: str(e["name"])):
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if not name or self._fs._strip_protocol(str(entry["name"])).rstrip("/") == prefix:
+                continue
+            child = self / name
+            assert isinstance(child, RemotePath)
+            self._infos.setdefault(child.url, dict(entry))
+            yield child
+
+    def resolve(self, strict: bool = False) -> Any:
+        return self
+
+    def absolute(self) -> Any:
+        return self
+
+    def samefile(self, other_path: Any) -> bool:
+        return bool(self == other_path)
+
+    def open(self, mode: str = "r", buffering: int = -1, *args: Any, **kwargs: Any) -> Any:
+        if mode not in ("rb", "r"):
+            raise TypeError(f"{self}: remote paths are opened for reading only here (mode {mode!r})")
+        handle = RemoteFile(self)
+        buffered = io.BufferedReader(handle, FIRST_FETCH)
+        return buffered if mode == "rb" else io.TextIOWrapper(buffered, *args, **kwargs)
+
+    def read_bytes(self) -> bytes:
+        with open_read(self) as handle:
+            return pread(handle, self.stat().st_size, 0)
+
+    def read_text(self, encoding: str | None = None, errors: str | None = None) -> str:
+        return self.read_bytes().decode(encoding or "utf-8", errors or "strict")
+
+    def _call(self, action: Callable[[], T], verb: str) -> T:
+        return retrying(action, self, verb)
+
+
+def etag_of(details: Mapping[str, Any]) -> str | None:
+    """The object's version tag as the store reports it (S3 ``ETag``, HTTP ``ETag``, GCS generation)."""
+    for key in ("ETag", "etag", "generation", "md5Hash"):
+        value = details.get(key)
+        if value:
+            return str(value)
+    return None
+
+
+# --------------------------------------------------------------------------- reading remote files
+
+
+class RemoteFile(io.RawIOBase):
+    """A remote object read by range requests: ``readinto``/``seek`` for readers that stream,
+    :meth:`pread` for readers that jump. The object's size and ETag are the ones first seen; every
+    request asks for that version (``If-Match`` where the store supports it), and a range that
+    comes back short or from a changed object is an error naming the file, never short data.
+    """
+
+    def __init__(self, path: RemotePath) -> None:
+        super().__init__()
+        self.path = path
+        details = path.info()
+        if details.get("type") == "directory":
+            raise RemoteError("is a folder, not a file", file=path)
+        self.size: int = path.stat().st_size
+        self.etag = etag_of(details)
+        self._position = 0
+        self._cache_start = 0
+        self._cache = path._heads.get(path.url, b"")
+        self._next_fetch = FIRST_FETCH
+        self._handle: Any = None
+
+    # --- io.RawIOBase
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        count = min(len(view), max(0, self.size - self._position))
+        if count:
+            view[:count] = self._read(self._position, count, readahead=count < FIRST_FETCH)
+        self._position += count
+        return count
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with suppress(Exception):  # a read handle: closing cannot lose data
+                handle.close()
+        self._cache = b""
+        super().close()
+
+    # --- ranges
+
+    def pread(self, count: int, offset: int) -> bytes:
+        """``count`` bytes at ``offset`` (fewer only at the end of the object)."""
+        count = min(count, max(0, self.size - offset))
+        return self._read(offset, count, readahead=count < FIRST_FETCH) if count > 0 else b""
+
+    def _read(self, offset: int, count: int, *, readahead: bool) -> bytes:
+        cached = self._cache
+        if self._cache_start <= offset and offset + count <= self._cache_start + len(cached):
+            start = offset - self._cache_start
+            return cached[start : start + count]
+        if not readahead:
+            return self.fetch(offset, offset + count)
+        # small reads: fetch a block from here, bigger each time reads go on sequentially
+        sequential = offset == self._cache_start + len(cached)
+        self._next_fetch = min(MAX_FETCH, self._next_fetch * 2) if sequential and cached else self._next_fetch
+        end = min(self.size, offset + max(count, self._next_fetch))
+        self._cache = self.fetch(offset, end)
+        self._cache_start = offset
+        if offset == 0 and len(self._cache) <= FIRST_FETCH:
+            self.path._heads[self.path.url] = self._cache
+        return self._cache[:count]
+
+    def fetch(self, start: int, end: int) -> bytes:
+        """The bytes ``[start, end)`` of the object, by one range request (retried)."""
+        if end <= start:
+            return b""
+        data = retrying(lambda: self._fetch_once(start, end), self.path, "read")
+        if len(data) != end - start:
+            raise RemoteError(
+                f"asked for bytes {start}-{end - 1}, the server sent {len(data)}: the object is shorter than "
+                f"the {self.size} bytes it had when opened (truncated or replaced while being read)",
+                file=self.path,
+            )
+        return bytes(data)
+
+    def _fetch_once(self, start: int, end: int) -> bytes:
+        if self.path._protocol in ("http", "https"):
+            return _http_range(self.path, start, end, self.etag)
+        if self.path._protocol in ("s3", "s3a"):
+            return _s3_range(self.path, start, end, self.etag)
+        handle = self._open()
+        fetch_range = getattr(handle, "_fetch_range", None)
+        if fetch_range is not None:
+            return bytes(fetch_range(start, end))
+        handle.seek(start)  # a store whose files have no range fetch (memory://): plain reads
+        return bytes(handle.read(end - start))
+
+    def _open(self) -> Any:
+        """The store's own file object, for stores read through it (memory://, gs://, hf://)."""
+        if self._handle is None:
+            options: dict[str, Any] = {"cache_type": "none", "size": self.size}
+            filesystem = self.path._fs
+            try:
+                self._handle = retrying(lambda: filesystem.open(self.path.url, "rb", **options), self.path, "read")
+            except RemoteError:
+                raise
+            except TypeError:  # a file system without these options
+                self._handle = retrying(lambda: filesystem.open(self.path.url, "rb"), self.path, "read")
+        return self._handle
+
+
+def _too_long(path: RemotePath, start: int, end: int, got: int | str) -> RemoteError:
+    if str(got).isdigit() and int(got) < end - start:
+        why = "the object is shorter than when it was opened (truncated or replaced while being read)"
+    else:
+        why = "the object changed while being read, or the server does not honour Range requests"
+    return RemoteError(f"asked for bytes {start}-{end - 1}, the server answered {got} bytes: {why}", file=path)
+
+
+def _http_range(path: RemotePath, start: int, end: int, etag: str | None) -> bytes:
+    """One HTTP range request, made here rather than through fsspec's file object: the answer
+    must be a 206 for exactly these bytes, of the version first seen (``If-Match``), and is read
+    no further than asked (a server announcing or sending more is refused, never buffered)."""
+    from fsspec.asyn import sync
+
+    filesystem = path._fs
+    expected = end - start
+
+    async def get() -> bytes:
+        session = await filesystem.set_session()
+        options = dict(filesystem.kwargs)
+        headers = dict(options.pop("headers", None) or {})  # the user's (Authorization...), kept
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        if etag:
+            headers["If-Match"] = etag
+        async with session.get(filesystem.encode_url(path.url), headers=headers, **options) as response:
+            whole = response.status == 200 and start == 0 and end == path.stat().st_size
+            if response.status == 200 and not whole:
+                raise RemoteError(
+                    "the server ignores Range requests (it answered 200 with the whole object); "
+                    "reading parts of a file needs a server that honours them",
+                    file=path,
+                )
+            response.raise_for_status()
+            announced = response.headers.get("Content-Length")
+            if announced is not None and announced.strip() != str(expected):
+                raise _too_long(path, start, end, announced)
+            data = bytearray()
+            while len(data) <= expected:
+                piece = await response.content.read(min(1 << 20, expected + 1 - len(data)))
+                if not piece:
+                    break
+                data += piece
+            if len(data) > expected:
+                raise _too_long(path, start, end, f"more than {expected}")
+            return bytes(data)
+
+    return bytes(sync(filesystem.loop, get))
+
+
+def _s3_range(path: RemotePath, start: int, end: int, etag: str | None) -> bytes:
+    """One S3 GET of a range, conditional on the ETag first seen (``IfMatch``: a replaced
+    object answers 412), read no further than asked."""
+    from fsspec.asyn import sync
+
+    filesystem = path._fs
+    bucket, key, version = filesystem.split_path(path.url)
+    expected = end - start
+    arguments: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+    if etag:
+        arguments["IfMatch"] = etag
+    if version:
+        arguments["VersionId"] = version
+
+    async def get() -> bytes:
+        try:
+            response = await filesystem._call_s3("get_object", **arguments)
+        except OSError as exc:  # s3fs's translation of 412 PreconditionFailed
+            if exc.args and exc.args[0] == errno.EINVAL and "pre-conditions" in str(exc):
+                raise _changed(path) from None
+            raise
+        body = response["Body"]
+        try:
+            announced = response.get("ContentLength")
+            if announced is not None and announced != expected:
+                raise _too_long(path, start, end, announced)
+            data = bytearray()
+            while len(data) <= expected:
+                piece = await body.read(min(1 << 20, expected + 1 - len(data)))
+                if not piece:
+                    break
+                data += piece
+        finally:
+            body.close()
+        if len(data) > expected:
+            raise _too_long(path, start, end, f"more than {expected}")
+        return bytes(data)
+
+    return bytes(sync(filesystem.loop, get))
+
+
+STREAM_CHUNK = 8 << 20  # one range request of a conversion
+# Chunks fetched and not yet used, across all the threads of a conversion (a folder written by
+# several workers streams several tensors at once): memory stays bounded whatever the workers.
+_IN_FLIGHT = threading.BoundedSemaphore(4)
+IN_FLIGHT_WAIT = 30.0
+
+
+def stream_range(path: Path, offset: int, length: int, chunk: int = STREAM_CHUNK) -> Generator[bytes, None, None]:
+    """The ``length`` bytes of the remote file ``path`` from ``offset``, in chunks, each fetched
+    by a range request while the caller uses the one before (latency hidden, memory bounded)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert isinstance(path, RemotePath)
+    handle = RemoteFile(path)
+    if offset + length > handle.size:
+        raise RemoteError(
+            f"bytes {offset}-{offset + length - 1} are past the end of the object ({handle.size} bytes)", file=path
+        )
+    starts = list(range(offset, offset + length, chunk))
+
+    def fetch(start: int) -> tuple[bytes, bool]:
+        # A slot is released once the chunk has been used. Waiting is bounded: a slot held by a
+        # stream that failed and is not closed yet must not stop the others for good.
+        held = _IN_FLIGHT.acquire(timeout=IN_FLIGHT_WAIT)
+        try:
+            return handle.fetch(start, min(start + chunk, offset + length)), held
+        except BaseException:
+            if held:
+                _IN_FLIGHT.release()
+            raise
+
+    with handle, ThreadPoolExecutor(1, thread_name_prefix="sdconvert-fetch") as pool:
+        ahead = None
+        try:
+            for index, start in enumerate(starts):
+                current, held = ahead.result() if ahead is not None else fetch(start)
+                ahead = None
+                if index + 1 < len(starts):
+                    ahead = pool.submit(fetch, starts[index + 1])
+                try:
+                    yield current
+                finally:
+                    del current
+                    if held:
+                        _IN_FLIGHT.release()
+        finally:
+            if ahead is not None:  # the caller stopped early: the chunk fetched ahead is not used
+                with suppress(BaseException):
+                    if ahead.result()[1]:
+                        _IN_FLIGHT.release()
+
+
+def open_read(path: Path) -> io.RawIOBase:
+    """``path`` opened for reading, unbuffered: a local file, or a :class:`RemoteFile`. Use
+    :func:`pread` and :func:`size_of` on it rather than ``os.pread``/``os.fstat``."""
+    if isinstance(path, RemotePath):
+        return RemoteFile(path)
+    return open(path, "rb", buffering=0)
+
+
+def pread(handle: io.RawIOBase | IO[bytes], count: int, offset: int) -> bytes:
+    """``count`` bytes at ``offset`` of a handle from :func:`open_read` (fewer at the end of the
+    file), without moving its position."""
+    if isinstance(handle, RemoteFile):
+        return handle.pread(count, offset)
+    return os.pread(handle.fileno(), count, offset)
+
+
+def size_of(handle: io.RawIOBase | IO[bytes]) -> int:
+    """The size of the file behind a handle from :func:`open_read`."""
+    if isinstance(handle, RemoteFile):
+        return handle.size
+    return os.fstat(handle.fileno()).st_size
+
+
+def is_remote(path: object) -> bool:
+    return isinstance(path, RemotePath)
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def retrying(action: Callable[[], T], path: RemotePath, verb: str) -> T:
+    """``action()``, retried on transient errors (bounded, with backoff); any failure becomes one
+    :class:`RemoteError` naming ``path`` (missing, access denied, changed, network)."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return action()
+        except ConverterError:
+            raise
+        except Exception as exc:
+            if not _transient(exc) or attempt == ATTEMPTS - 1:
+                raise _remote_error(exc, path, verb, attempt + 1) from None
+        time.sleep(BACKOFF * (2**attempt) * (0.5 + (time.monotonic_ns() % 1000) / 1000))  # jittered
+    raise AssertionError("unreachable")
+
+
+def _changed(path: RemotePath) -> RemoteError:
+    return RemoteError(
+        "the object changed while being read (its ETag is not the one it had when opened); "
+        "convert it again once it is stable",
+        file=path,
+    )
+
+
+def _unreachable(exc: BaseException) -> BaseException | None:
+    """The transport failure behind fsspec's ``FileNotFoundError`` (its HTTP ``info`` says "not
+    found" for any failed request, a refused connection included), if there is one."""
+    current = exc.__cause__ or exc.__context__
+    while current is not None:
+        if not isinstance(current, FileNotFoundError) and isinstance(current, (OSError, TimeoutError)):
+            return current
+        if type(current).__module__.startswith("aiohttp") and "Connect" in type(current).__name__:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status behind an error, also when fsspec re-raised it as another exception (its
+    HTTP file system turns any failed HEAD/GET of ``info`` into ``FileNotFoundError``)."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        status = _own_status(current)
+        if status is not None:
+            return status
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+def _own_status(exc: BaseException) -> int | None:
+    for name in ("status", "status_code", "code"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError
+        code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def _transient(exc: BaseException) -> bool:
+    status = _status(exc)
+    if status is not None:
+        return status in (408, 425, 429) or status >= 500
+    if isinstance(exc, FileNotFoundError) and _unreachable(exc) is not None:
+        return True
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if type(exc).__name__ in ("FileExpired", "NoCredentialsError", "PartialCredentialsError"):
+        return False
+    # else a connection reset, a timeout, DNS, an OSError from the transport; not a programming error
+    return not isinstance(exc, (ValueError, TypeError, KeyError, AttributeError, NotImplementedError))
+
+
+def _remote_error(exc: BaseException, path: RemotePath, verb: str, attempts: int) -> RemoteError:
+    status = _status(exc)
+    if status is None and isinstance(exc, FileNotFoundError):
+        exc = _unreachable(exc) or exc  # a refused connection is not a missing object
+    name = type(exc).__name__
+    text = _redacted(" ".join(str(exc).split()) or name, {}, path._secrets)
+    if status == 404 or (status is None and isinstance(exc, FileNotFoundError)):
+        error = RemoteError("no such object (HTTP 404 / not found)", file=path)
+        error.missing = True
+        return error
+    if isinstance(exc, PermissionError) or status in (401, 403) or name in ("NoCredentialsError",):
+        return RemoteError(
+            f"access denied ({text}): check the credentials (environment, profile, --storage-option)", file=path
+        )
+    if name == "FileExpired" or status == 412:
+        return _changed(path)
+    if status == 416 or "range requests" in text:
+        return RemoteError(f"the server refused a range request ({text}); it must support HTTP Range", file=path)
+    tries = f" after {attempts} tries" if attempts > 1 else ""
+    return RemoteError(f"cannot {verb} it{tries}: {name}: {text}", file=path)
+
+
+_SECRET_NAMES = re.compile(r"key|secret|token|password|passwd|credential|auth|signature", re.IGNORECASE)
+_SECRET_ENVIRONMENT = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "GOOGLE_OAUTH_ACCESS_TOKEN",
+)
+
+
+def _secrets(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The values that must never appear in a message: credential-like storage options (nested
+    ones too) and the usual credential variables of the environment."""
+    found: list[str] = []
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, secret or bool(_SECRET_NAMES.search(str(key))))
+        elif secret and isinstance(value, (str, bytes)) and len(value) >= 4:
+            found.append(value.decode(errors="replace") if isinstance(value, bytes) else value)
+
+    walk(options, False)
+    found.extend(os.environ[name] for name in _SECRET_ENVIRONMENT if len(os.environ.get(name, "")) >= 4)
+    return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def _redacted(text: str, options: Mapping[str, Any], secrets: tuple[str, ...] = ()) -> str:
+    """``text`` without credentials: user:password@ and queries in URLs, and any secret value."""
+    text = _USERINFO.sub(r"\1***@", text)
+    text = _QUERY.sub("?***", text)
+    for secret in secrets or _secrets(options):
+        text = text.replace(secret, "***")
+    return text
