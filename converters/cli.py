@@ -134,7 +134,7 @@ def _add_schema(commands: Subcommands) -> None:
     schema = commands.add_parser("schema", help="write the manifest (JSON schema of keys, dtypes, shapes)")
     schema.add_argument("file")
     schema.add_argument("--from", dest="format", metavar="FMT")
-    schema.add_argument("-o", "--output", type=Path, help="write here instead of stdout")
+    schema.add_argument("-o", "--output", help="write here instead of stdout (a path or a URL)")
     _add_storage_options(schema)
 
 
@@ -223,7 +223,7 @@ def _locations(args: argparse.Namespace) -> None:
     from converters.core.storage import is_url, location
 
     options = _storage_options(args)
-    named = [name for name in ("src", "dst", "file", "a", "b") if getattr(args, name, None) is not None]
+    named = [name for name in ("src", "dst", "file", "a", "b", "output") if getattr(args, name, None) is not None]
     if options and not any(is_url(getattr(args, name)) for name in named):
         raise UsageError("sdconvert: --storage-option applies to URL paths (s3://, https://...), and none is given")
     for name in named:
@@ -292,10 +292,7 @@ def run(args: argparse.Namespace, group: Group | None = None) -> int:
     elif args.command == "schema":
         text = json.dumps(converters.manifest(args.file, args.format), indent=2) + "\n"
         if args.output:
-            from converters.core.atomic import atomic_output
-
-            with atomic_output(args.output) as out:
-                out.write(text.encode())
+            _write_text(args.output, text)
             print(f"wrote {shown(args.output, 1000)}")
         else:
             sys.stdout.write(text)
@@ -332,6 +329,21 @@ def run(args: argparse.Namespace, group: Group | None = None) -> int:
 
         return EXIT_OK if demo.run(args.out, steps=args.steps) else EXIT_DIFFERENT
     return EXIT_OK
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``schema -o``: a local file replaced atomically, or an object uploaded whole."""
+    from converters.core.atomic import atomic_output
+    from converters.core.storage import RemotePath
+
+    if isinstance(path, RemotePath):
+        from converters.core.upload import staged
+
+        with staged(path, overwrite=True) as local, atomic_output(local, fsync=False) as out:
+            out.write(text.encode())
+        return
+    with atomic_output(path) as out:
+        out.write(text.encode())
 
 
 def _exists(path: Path) -> bool:

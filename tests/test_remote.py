@@ -617,3 +617,20 @@ def test_fetch_slots_are_given_back_after_a_failed_conversion(http_server: Any, 
     with pytest.raises(converters.ConverterError):
         converters.write(checkpoint, tmp_path / "out.pt")
     assert storage._IN_FLIGHT._value == 4  # type: ignore[attr-defined]  # every slot given back
+
+
+def test_every_command_takes_urls(s3_server: Any, s3_bucket: str, tmp_path: Path, capsys: Any) -> None:
+    local = make_checkpoint(tmp_path / "ckpt.safetensors", random_tensors(3, 1000))
+    put(s3_server, s3_bucket, local, "ckpt.safetensors")
+    url = f"s3://{s3_bucket}/ckpt.safetensors"
+    flags = s3_options(s3_server)
+    code, out, err = run_cli(capsys, "schema", url, "-o", f"s3://{s3_bucket}/ckpt.schema.json", *flags)
+    assert code == 0, err
+    written = json.loads(get(s3_server, s3_bucket, "ckpt.schema.json"))
+    assert written["tensors"] == converters.manifest(local)["tensors"]
+    code, out, err = run_cli(capsys, "convert", url, str(tmp_path / "x.pt"), "--dry-run", "--select", "layer1*", *flags)
+    assert code == 0 and "would write 1 tensor" in out, (out, err)
+    code, out, err = run_cli(capsys, "verify", url, str(local), "--json", *flags)
+    assert code == 0 and json.loads(out)["bit_identical"], (out, err)
+    code, out, err = run_cli(capsys, "verify", "--deep", url, *flags)
+    assert code == 0 and "intact" in out, (out, err)
