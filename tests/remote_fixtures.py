@@ -165,6 +165,27 @@ def _delete_bucket(client: Any, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What a read fetched
+
+
+@pytest.fixture
+def fetched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """Every range request of a remote read, as (object name, start, end), in order:
+    ``RemoteFile.fetch_chunk`` is where all of them go (headers and streamed tensor bytes)."""
+    from converters.core import storage
+
+    ranges: list[tuple[str, int, int]] = []
+    original = storage.RemoteFile.fetch_chunk
+
+    def fetch_chunk(self: storage.RemoteFile, start: int, end: int) -> bytes | bytearray:
+        ranges.append((self.path.name, start, end))
+        return original(self, start, end)
+
+    monkeypatch.setattr(storage.RemoteFile, "fetch_chunk", fetch_chunk)
+    return ranges
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Big files that cost nothing
 
 

@@ -37,20 +37,6 @@ def store() -> Iterator[Any]:
     clear()
 
 
-@pytest.fixture
-def fetched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
-    """Every range request, as (object name, start, end): RemoteFile.fetch is where they all go."""
-    ranges: list[tuple[str, int, int]] = []
-    original = storage.RemoteFile.fetch
-
-    def fetch(self: storage.RemoteFile, start: int, end: int) -> bytes:
-        ranges.append((self.path.name, start, end))
-        return original(self, start, end)
-
-    monkeypatch.setattr(storage.RemoteFile, "fetch", fetch)
-    return ranges
-
-
 def put(fs: Any, local: Path, remote: str) -> str:
     """``local`` (a file, or a folder's files) at ``memory://bucket/<remote>``; its URL."""
     if local.is_dir():

@@ -44,20 +44,6 @@ def store() -> Iterator[Any]:
     clear()
 
 
-@pytest.fixture
-def fetched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
-    """Every range request, as (object name, start, end): RemoteFile.fetch is where they all go."""
-    ranges: list[tuple[str, int, int]] = []
-    original = storage.RemoteFile.fetch
-
-    def fetch(self: storage.RemoteFile, start: int, end: int) -> bytes:
-        ranges.append((self.path.name, start, end))
-        return original(self, start, end)
-
-    monkeypatch.setattr(storage.RemoteFile, "fetch", fetch)
-    return ranges
-
-
 def put(fs: Any, local: Path, name: str, data: bytes | None = None) -> str:
     """``local`` (a file, or a folder's files; or ``data``) at ``memory://bucket/<name>``; its URL."""
     if data is not None:

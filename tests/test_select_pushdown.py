@@ -22,7 +22,6 @@ import safetensors.numpy
 import torch
 
 import converters
-from converters.core import storage
 from converters.core.sources import BufferSource
 from converters.core.tree import Checkpoint, TensorRef
 from converters.transforms import Exclude, NoMatchError, Select, apply
@@ -167,20 +166,6 @@ def store() -> Iterator[Any]:
     clear()
     yield fs
     clear()
-
-
-@pytest.fixture
-def fetched(monkeypatch: pytest.MonkeyPatch) -> list[Fetch]:
-    """Every range request, as (object name, start, end): RemoteFile.fetch is where they all go."""
-    ranges: list[Fetch] = []
-    original = storage.RemoteFile.fetch
-
-    def fetch(self: storage.RemoteFile, start: int, end: int) -> bytes:
-        ranges.append((self.path.name, start, end))
-        return original(self, start, end)
-
-    monkeypatch.setattr(storage.RemoteFile, "fetch", fetch)
-    return ranges
 
 
 def put(fs: Any, local: Path, name: str) -> str:

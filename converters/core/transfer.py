@@ -124,7 +124,7 @@ def _copy(
         with closing(stream_range(source.path, source.offset, source.length)) as fetching:  # closed on error
             for fetched in fetching:
                 out.write(fetched)
-                checks.update(fetched)
+                checks.update(memoryview(fetched))
                 if progress:
                     progress(len(fetched))
                 if writeback is not None:
