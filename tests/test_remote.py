@@ -634,3 +634,34 @@ def test_every_command_takes_urls(s3_server: Any, s3_bucket: str, tmp_path: Path
     assert code == 0 and json.loads(out)["bit_identical"], (out, err)
     code, out, err = run_cli(capsys, "verify", "--deep", url, *flags)
     assert code == 0 and "intact" in out, (out, err)
+
+
+@pytest.mark.parametrize("size", [MiB, 20 * MiB])  # one PUT; a multipart upload
+def test_an_upload_whose_answer_was_lost_is_recognised_as_done(
+    s3_server: Any, s3_bucket: str, tmp_path: Path, size: int
+) -> None:
+    """The request that makes the object visible succeeds, its answer is lost, the retry is
+    refused (the object now exists, or the upload id is gone): the object is ours all the same."""
+    local = tmp_path / "data.bin"
+    local.write_bytes(os.urandom(size))
+    target = storage.location(f"s3://{s3_bucket}/x.bin", s3_server.storage_options)
+    assert isinstance(target, storage.RemotePath)
+    filesystem = target.filesystem
+    original = filesystem.call_s3
+    lost = []
+
+    def losing(method: str, *args: Any, **kwargs: Any) -> Any:
+        answer = original(method, *args, **kwargs)
+        if method in ("put_object", "complete_multipart_upload") and not lost:
+            lost.append(method)
+            raise ConnectionResetError("the answer was lost")
+        return answer
+
+    filesystem.call_s3 = losing
+    try:
+        upload.upload_file(local, target, overwrite=False)
+    finally:
+        del filesystem.call_s3
+    assert lost
+    assert get(s3_server, s3_bucket, "x.bin") == local.read_bytes()
+    assert not pending_uploads(s3_server, s3_bucket)

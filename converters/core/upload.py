@@ -15,6 +15,7 @@ Staging needs local disk for the destination's size (not memory: the upload read
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import uuid
@@ -23,7 +24,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .errors import DestinationError
+from .errors import ConverterError, DestinationError
 from .storage import UPLOAD_PART, RemotePath, retrying
 
 EXISTS = "exists; pass --force to replace it (overwrite=True in the library)"
@@ -148,12 +149,27 @@ class _S3Upload:
             raise DestinationError(EXISTS, file=self.destination)
         size = local.stat().st_size
         if size <= UPLOAD_PART:
-            self.call("put_object", Body=local.read_bytes(), **self.condition)
+            body = local.read_bytes()
+            try:
+                self.call("put_object", Body=body, **self.condition)
+            except ConverterError:
+                if not self._landed(hashlib.md5(body).hexdigest(), size):
+                    raise
             if progress:
                 progress(size)
         else:
             self._multipart(local, progress)
         self.filesystem.invalidate_cache(self.destination.url)
+
+    def _landed(self, etag: str, size: int) -> bool:
+        """Whether the object there is the one this upload made, although the request that made it
+        failed: a completion (or PUT) whose answer was lost is retried, and the retry is refused
+        (``If-None-Match``: the object now exists; or the upload id is gone), yet the object is
+        ours. Known by its ETag, which S3 derives from the parts' contents."""
+        with suppress(Exception):
+            details = self.filesystem.info(self.destination.url, refresh=True)
+            return bool(str(details.get("ETag", "")).strip('"') == etag and details.get("size") == size)
+        return False
 
     def _multipart(self, local: Path, progress: Callable[[int], None] | None) -> None:
         # S3 takes at most 10,000 parts: past 10,000 × UPLOAD_PART (80 GB) the parts grow, and
@@ -170,16 +186,27 @@ class _S3Upload:
                     number += 1
                     if progress:
                         progress(len(chunk))
-            self.call(
-                "complete_multipart_upload",
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-                **self.condition,
-            )
+            try:
+                self.call(
+                    "complete_multipart_upload",
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                    **self.condition,
+                )
+            except ConverterError:
+                if not self._landed(_multipart_etag(parts), local.stat().st_size):
+                    raise
         except BaseException:  # an error, Ctrl-C, SIGTERM: no dangling upload (its parts are billed)
             with suppress(Exception):
                 self.filesystem.call_s3("abort_multipart_upload", **self.target, UploadId=upload_id)
             raise
+
+
+def _multipart_etag(parts: list[dict[str, Any]]) -> str:
+    """The ETag S3 gives the object a multipart upload of these parts completes: the MD5 of the
+    parts' MD5s, then ``-`` and their number."""
+    digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 def _upload_folder(
