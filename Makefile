@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/scale.py
 	$(PY) bench/dcp.py
 	$(PY) bench/startup.py
+	$(PY) bench/remote.py --size 256M
 
 fuzz: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt atheris
