@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -209,13 +210,19 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     options: dict[str, Any] = {}
     for pair in pairs:
         key, equals, text = pair.partition("=")
-        if not equals or not key:
-            raise UsageError(f"sdconvert: --storage-option takes KEY=VALUE, got {shown(key or pair, 80)!r}")
+        if not equals or not key:  # not echoed: it may be a secret pasted without its key
+            raise UsageError("sdconvert: --storage-option takes KEY=VALUE (a value without a key was given)")
+        if _CREDENTIAL.search(key):  # a secret is text, whatever it looks like (and stays redacted)
+            options[key] = text
+            continue
         try:
             options[key] = json.loads(text)
         except ValueError:
             options[key] = text
     return options
+
+
+_CREDENTIAL = re.compile(r"key|secret|token|password|passwd|credential|auth", re.IGNORECASE)
 
 
 def _locations(args: argparse.Namespace) -> None:

@@ -665,3 +665,140 @@ def test_an_upload_whose_answer_was_lost_is_recognised_as_done(
     assert lost
     assert get(s3_server, s3_bucket, "x.bin") == local.read_bytes()
     assert not pending_uploads(s3_server, s3_bucket)
+
+
+# ------------------------------------------------------------------------------------------ a second review
+
+
+class MiniServer:
+    """A file served with Range by a server with one odd behaviour: ``weak`` gives a weak ETag
+    and compares If-Match strongly (RFC 9110: a weak tag never matches); ``stall`` never answers
+    a range starting past the first 8 MiB, so a stream's first chunk comes and the one fetched
+    ahead of it hangs (``stalled`` counts those requests)."""
+
+    def __init__(self, body: bytes, *, weak: bool = False, stall: bool = False) -> None:
+        import http.server
+        import threading
+
+        owner = self
+        self.stalled = 0
+        self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _headers(self, status: int, length: int, extra: dict[str, str]) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(length))
+                self.send_header("ETag", 'W/"v1"' if weak else '"v1"')
+                for key, value in extra.items():
+                    self.send_header(key, value)
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self._headers(200, len(body), {"Accept-Ranges": "bytes"})
+
+            def do_GET(self) -> None:
+                if weak and self.headers.get("If-Match"):
+                    self._headers(412, 0, {})
+                    return
+                first, last = (int(x) for x in self.headers["Range"].split("=")[1].split("-"))
+                if stall and first >= 8 * MiB:
+                    owner.stalled += 1
+                    owner.release.wait(120)
+                    return
+                piece = body[first : last + 1]
+                self._headers(206, len(piece), {"Content-Range": f"bytes {first}-{last}/{len(body)}"})
+                self.wfile.write(piece)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stalled_server_does_not_hold_up_a_stop(tmp_path: Path, signum: int) -> None:
+    local = make_checkpoint(tmp_path / "ckpt.safetensors", random_tensors(2, 6 * MiB))  # 48 MiB: several chunks
+    server = MiniServer(local.read_bytes(), stall=True)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "cli.py"), "convert", server.url + "/ckpt.safetensors", str(tmp_path / "o.pt")],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not server.stalled:
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no range request stalled"
+            time.sleep(0.01)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)  # a hang would be the server's 120 s, times the retries
+        assert process.returncode == 128 + signum, err
+        assert err.strip().count("\n") == 0, err
+        assert not (tmp_path / "o.pt").exists()
+    finally:
+        server.close()
+
+
+def test_a_weak_etag_is_not_sent_as_if_match(tmp_path: Path) -> None:
+    local = make_checkpoint(tmp_path / "ckpt.safetensors", random_tensors(2, 1000))
+    server = MiniServer(local.read_bytes(), weak=True)
+    try:
+        out = tmp_path / "out.safetensors"
+        converters.convert(server.url + "/ckpt.safetensors", out)
+        assert out.read_bytes() == local.read_bytes()
+    finally:
+        server.close()
+
+
+def test_a_bad_option_is_not_reported_as_a_missing_object(http_server: Any, tmp_path: Path, capsys: Any) -> None:
+    (http_server.root / "x.safetensors").write_bytes(b"\0" * 64)
+    url = http_server.url + "/x.safetensors"
+    code, _, err = run_cli(capsys, "inspect", url, "--storage-option", "nonsense_option=1")
+    assert code == 2 and err.count("\n") == 1 and "no such object" not in err and "nonsense_option" in err, err
+    code, _, err = run_cli(capsys, "inspect", url, "--storage-option", "client_kwargs=abc")
+    assert code == 2 and err.count("\n") == 1 and "must be a JSON object" in err, err
+
+
+def test_options_prefixed_by_protocol_go_to_that_protocol_only(
+    s3_server: Any, s3_bucket: str, http_server: Any, tmp_path: Path, capsys: Any
+) -> None:
+    local = make_checkpoint(tmp_path / "ckpt.safetensors", random_tensors(2, 1000))
+    http_server.write_file("ckpt.safetensors", local.read_bytes())
+    prefixed = [f if f == "--storage-option" else f"s3.{f}" for f in s3_options(s3_server)]
+    code, _, err = run_cli(
+        capsys, "convert", http_server.url + "/ckpt.safetensors", f"s3://{s3_bucket}/x.pt", *prefixed
+    )
+    assert code == 0, err
+    expected = tmp_path / "x.pt"
+    converters.convert(local, expected)
+    assert get(s3_server, s3_bucket, "x.pt") == expected.read_bytes()
+
+
+def test_file_urls_with_localhost_and_escapes(tmp_path: Path, capsys: Any) -> None:
+    folder = tmp_path / "my models"
+    folder.mkdir()
+    local = make_checkpoint(folder / "ckpt.safetensors", random_tensors(2, 1000))
+    escaped = str(local).replace(" ", "%20")
+    for url in (f"file://localhost{escaped}", f"file://{escaped}"):
+        code, out, err = run_cli(capsys, "inspect", url)
+        assert code == 0 and "layer0.weight" in out, err
+    code, _, err = run_cli(capsys, "inspect", f"file://otherhost{escaped}")
+    assert code == 2 and "not of 'otherhost'" in err
+
+
+def test_an_http_destination_is_refused_before_any_work(http_server: Any, tmp_path: Path, capsys: Any) -> None:
+    local = make_checkpoint(tmp_path / "ckpt.safetensors", random_tensors(2, 1000))
+    code, _, err = run_cli(capsys, "convert", str(local), http_server.url + "/out.safetensors")
+    assert code == 2 and "read-only" in err and err.count("\n") == 1, err
+    assert all(method in ("HEAD", "GET") for method, _, _, _ in http_server.requests)  # nothing was sent

@@ -44,6 +44,7 @@ MAX_FETCH = 8 << 20
 # waiting BACKOFF * 2**attempt seconds (with jitter) in between: bounded, about 4 s at worst.
 ATTEMPTS = 4
 BACKOFF = 0.25
+READ_TIMEOUT = 60  # seconds without a byte from an HTTP server before the request fails (and is retried)
 UPLOAD_PART = 8 << 20  # S3 multipart part size (S3's minimum is 5 MiB for all but the last)
 
 T = TypeVar("T")
@@ -82,8 +83,18 @@ def location(path: PathLike, storage_options: Mapping[str, Any] | None = None) -
     if isinstance(path, str) and is_url(path):
         return remote(path, storage_options)
     if isinstance(path, str) and path.lower().startswith("file://"):
-        return Path(path[len("file://") :])
+        return _file_url(path)
     return Path(path)  # storage options are the URLs' (a conversion may go from a local file to a store)
+
+
+def _file_url(url: str) -> Path:
+    """``file:///abs/path`` (or ``file://localhost/abs/path``), escapes decoded."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ConverterError(f"a file:// URL names a file of this machine, not of {parts.netloc!r}", file=url)
+    return Path(unquote(parts.path))
 
 
 def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> RemotePath:
@@ -92,7 +103,7 @@ def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote
     if match is None:
         raise ConverterError("not a URL (expected protocol://...)", file=_redacted(url, {}))
     protocol = match.group(1).lower()
-    options = dict(storage_options or {})
+    options = _for_protocol(storage_options or {}, protocol)
     query = ""
     if protocol in ("http", "https") and ("?" in url or "#" in url):
         # a signed or tokenised URL: its query belongs to this object only (not to the names
@@ -102,10 +113,18 @@ def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote
     if protocol in ("s3", "s3a"):
         # s3fs retries each call 5 times and botocore again underneath: with ``retrying`` on top,
         # one unreachable endpoint cost 20 requests and 40 s per range. One layer retries: ours.
-        config = dict(options.get("config_kwargs") or {})
+        config = dict(_mapping(options, "config_kwargs", url))
         config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
         options["config_kwargs"] = config
     fsspec = _fsspec(url)
+    for key in ("client_kwargs", "config_kwargs", "headers"):
+        _mapping(options, key, url)
+    if protocol in ("http", "https") and "timeout" not in _mapping(options, "client_kwargs", url):
+        # a server that stops sending must not hold a conversion for aiohttp's default 5 minutes
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=READ_TIMEOUT, sock_read=READ_TIMEOUT)
+        options["client_kwargs"] = {**_mapping(options, "client_kwargs", url), "timeout": timeout}
     try:
         filesystem = fsspec.filesystem(protocol, **options)
     except ImportError as exc:  # s3fs, gcsfs, huggingface_hub... missing
@@ -145,6 +164,34 @@ def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote
     if query:
         made._queries[PosixPath.__str__(made)] = query
     return made
+
+
+def _for_protocol(options: Mapping[str, Any], protocol: str) -> dict[str, Any]:
+    """The storage options for one URL's protocol: ``s3.endpoint_url`` goes to s3:// URLs only
+    (a conversion from https:// to s3:// must not send S3 credentials to the web server);
+    a key without such a prefix goes to every URL."""
+    chosen: dict[str, Any] = {}
+    for key, value in options.items():
+        prefix, dot, name = key.partition(".")
+        if dot and prefix.isidentifier() and prefix.lower() in _PROTOCOLS:
+            if prefix.lower() == protocol or (prefix.lower(), protocol) in (("s3", "s3a"), ("http", "https")):
+                chosen[name] = value
+        else:
+            chosen.setdefault(key, value)
+    return chosen
+
+
+_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "http", "https", "hf", "memory", "az", "abfs", "file"})
+
+
+def _mapping(options: Mapping[str, Any], key: str, url: str) -> Mapping[str, Any]:
+    value = options.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConverterError(
+            f"storage option {key} must be a JSON object ({key}='{{\"name\": ...}}'), got {type(value).__name__}",
+            file=_redacted(url, {}),
+        )
+    return value
 
 
 def _fsspec(url: str) -> Any:
@@ -498,7 +545,7 @@ def _http_range(path: RemotePath, start: int, end: int, etag: str | None) -> byt
         options = dict(filesystem.kwargs)
         headers = dict(options.pop("headers", None) or {})  # the user's (Authorization...), kept
         headers["Range"] = f"bytes={start}-{end - 1}"
-        if etag:
+        if etag and not etag.startswith("W/"):  # If-Match compares strongly: a weak tag never matches
             headers["If-Match"] = etag
         async with session.get(filesystem.encode_url(path.url), headers=headers, **options) as response:
             whole = response.status == 200 and start == 0 and end == path.stat().st_size
@@ -566,8 +613,6 @@ def stream_range(
 ) -> Generator[bytes | bytearray, None, None]:
     """The ``length`` bytes of the remote file ``path`` from ``offset``, in chunks, each fetched
     by a range request while the caller uses the one before (latency hidden, memory bounded)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     assert isinstance(path, RemotePath)
     handle = RemoteFile(path)
     if offset + length > handle.size:
@@ -587,14 +632,14 @@ def stream_range(
                 _IN_FLIGHT.release()
             raise
 
-    with handle, ThreadPoolExecutor(1, thread_name_prefix="sdconvert-fetch") as pool:
-        ahead = None
+    with handle:
+        ahead: _Ahead | None = None
         try:
             for index, start in enumerate(starts):
                 current, held = ahead.result() if ahead is not None else fetch(start)
                 ahead = None
                 if index + 1 < len(starts):
-                    ahead = pool.submit(fetch, starts[index + 1])
+                    ahead = _Ahead(fetch, starts[index + 1])
                 try:
                     yield current
                 finally:
@@ -602,10 +647,52 @@ def stream_range(
                     if held:
                         _IN_FLIGHT.release()
         finally:
-            if ahead is not None:  # the caller stopped early: the chunk fetched ahead is not used
-                with suppress(BaseException):
-                    if ahead.result()[1]:
-                        _IN_FLIGHT.release()
+            if ahead is not None:  # stopped early (an error, Ctrl-C): never wait for the request
+                ahead.abandon()
+
+
+class _Ahead:
+    """The next chunk, fetched on a daemon thread. Abandoned (the stream stopped early), it is not
+    waited for: a stalled server must not hold up Ctrl-C or an error for the minutes its request
+    may take; its slot is given back whenever it ends."""
+
+    def __init__(self, fetch: Callable[[int], tuple[bytes | bytearray, bool]], start: int) -> None:
+        self._fetch = fetch
+        self._start = start
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._value: tuple[bytes | bytearray, bool] | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="sdconvert-fetch", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fetch(self._start)
+        except BaseException as exc:  # given to the consumer by result()
+            self._error = exc
+        with self._lock:
+            self._done.set()
+            if self._abandoned:
+                self._give_back()
+
+    def result(self) -> tuple[bytes | bytearray, bool]:
+        self._done.wait()  # interruptible: Ctrl-C in the main thread raises here
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if self._done.is_set():
+                self._give_back()
+
+    def _give_back(self) -> None:
+        if self._value is not None and self._value[1]:
+            _IN_FLIGHT.release()
+        self._value = None
 
 
 def open_read(path: Path) -> io.RawIOBase:
@@ -638,16 +725,18 @@ def is_remote(path: object) -> bool:
 # ------------------------------------------------------------------------------------- errors
 
 
-def retrying(action: Callable[[], T], path: RemotePath, verb: str) -> T:
-    """``action()``, retried on transient errors (bounded, with backoff); any failure becomes one
-    :class:`RemoteError` naming ``path`` (missing, access denied, changed, network)."""
-    for attempt in range(ATTEMPTS):
+def retrying(action: Callable[[], T], path: RemotePath, verb: str, *, attempts: int | None = None) -> T:
+    """``action()``, retried on transient errors (bounded, with backoff: ``attempts`` in all,
+    default ``ATTEMPTS``); any failure becomes one :class:`RemoteError` naming ``path`` (missing,
+    access denied, changed, network)."""
+    tries = ATTEMPTS if attempts is None else attempts
+    for attempt in range(tries):
         try:
             return action()
         except ConverterError:
             raise
         except Exception as exc:
-            if not _transient(exc) or attempt == ATTEMPTS - 1:
+            if not _transient(exc) or attempt == tries - 1:
                 raise _remote_error(exc, path, verb, attempt + 1) from None
         time.sleep(BACKOFF * (2**attempt) * (0.5 + (time.monotonic_ns() % 1000) / 1000))  # jittered
     raise AssertionError("unreachable")
@@ -718,7 +807,9 @@ def _transient(exc: BaseException) -> bool:
 def _remote_error(exc: BaseException, path: RemotePath, verb: str, attempts: int) -> RemoteError:
     status = _status(exc)
     if status is None and isinstance(exc, FileNotFoundError):
-        exc = _unreachable(exc) or exc  # a refused connection is not a missing object
+        # fsspec's HTTP info says "not found" whatever failed: a missing object only when nothing
+        # else is behind it (a refused connection, a bad option are not missing objects)
+        exc = _unreachable(exc) or exc.__cause__ or exc
     name = type(exc).__name__
     text = _redacted(" ".join(str(exc).split()) or name, {}, path._secrets)
     if status == 404 or (status is None and isinstance(exc, FileNotFoundError)):

@@ -45,6 +45,10 @@ def staged(
     >>> # with staged(remote("s3://bucket/model.safetensors"), overwrite=False) as local:
     >>> #     write_safetensors(checkpoint, local)
     """
+    if destination._protocol in ("http", "https"):
+        raise DestinationError(
+            "http(s):// URLs are read-only here; write to a store (s3://, gs://, hf://...)", file=destination
+        )
     if not overwrite and destination.exists():
         raise DestinationError(EXISTS, file=destination)
     folder = Path(tempfile.mkdtemp(prefix="sdconvert-upload-"))
@@ -133,16 +137,16 @@ class _S3Upload:
         self.filesystem = destination.filesystem
         bucket, key, _ = self.filesystem.split_path(destination.url)
         self.target = {"Bucket": bucket, "Key": key}
-        self.condition = {} if overwrite else {"IfNoneMatch": "*"}
+        self.condition: dict[str, Any] = {} if overwrite else {"IfNoneMatch": "*"}
 
-    def call(self, method: str, **arguments: Any) -> Any:
+    def call(self, method: str, *, retry: bool = True, **arguments: Any) -> Any:
         def once() -> Any:
             try:
                 return self.filesystem.call_s3(method, **self.target, **arguments)
             except FileExistsError:  # s3fs's name for 412 PreconditionFailed: If-None-Match found an object
                 raise DestinationError(EXISTS, file=self.destination) from None
 
-        return retrying(once, self.destination, "write")
+        return retrying(once, self.destination, "write", attempts=None if retry else 1)
 
     def run(self, local: Path, progress: Callable[[int], None] | None) -> None:
         if not self.overwrite and self.destination.exists():
@@ -168,14 +172,15 @@ class _S3Upload:
         ours. Known by its ETag, which S3 derives from the parts' contents."""
         with suppress(Exception):
             details = self.filesystem.info(self.destination.url, refresh=True)
-            return bool(str(details.get("ETag", "")).strip('"') == etag and details.get("size") == size)
+            return bool(etag) and str(details.get("ETag", "")).strip('"') == etag and details.get("size") == size
         return False
 
     def _multipart(self, local: Path, progress: Callable[[int], None] | None) -> None:
         # S3 takes at most 10,000 parts: past 10,000 × UPLOAD_PART (80 GB) the parts grow, and
         # the memory of one part with them (a 200 GB object: 20 MiB parts)
         part = max(UPLOAD_PART, -(-local.stat().st_size // MAX_PARTS))
-        upload_id = self.call("create_multipart_upload")["UploadId"]
+        # not retried: a creation whose answer was lost would leave an upload nobody knows to abort
+        upload_id = self.call("create_multipart_upload", retry=False)["UploadId"]
         try:
             parts = []
             with local.open("rb") as source:
@@ -205,7 +210,10 @@ class _S3Upload:
 def _multipart_etag(parts: list[dict[str, Any]]) -> str:
     """The ETag S3 gives the object a multipart upload of these parts completes: the MD5 of the
     parts' MD5s, then ``-`` and their number."""
-    digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
+    try:
+        digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
+    except ValueError:  # not MD5s (a store or an encryption mode with other ETags): cannot tell
+        return ""
     return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
