@@ -802,3 +802,9 @@ def test_an_http_destination_is_refused_before_any_work(http_server: Any, tmp_pa
     code, _, err = run_cli(capsys, "convert", str(local), http_server.url + "/out.safetensors")
     assert code == 2 and "read-only" in err and err.count("\n") == 1, err
     assert all(method in ("HEAD", "GET") for method, _, _, _ in http_server.requests)  # nothing was sent
+
+
+def test_a_store_outside_the_extra_names_its_own_package(capsys: Any) -> None:
+    code, _, err = run_cli(capsys, "inspect", "gs://bucket/model.safetensors")
+    assert code == 2 and err.count("\n") == 1
+    assert "gcsfs" in err and "statedict-convert[remote]" not in err

@@ -128,9 +128,15 @@ def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote
     try:
         filesystem = fsspec.filesystem(protocol, **options)
     except ImportError as exc:  # s3fs, gcsfs, huggingface_hub... missing
+        # the extra brings S3, HTTP and the Hub; other stores need their own fsspec package,
+        # which fsspec's message names ("Install gcsfs to access Google Storage")
+        remedy = (
+            f"install the extra: pip install '{REMOTE_EXTRA}'"
+            if protocol in _IN_THE_EXTRA
+            else f"install the fsspec package for {protocol}:// (fsspec says: {_redacted(str(exc), options)})"
+        )
         raise MissingDependencyError(
-            f"reading {protocol}:// URLs needs a package that is not installed ({_redacted(str(exc), options)}); "
-            f"install the extra: pip install '{REMOTE_EXTRA}'",
+            f"reading {protocol}:// URLs needs a package that is not installed; {remedy}",
             file=_redacted(url, options),
         ) from None
     except ValueError as exc:  # an unknown protocol
@@ -181,6 +187,7 @@ def _for_protocol(options: Mapping[str, Any], protocol: str) -> dict[str, Any]:
     return chosen
 
 
+_IN_THE_EXTRA = frozenset({"s3", "s3a", "http", "https", "hf", "memory"})
 _PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "http", "https", "hf", "memory", "az", "abfs", "file"})
 
 
