@@ -165,6 +165,27 @@ def _delete_bucket(client: Any, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# fsspec's in-process store
+
+
+@pytest.fixture
+def store() -> Iterator[Any]:
+    """fsspec's ``memory://`` file system, empty before and after the test (it is one per process)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+
+    def clear() -> None:
+        fs.store.clear()
+        fs.pseudo_dirs.clear()
+        fs.pseudo_dirs.append("")
+
+    clear()
+    yield fs
+    clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # What a read fetched
 
 

@@ -6,7 +6,6 @@ selected tensors only (the other shards: their header's one request)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,8 @@ import converters
 from converters.core import storage
 from converters.core.errors import ConverterError, CorruptFileError, UnsafeFileError
 
-fsspec = pytest.importorskip("fsspec")
-
 BIG = 1 << 20  # elements of the big tensor: 4 MiB of float32
 HEADER_FETCH = storage.FIRST_FETCH
-
-
-@pytest.fixture
-def store() -> Iterator[Any]:
-    fs = fsspec.filesystem("memory")
-
-    def clear() -> None:
-        fs.store.clear()
-        fs.pseudo_dirs.clear()
-        fs.pseudo_dirs.append("")
-
-    clear()
-    yield fs
-    clear()
 
 
 def put(fs: Any, local: Path, remote: str) -> str:
@@ -111,8 +94,8 @@ def test_a_remote_file_reads_as_the_local_one_and_fetches_its_header_only(
 def test_a_flax_msgpack_file_is_read_remotely_without_its_tensor_bytes(
     tmp_path: Path, store: Any, fetched: list[tuple[str, int, int]]
 ) -> None:
-    flax_serialization = pytest.importorskip("flax.serialization")
     import numpy as np
+    from flax import serialization as flax_serialization
 
     tree = {"params": {"dense": {"kernel": np.ones((1024, 1024), np.float32), "bias": np.zeros(7, np.float16)}}}
     local = tmp_path / "flax.msgpack"

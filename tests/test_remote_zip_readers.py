@@ -11,7 +11,7 @@ import io
 import json
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +24,8 @@ import converters
 from converters.core import storage
 from converters.core.errors import ConverterError
 
-fsspec = pytest.importorskip("fsspec")
-
 BIG = (2048, 1024)  # float32: 8 MiB, the tensor a read must not fetch
 FETCH = storage.FIRST_FETCH
-
-
-@pytest.fixture
-def store() -> Iterator[Any]:
-    fs = fsspec.filesystem("memory")
-
-    def clear() -> None:
-        fs.store.clear()
-        fs.pseudo_dirs.clear()
-        fs.pseudo_dirs.append("")
-
-    clear()
-    yield fs
-    clear()
 
 
 def put(fs: Any, local: Path, name: str, data: bytes | None = None) -> str:

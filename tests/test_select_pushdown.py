@@ -12,7 +12,6 @@ import itertools
 import json
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from converters.core.sources import BufferSource
 from converters.core.tree import Checkpoint, TensorRef
 from converters.transforms import Exclude, NoMatchError, Select, apply
 from converters.transforms.paths import format_path
-
-fsspec = pytest.importorskip("fsspec")
 
 INDEX = "model.safetensors.index.json"
 Fetch = tuple[str, int, int]
@@ -152,20 +149,6 @@ def test_covers_agrees_with_select_on_random_trees_and_patterns() -> None:
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture
-def store() -> Iterator[Any]:
-    fs = fsspec.filesystem("memory")
-
-    def clear() -> None:
-        fs.store.clear()
-        fs.pseudo_dirs.clear()
-        fs.pseudo_dirs.append("")
-
-    clear()
-    yield fs
-    clear()
 
 
 def put(fs: Any, local: Path, name: str) -> str:
