@@ -197,7 +197,8 @@ def _add_storage_options(command: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         action="append",
         help="an fsspec option for URL paths (s3://, https://, hf://...), repeatable: endpoint_url=http://..., "
-        "anon=true, profile=NAME; VALUE is read as JSON when it parses (true, 3, {...}), else as text. "
+        "anon=true, profile=NAME; VALUE is read as JSON when it parses (true, 3, {...}), else as text; "
+        "PROTOCOL.KEY=VALUE (s3.endpoint_url=...) goes to that protocol's URLs only. "
         "Credentials are better left to the environment or profiles (they are never printed)",
     )
 
