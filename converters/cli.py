@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -205,6 +204,8 @@ def _add_storage_options(command: argparse.ArgumentParser) -> None:
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """``--storage-option key=value`` pairs as fsspec takes them."""
+    from converters.core.storage import SECRET_NAMES
+
     pairs = getattr(args, "storage_options", None)
     if not pairs:
         return None
@@ -213,7 +214,7 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
         key, equals, text = pair.partition("=")
         if not equals or not key:  # not echoed: it may be a secret pasted without its key
             raise UsageError("sdconvert: --storage-option takes KEY=VALUE (a value without a key was given)")
-        if _CREDENTIAL.search(key):  # a secret is text, whatever it looks like (and stays redacted)
+        if SECRET_NAMES.search(key):  # a secret is text, whatever it looks like (and stays redacted)
             options[key] = text
             continue
         try:
@@ -221,9 +222,6 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
         except ValueError:
             options[key] = text
     return options
-
-
-_CREDENTIAL = re.compile(r"key|secret|token|password|passwd|credential|auth", re.IGNORECASE)
 
 
 def _locations(args: argparse.Namespace) -> None:

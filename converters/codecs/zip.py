@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 from ..core.budget import Budget
 from ..core.errors import CorruptFileError, UnsupportedValueError
 from ..core.sources import CHUNK_SIZE, FileRange, Record, fill_from_chunks
-from ..core.storage import RemoteFile, is_remote, open_read, pread, size_of
+from ..core.storage import RemoteFile, RemotePath, is_remote, open_read, pread, size_of
 
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
@@ -115,6 +115,9 @@ class Ranges:
         self.handle: io.RawIOBase = open_read(path)
         self._starts: list[int] = []
         self._held: list[bytes] = []
+        head = path._heads.get(path.url) if isinstance(path, RemotePath) else None
+        if head:  # what sniffing the format fetched already
+            self._hold(0, head)
 
     def close(self) -> None:
         self.handle.close()

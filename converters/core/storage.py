@@ -164,6 +164,7 @@ def remote(url: str, storage_options: Mapping[str, Any] | None = None) -> Remote
             "_infos": {},
             "_heads": {},
             "_queries": {},
+            "_listings": {},
         },
     )
     made: RemotePath = kind(inner)
@@ -240,6 +241,7 @@ class RemotePath(PosixPath):
     # file twice, and would fetch the same leading bytes twice.
     _heads: ClassVar[dict[str, bytes]] = {}
     _queries: ClassVar[dict[str, str]] = {}  # the query of a signed URL, by the path it was given for
+    _listings: ClassVar[dict[str, list[dict[str, Any]]]] = {}
 
     @property
     def url(self) -> str:
@@ -276,13 +278,12 @@ class RemotePath(PosixPath):
 
     # --- what is in the store
 
-    def info(self, *, refresh: bool = False) -> dict[str, Any]:
-        """The store's description of the object (``size``, ``type``, ``ETag``...), asked once."""
-        cached = None if refresh else self._infos.get(self.url)
+    def info(self) -> dict[str, Any]:
+        """The store's description of the object (``size``, ``type``, ``ETag``...), asked once: the
+        size and ETag first seen are the ones every later range request holds the object to."""
+        cached = self._infos.get(self.url)
         if cached is None:
-            cached = dict(self._call(lambda: self._fs.info(self.url), "read"))
-            if not refresh or self.url not in self._infos:
-                self._infos[self.url] = cached
+            cached = self._infos[self.url] = dict(self._call(lambda: self._fs.info(self.url), "read"))
         return cached
 
     def stat(self, *, follow_symlinks: bool = True) -> Any:
@@ -338,7 +339,9 @@ class RemotePath(PosixPath):
         return False
 
     def iterdir(self) -> Iterator[RemotePath]:  # type: ignore[override]
-        entries = self._call(lambda: self._fs.ls(self.url, detail=True), "list")
+        entries = self._listings.get(self.url)
+        if entries is None:  # listed once per command: readers look at a folder several times
+            entries = self._listings[self.url] = self._call(lambda: self._fs.ls(self.url, detail=True), "list")
         prefix = self._fs._strip_protocol(self.url).rstrip("/")
         for entry in sorted(entries, key=lambda e: str(e["name"])):
             name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
@@ -499,14 +502,15 @@ class RemoteFile(io.RawIOBase):
     def _open(self) -> Any:
         """The store's own file object, for stores read through it (memory://, gs://, hf://)."""
         if self._handle is None:
-            options: dict[str, Any] = {"cache_type": "none", "size": self.size}
-            filesystem = self.path._fs
-            try:
-                self._handle = retrying(lambda: filesystem.open(self.path.url, "rb", **options), self.path, "read")
-            except RemoteError:
-                raise
-            except TypeError:  # a file system without these options
-                self._handle = retrying(lambda: filesystem.open(self.path.url, "rb"), self.path, "read")
+            filesystem, url = self.path._fs, self.path.url
+
+            def open_it() -> Any:
+                try:  # no cache (reads are ranges already), and the size known: no request for it
+                    return filesystem.open(url, "rb", cache_type="none", size=self.size)
+                except TypeError:  # a file system whose files take none of these options
+                    return filesystem.open(url, "rb")
+
+            self._handle = retrying(open_it, self.path, "read")
         return self._handle
 
 
@@ -835,7 +839,7 @@ def _remote_error(exc: BaseException, path: RemotePath, verb: str, attempts: int
     return RemoteError(f"cannot {verb} it{tries}: {name}: {text}", file=path)
 
 
-_SECRET_NAMES = re.compile(r"key|secret|token|password|passwd|credential|auth|signature", re.IGNORECASE)
+SECRET_NAMES = re.compile(r"key|secret|token|password|passwd|credential|auth|signature", re.IGNORECASE)
 _SECRET_ENVIRONMENT = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -853,7 +857,7 @@ def _secrets(options: Mapping[str, Any]) -> tuple[str, ...]:
     def walk(value: Any, secret: bool) -> None:
         if isinstance(value, Mapping):
             for key, item in value.items():
-                walk(item, secret or bool(_SECRET_NAMES.search(str(key))))
+                walk(item, secret or bool(SECRET_NAMES.search(str(key))))
         elif secret and isinstance(value, (str, bytes)) and len(value) >= 4:
             found.append(value.decode(errors="replace") if isinstance(value, bytes) else value)
 

@@ -78,6 +78,7 @@ def upload(
         upload_file(local, destination, overwrite=overwrite, progress=progress)
     destination._infos.clear()  # what was learnt about the store before is stale now
     destination._heads.clear()
+    destination._listings.clear()
 
 
 def upload_file(
@@ -149,8 +150,8 @@ class _S3Upload:
         return retrying(once, self.destination, "write", attempts=None if retry else 1)
 
     def run(self, local: Path, progress: Callable[[int], None] | None) -> None:
-        if not self.overwrite and self.destination.exists():
-            raise DestinationError(EXISTS, file=self.destination)
+        # no existence check here: ``staged`` made it before any work, and the request that makes
+        # the object visible is conditional (If-None-Match) without --force
         size = local.stat().st_size
         if size <= UPLOAD_PART:
             body = local.read_bytes()
