@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # The test servers (S3 behind a byte-counting proxy, HTTP with Range) as fixtures: tests/remote_fixtures.py
 pytest_plugins = ["remote_fixtures"]
+
+# A suite started in the background without job control (`make test &` in a script) inherits
+# SIGINT ignored, and so would every process it starts: the Ctrl-C tests would test nothing.
+# Catching it here makes it raise KeyboardInterrupt again, and children (exec resets a caught
+# signal to its default) get Python's own handler.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from converters import recipe  # noqa: E402
 
