@@ -208,7 +208,12 @@ def _write_remote(
             "a distributed conversion writes to a shared filesystem; to a store, convert in one process",
             file=destination,
         )
-    with staged(destination, overwrite=context.overwrite, replaceable=getattr(fmt, "replaceable", None)) as local:
+    with staged(
+        destination,
+        overwrite=context.overwrite,
+        replaceable=getattr(fmt, "replaceable", None),
+        written_last=getattr(fmt, "written_last", None),
+    ) as local:
         # durability is the store's once the upload completes: the staged copy needs no fsync
         _write(fmt, checkpoint, local, dataclasses.replace(context, fsync=False), options)
 

@@ -808,3 +808,26 @@ def test_a_store_outside_the_extra_names_its_own_package(capsys: Any) -> None:
     code, _, err = run_cli(capsys, "inspect", "gs://bucket/model.safetensors")
     assert code == 2 and err.count("\n") == 1
     assert "gcsfs" in err and "statedict-convert[remote]" not in err
+
+
+def test_a_dcp_folder_to_s3_reads_back_and_its_metadata_came_last(
+    s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    local = make_checkpoint(tmp_path / "ckpt.safetensors", random_tensors(3, MiB // 4))
+    options = s3_server.storage_options
+    original = upload._S3Upload.call
+    order = []
+
+    def recording(self: Any, method: str, **arguments: Any) -> Any:
+        if method in ("put_object", "complete_multipart_upload"):
+            order.append(self.target["Key"].rsplit("/", 1)[-1])
+        return original(self, method, **arguments)
+
+    upload._S3Upload.call = recording  # type: ignore[method-assign]
+    try:
+        converters.convert(local, f"s3://{s3_bucket}/dcp", dst_format="dcp", storage_options=options)
+    finally:
+        upload._S3Upload.call = original  # type: ignore[method-assign]
+    assert ".metadata" in order and all(name.endswith(".distcp") for name in order[:-2]), order
+    assert set(order[-2:]) == {".metadata", "sdconvert.json"}
+    assert converters.verify(converters.read(f"s3://{s3_bucket}/dcp", storage_options=options), local) == []

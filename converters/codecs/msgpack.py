@@ -2,7 +2,7 @@
 
 Writing packs headers and scalars here and lets tensor bytes flow straight from their source to
 the file, so memory does not grow with the checkpoint. Reading walks the file through ``mmap`` (a
-remote file through ``core.stored.RangeBuffer``, which fetches the blocks walked):
+remote file through ``core.storage.RangeBuffer``, which fetches the blocks walked):
 every length and count is checked against the bytes actually present and charged to the read's
 budget before anything is built, nesting is limited, duplicate map keys are refused, and ``bin``
 payloads are returned as byte ranges of the file (never copied). Spec: https://github.com/msgpack/msgpack/blob/master/spec.md
@@ -167,7 +167,7 @@ class Parser:
         self.max_depth = max_depth
         self.budget = Budget(file, len(buffer)) if budget is None else budget
         self._keys: dict[bytes, str] = {}
-        # A buffer without the buffer protocol (``core.stored.RangeBuffer``: a remote file fetched
+        # A buffer without the buffer protocol (``core.storage.RangeBuffer``: a remote file fetched
         # by blocks) unpacks itself; bytes and mmap go to struct directly.
         self._unpack_from = getattr(buffer, "unpack_from", None)
 

@@ -121,6 +121,8 @@ class Format(Protocol):
     folder's other shards); it keeps every container and non-tensor value, and leaves out only
     values of a mapping (leaving out a list's item would renumber the items after it). The
     ``Select`` then makes of that tree what it makes of the whole one.
+    ``written_last(name) -> bool`` (folder formats): the files readers open first to find the
+    others (an index, DCP's ``.metadata``); a store without rename gets them after the rest.
     """
 
     name: str
@@ -153,6 +155,10 @@ class FormatBase:
 
     def replaceable(self, path: Path) -> bool:
         """For folder formats: may a file named like ``path`` inside an existing destination be replaced."""
+        return False
+
+    def written_last(self, name: str) -> bool:
+        """For folder formats: is the file ``name`` one readers open first to find the others."""
         return False
 
     def writes_in_parallel(self, options: Any) -> bool:

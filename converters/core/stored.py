@@ -16,9 +16,7 @@ import json
 import os
 import re
 import stat
-import struct
 import sys
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -278,87 +276,6 @@ def _read_remote_folder_file(path: RemotePath, what: str, limit: int, budget: Bu
     if len(data) != info.st_size:
         raise CorruptFileError(f"{what} changed size while it was read", file=path)
     return data
-
-
-class RangeBuffer:
-    """The bytes of a remote file, for the parsers that walk ``mmap`` in place (msgpack, ONNX's
-    protobuf): indexing and slicing fetch blocks by range requests, so a parser that skips a payload
-    by its length (a tensor's ``bin``, an initializer's ``raw_data``) never fetches it.
-
-    Only what those parsers use: ``len``, ``buffer[i]``, ``buffer[a:b]`` (bytes), and
-    ``unpack_from`` for ``struct``. A miss fetches one aligned block; misses that follow the last
-    fetch (a parser reading a long run of small values: a big metadata tree) fetch runs twice as
-    long each time, up to ``MAX_RUN``, so a header of megabytes costs a few requests, not one per
-    block. Blocks are kept, least recently used dropped past ``CACHE`` bytes: readers come back to
-    a tensor's header (the parse, then the tree built from it) and find it there. A slice larger
-    than a quarter of the cache is fetched as one exact range and not kept.
-    """
-
-    BLOCK = 16 << 10
-    MAX_RUN = 8 << 20
-    CACHE = 32 << 20
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle  # a storage.RemoteFile: fetch(start, end) is one checked range request
-        self.size: int = handle.size
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
-        self._held = 0
-        self._next = -1  # the block after the last run fetched
-        self._run = 1  # blocks in the last run
-        self._last: tuple[int, bytes] = (-1, b"")
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int | slice) -> Any:
-        if type(index) is int:
-            if index < 0:
-                index += self.size
-            if not 0 <= index < self.size:
-                raise IndexError("index out of range")
-            number, offset = divmod(index, self.BLOCK)
-            last = self._last
-            block = last[1] if last[0] == number else self._block(number)
-            return block[offset]
-        if not isinstance(index, slice):
-            raise TypeError(f"indices must be integers or slices, not {type(index).__name__}")
-        start, stop, step = index.indices(self.size)
-        if step != 1:
-            raise ValueError("a RangeBuffer is sliced with a step of 1 only")
-        if stop <= start:
-            return b""
-        if stop - start > self.CACHE // 4:
-            return self._handle.fetch(start, stop)
-        first, last_block = start // self.BLOCK, (stop - 1) // self.BLOCK
-        base = first * self.BLOCK
-        if first == last_block:
-            return self._block(first)[start - base : stop - base]
-        joined = b"".join(self._block(number) for number in range(first, last_block + 1))
-        return joined[start - base : stop - base]
-
-    def unpack_from(self, fmt: str, offset: int = 0) -> tuple[Any, ...]:
-        return struct.unpack_from(fmt, self[offset : offset + struct.calcsize(fmt)])
-
-    def _block(self, number: int) -> bytes:
-        block = self._blocks.get(number)
-        if block is not None:
-            self._blocks.move_to_end(number)
-            self._last = (number, block)
-            return block
-        run = min(self._run * 2, self.MAX_RUN // self.BLOCK) if number == self._next else 1
-        start = number * self.BLOCK
-        data = self._handle.fetch(start, min(self.size, start + run * self.BLOCK))
-        for index in range(0, len(data), self.BLOCK):
-            piece = data[index : index + self.BLOCK]
-            self._blocks[number + index // self.BLOCK] = piece
-            self._held += len(piece)
-        while self._held > self.CACHE and len(self._blocks) > run:
-            _, dropped = self._blocks.popitem(last=False)
-            self._held -= len(dropped)
-        self._run, self._next = run, number + run
-        block = self._blocks[number]
-        self._last = (number, block)
-        return block
 
 
 # ------------------------------------------------------------------ Hugging Face shard folders

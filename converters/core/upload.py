@@ -31,14 +31,13 @@ EXISTS = "exists; pass --force to replace it (overwrite=True in the library)"
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 
 
-def is_index(name: str) -> bool:
-    """Files uploaded after all others: what readers open first to find the rest."""
-    return name.endswith(".json") or name == ".metadata"
-
-
 @contextmanager
 def staged(
-    destination: RemotePath, *, overwrite: bool, replaceable: Callable[[Path], bool] | None = None
+    destination: RemotePath,
+    *,
+    overwrite: bool,
+    replaceable: Callable[[Path], bool] | None = None,
+    written_last: Callable[[str], bool] | None = None,
 ) -> Iterator[Path]:
     """A local path to write ``destination`` to; uploaded when the block ends without error.
 
@@ -55,7 +54,7 @@ def staged(
     try:
         local = folder / destination.name
         yield local
-        upload(local, destination, overwrite=overwrite, replaceable=replaceable)
+        upload(local, destination, overwrite=overwrite, replaceable=replaceable, written_last=written_last)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -66,12 +65,16 @@ def upload(
     *,
     overwrite: bool,
     replaceable: Callable[[Path], bool] | None = None,
+    written_last: Callable[[str], bool] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Put the local file or folder ``local`` at ``destination``: whole or not at all.
-    ``replaceable``: what files of an existing folder the format owns (see ``_upload_folder``)."""
+    ``replaceable``: what files of an existing folder the format owns; ``written_last``: the
+    names of the files readers open first to find the others (an index), uploaded after them
+    (both the format's declarations; see ``_upload_folder``)."""
     if local.is_dir():
-        _upload_folder(local, destination, overwrite=overwrite, replaceable=replaceable, progress=progress)
+        last = written_last or (lambda name: False)
+        _upload_folder(local, destination, overwrite=overwrite, replaceable=replaceable, last=last, progress=progress)
     else:
         if destination.is_dir():
             raise DestinationError("is a folder in the store; this checkpoint is one file", file=destination)
@@ -224,9 +227,10 @@ def _upload_folder(
     *,
     overwrite: bool,
     replaceable: Callable[[Path], bool] | None,
+    last: Callable[[str], bool],
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Upload the staged folder's files, its index last. Replacing a folder (``--force``): the
+    """Upload the staged folder's files, its index (``last``) last. Replacing a folder (``--force``): the
     old index goes first, so no reader ever finds it naming a mix of old and new files (if the
     upload then fails, the old checkpoint is gone: a store cannot swap a folder at once); the old
     files the new checkpoint does not have go last. A folder holding anything the format does
@@ -242,9 +246,9 @@ def _upload_folder(
             f"is a folder holding other files ({strangers[0]!r}); refusing to replace it", file=destination
         )
     for name, child in existing.items():
-        if is_index(name):
+        if last(name):
             _delete(child, strict=True)
-    files = sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: (is_index(p.name), p.name))
+    files = sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: (last(p.name), p.name))
     uploaded: list[RemotePath] = []
     try:
         for file in files:

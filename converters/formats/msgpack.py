@@ -38,8 +38,8 @@ from ..core.contract import FormatBase, NoOptions, WriteContext
 from ..core.errors import CorruptFileError, TreePath, UnsupportedValueError
 from ..core.objects import NumpyScalar, ObjectRecord
 from ..core.sources import ByteSource, ConcatSource, FileRange, slice_source
-from ..core.storage import RemotePath, location, open_read
-from ..core.stored import RangeBuffer, check_casts, check_digests, check_tree_digest, paused_gc
+from ..core.storage import RangeBuffer, RemotePath, location, open_read
+from ..core.stored import check_casts, check_digests, check_tree_digest, paused_gc
 from ..core.transfer import Checks, copy_into
 from ..core.tree import CONTAINER_TYPES, MAPPING_TYPES, MAX_DIM, MAX_NDIM, CastOrigin, Checkpoint, TensorRef, walk
 from ..core.writing import DIGEST_PLACEHOLDER, PiecewiseCopy, Reserved, TensorWriter

@@ -95,6 +95,10 @@ class DcpFormat(FormatBase):
     def read(self, path: Path, budget: Budget) -> Checkpoint:
         return reader.read_folder(location(path), budget)
 
+    def written_last(self, name: str) -> bool:
+        """``.metadata`` (what ``dcp.load`` opens first) and our sidecar: after the data files."""
+        return name in (reader.METADATA, reader.SIDECAR)
+
     def replaceable(self, path: Path) -> bool:
         return (path.name.endswith((".distcp", reader.METADATA)) or path.name == reader.SIDECAR) and path.is_file()
 

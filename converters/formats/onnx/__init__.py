@@ -40,9 +40,9 @@ from ...core.contract import FormatBase, WriteContext, option
 from ...core.errors import ConverterError, CorruptFileError, TreePath, UnsafeFileError, UnsupportedValueError
 from ...core.integrity import read_tree_digest
 from ...core.sources import BufferSource, ByteSource, FileRange
-from ...core.storage import RemoteError, RemotePath, open_read, size_of
+from ...core.storage import RangeBuffer, RemoteError, RemotePath, open_read, size_of
 from ...core.storage import location as place
-from ...core.stored import RangeBuffer, check_casts, loads_json_strict, read_digests
+from ...core.stored import check_casts, loads_json_strict, read_digests
 from ...core.tree import Checkpoint, TensorRef, walk
 from ...core.writing import DIGEST_PLACEHOLDER, Reserved, TensorWriter
 from .graph import ExportedGraph, export

@@ -194,6 +194,10 @@ class SafetensorsFormat(FormatBase):
     def replaceable(self, path: Path) -> bool:
         return sharded.replaceable(path)
 
+    def written_last(self, name: str) -> bool:
+        """The index: a store without rename gets it after the shards it names."""
+        return name.endswith(".index.json")
+
     def writes_in_parallel(self, options: SafetensorsOptions) -> bool:
         return options.max_shard_size is not None
 
