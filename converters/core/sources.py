@@ -7,6 +7,7 @@ chunks (``chunks``) so that memory does not grow with the size of a checkpoint.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -124,8 +125,13 @@ class FileRange:
         self._check_complete(filled)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
-        from .storage import open_read
+        from .storage import RemotePath, open_read, stream_range
 
+        if isinstance(self.path, RemotePath):  # range requests, the next one on its way meanwhile
+            with closing(stream_range(self.path, self.offset, self.length, chunk_size)) as fetched:
+                for chunk in fetched:
+                    yield memoryview(chunk)
+            return
         buffer = memoryview(bytearray(min(chunk_size, max(self.length, 1))))
         with open_read(self.path) as handle:
             handle.seek(self.offset)

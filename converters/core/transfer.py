@@ -23,8 +23,8 @@ import threading
 import weakref
 import zlib
 from collections import deque
-from collections.abc import Callable
-from contextlib import closing, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -118,31 +118,34 @@ def _copy(
         for part in source.parts:
             _copy(out, part, checks, progress, writeback)
         return
-    if isinstance(source, FileRange) and _remote(source):  # range requests, the next one already on its way
-        from .storage import stream_range
+    if isinstance(source, FileRange) and not _remote(source):  # a remote range streams by its chunks
+        if 0 < source.length < INLINE_COPY:
+            _copy_small(out, source, checks, progress)
+            return
+        if source.length:
+            _copy_file_range(out, source, checks, progress, writeback)
+            return
+    with _closing_chunks(source) as chunks:
+        for chunk in chunks:
+            out.write(chunk)
+            checks.update(chunk)
+            if progress:
+                progress(len(chunk))
+            if writeback is not None:  # a large tensor made in memory (a cast) goes by in chunks
+                writeback.advance(out.tell())
 
-        with closing(stream_range(source.path, source.offset, source.length)) as fetching:  # closed on error
-            for fetched in fetching:
-                out.write(fetched)
-                checks.update(memoryview(fetched))
-                if progress:
-                    progress(len(fetched))
-                if writeback is not None:
-                    writeback.advance(out.tell())
-        return
-    if isinstance(source, FileRange) and 0 < source.length < INLINE_COPY:
-        _copy_small(out, source, checks, progress)
-        return
-    if isinstance(source, FileRange) and source.length:
-        _copy_file_range(out, source, checks, progress, writeback)
-        return
-    for chunk in source.chunks():
-        out.write(chunk)
-        checks.update(chunk)
-        if progress:
-            progress(len(chunk))
-        if writeback is not None:  # a large tensor made in memory (a cast) goes by in chunks
-            writeback.advance(out.tell())
+
+@contextmanager
+def _closing_chunks(source: ByteSource) -> Iterator[Iterator[memoryview]]:
+    """``source.chunks()``, closed on leaving: a stream stopped by an error gives back at once
+    what it holds (a remote range's fetch slots), not whenever the traceback is collected."""
+    chunks = source.chunks()
+    try:
+        yield chunks
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _remote(source: FileRange) -> bool:
@@ -238,16 +241,10 @@ def _feed(source: ByteSource, update: Callable[[memoryview], None]) -> None:
         for part in source.parts:
             _feed(part, update)
         return
-    if not isinstance(source, FileRange) or source.length == 0:
-        for chunk in source.chunks():
-            update(chunk)
-        return
-    if _remote(source):
-        from .storage import stream_range
-
-        with closing(stream_range(source.path, source.offset, source.length)) as fetching:
-            for fetched in fetching:
-                update(memoryview(fetched))
+    if not isinstance(source, FileRange) or source.length == 0 or _remote(source):
+        with _closing_chunks(source) as chunks:
+            for chunk in chunks:
+                update(chunk)
         return
     buffer = _take_buffer()
     fd = os.open(source.path, os.O_RDONLY)
