@@ -185,6 +185,19 @@ def store() -> Iterator[Any]:
     clear()
 
 
+def put(fs: Any, local: Path, name: str, data: bytes | None = None) -> str:
+    """``local`` (a file, or a folder's files; or ``data``) in the memory ``store`` at
+    ``memory://bucket/<name>``; its URL."""
+    if data is not None:
+        fs.pipe_file(f"/bucket/{name}", data)
+    elif local.is_dir():
+        for child in sorted(local.iterdir()):
+            fs.put_file(str(child), f"/bucket/{name}/{child.name}")
+    else:
+        fs.put_file(str(local), f"/bucket/{name}")
+    return f"memory://bucket/{name}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # What a read fetched
 

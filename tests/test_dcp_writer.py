@@ -360,16 +360,22 @@ def _groups(net: recipe.Net, how: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_contiguous_param_groups_are_named_as_torch_names_them(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    net = recipe.Net()
-    optimizer = _sgd(net, _groups(net, "contiguous"))
-    _stepped(net, optimizer, (2, 3, 32, 32))
+def assert_converted_as_torch_saves_it(tmp_path: Path, net: torch.nn.Module, optimizer: Any) -> None:
+    """``net`` and ``optimizer`` saved by torch.save and converted to DCP by us read back as what
+    ``dcp.save`` writes of ``get_state_dict(net, optimizer)``, bit for bit (the output is ``out``)."""
     torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "source.pt")
     converters.convert(tmp_path / "source.pt", tmp_path / "out", dst_format="dcp")
     model_state, optimizer_state = get_state_dict(net, optimizer)
     quiet_save({"model": model_state, "optimizer": optimizer_state}, tmp_path / "torch")
     assert_bit_identical(torch_view(tmp_path / "torch"), torch_view(tmp_path / "out"))
+
+
+def test_contiguous_param_groups_are_named_as_torch_names_them(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = recipe.Net()
+    optimizer = _sgd(net, _groups(net, "contiguous"))
+    _stepped(net, optimizer, (2, 3, 32, 32))
+    assert_converted_as_torch_saves_it(tmp_path, net, optimizer)
 
 
 @pytest.mark.parametrize(
@@ -424,11 +430,7 @@ def test_param_groups_out_of_model_order_are_found_by_shape(tmp_path: Path) -> N
     net = recipe.Net()
     optimizer = _adam_groups(net)
     _stepped(net, optimizer, (2, 3, 32, 32))
-    torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "source.pt")
-    converters.convert(tmp_path / "source.pt", tmp_path / "out", dst_format="dcp")
-    model_state, optimizer_state = get_state_dict(net, optimizer)
-    quiet_save({"model": model_state, "optimizer": optimizer_state}, tmp_path / "torch")
-    assert_bit_identical(torch_view(tmp_path / "torch"), torch_view(tmp_path / "out"))
+    assert_converted_as_torch_saves_it(tmp_path, net, optimizer)
     torch.manual_seed(1)
     fresh = recipe.Net()
     fresh_optimizer = _adam_groups(fresh)

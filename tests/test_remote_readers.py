@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from remote_fixtures import put
 
 import converters
 from converters.core import storage
@@ -18,16 +19,6 @@ from converters.core.errors import ConverterError, CorruptFileError, UnsafeFileE
 
 BIG = 1 << 20  # elements of the big tensor: 4 MiB of float32
 HEADER_FETCH = storage.FIRST_FETCH
-
-
-def put(fs: Any, local: Path, remote: str) -> str:
-    """``local`` (a file, or a folder's files) at ``memory://bucket/<remote>``; its URL."""
-    if local.is_dir():
-        for child in sorted(local.iterdir()):
-            fs.put_file(str(child), f"/bucket/{remote}/{child.name}")
-    else:
-        fs.put_file(str(local), f"/bucket/{remote}")
-    return f"memory://bucket/{remote}"
 
 
 def total(ranges: list[tuple[str, int, int]], name: str | None = None) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_bit_identical
+from remote_fixtures import put
 
 import converters
 from converters.core import storage
@@ -26,18 +27,6 @@ from converters.core.errors import ConverterError
 
 BIG = (2048, 1024)  # float32: 8 MiB, the tensor a read must not fetch
 FETCH = storage.FIRST_FETCH
-
-
-def put(fs: Any, local: Path, name: str, data: bytes | None = None) -> str:
-    """``local`` (a file, or a folder's files; or ``data``) at ``memory://bucket/<name>``; its URL."""
-    if data is not None:
-        fs.pipe_file(f"/bucket/{name}", data)
-    elif local.is_dir():
-        for child in sorted(local.iterdir()):
-            fs.put_file(str(child), f"/bucket/{name}/{child.name}")
-    else:
-        fs.put_file(str(local), f"/bucket/{name}")
-    return f"memory://bucket/{name}"
 
 
 def total(ranges: list[tuple[str, int, int]]) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from remote_fixtures import put
 
 import converters
 from converters.core.sources import BufferSource
@@ -149,12 +150,6 @@ def test_covers_agrees_with_select_on_random_trees_and_patterns() -> None:
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-def put(fs: Any, local: Path, name: str) -> str:
-    for child in sorted(local.iterdir()):
-        fs.put_file(str(child), f"/bucket/{name}/{child.name}")
-    return f"memory://bucket/{name}"
 
 
 def sharded(tmp_path: Path, tree: Any, name: str = "sharded") -> Path:
